@@ -1,0 +1,230 @@
+"""The command line: one verb per stage, thin. Each verb parses its options here and hands them to the
+module that does the work (imported lazily, so `--help` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from nextvisit.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line that says what to do, with no usage block."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _handler(target: str):
+    """`module:function` resolved at call time."""
+
+    def call(args):
+        module_name, function_name = target.split(":")
+        return getattr(importlib.import_module(module_name), function_name)(args)
+
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nextvisit",
+        description=(
+            "Pretrain a next-visit foundation model on structured EHR (MEDS), forecast disease incidence "
+            "zero-shot, and evaluate it honestly against baselines. Stages talk through files: "
+            "simulate/MEDS -> tokenize -> pretrain -> label -> forecast -> evaluate. "
+            "`nextvisit demo` runs the whole chain on the embedded synthetic health system."
+        ),
+    )
+    from nextvisit import __version__
+
+    parser.add_argument("--version", action="version", version=f"nextvisit {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    # -- simulate ---------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "simulate",
+        help="write a synthetic health system as a MEDS 0.4 dataset",
+        description=(
+            "Simulate a health system's structured records (visits, ICD-10-CM diagnoses, RxNorm drugs, "
+            "LOINC labs and vitals) and write them as a MEDS 0.4 dataset with train/tuning/held_out splits. "
+            "The simulator knows each subject's true risk (see nextvisit.simulate.oracle_risk)."
+        ),
+    )
+    p.add_argument("--subjects", type=_positive_int, default=1000, help="number of subjects (default 1000)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical output")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
+    p.set_defaults(func=_handler("nextvisit.simulate.cli:run"))
+
+    # -- tokenize ---------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "tokenize",
+        help="turn a MEDS dataset into a visit-structured token store",
+        description=(
+            "Validate a MEDS dataset and write a memory-mapped token store: one visit per calendar day, "
+            "vocabulary and lab statistics fit on the train split only, a manifest counting every dropped "
+            "or replaced event by reason."
+        ),
+    )
+    p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset folder (data/ and metadata/)")
+    p.add_argument("--out", type=Path, required=True, help="token store folder to write")
+    p.add_argument("--config", type=Path, default=None, help="tokenizer config YAML (defaults documented in docs/)")
+    p.add_argument("--vocab-from", type=Path, default=None, metavar="STORE_OR_RUN",
+                   help="reuse the vocabulary and lab statistics of an existing token store or model run")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_handler("nextvisit.tokenizer:run_cli"))
+
+    # -- inspect ----------------------------------------------------------------------------------------
+    p = verbs.add_parser("inspect", help="print one subject's timeline from a token store",
+                         description="Print a readable timeline: date, age, tokens with code descriptions.")
+    p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
+    p.add_argument("--subject", type=int, required=True, metavar="ID", help="subject_id to show")
+    p.set_defaults(func=_handler("nextvisit.tokenizer:inspect_cli"))
+
+    # -- pretrain ---------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "pretrain",
+        help="pretrain the next-visit model on a token store",
+        description=(
+            "Train the next-visit transformer: at every visit boundary predict the set of codes of the next "
+            "visit, with sigmoid focal loss and repeat regularization. Multi-GPU: run under torchrun."
+        ),
+    )
+    p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
+    p.add_argument("--out", type=Path, required=True, help="model run folder (checkpoints, metrics, config)")
+    p.add_argument("--preset", default="tiny", help="model/training preset: tiny, small or paper (default tiny)")
+    p.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_handler("nextvisit.train:run_cli"))
+
+    # -- label ------------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "label",
+        help="build incidence labels for a task on a MEDS dataset",
+        description=(
+            "Apply a task (built-in name or YAML file) to a MEDS dataset: landmark prediction times, "
+            "prevalent cases excluded, censoring counted. Writes the MEDS label schema plus a reason column."
+        ),
+    )
+    p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset folder")
+    p.add_argument("task", metavar="TASK", help="built-in task name (see --list) or a task YAML file")
+    p.add_argument("--out", type=Path, required=True, help="labels folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_handler("nextvisit.tasks:label_cli"))
+
+    # -- forecast ---------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "forecast",
+        help="zero-shot risk by horizon query",
+        description=(
+            "Score labels with a pretrained next-visit model: history cut at the prediction time, one query "
+            "visit boundary at last visit day + horizon, risk aggregated over the condition's codes."
+        ),
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="model run folder from `nextvisit pretrain`")
+    p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset the labels refer to")
+    p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
+    p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
+    p.add_argument("--aggregator", default="sum_logits",
+                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator")
+    p.add_argument("--multi-horizon", action="store_true",
+                   help="average the query over yearly intermediate horizons up to the horizon")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
+
+    # -- baseline ---------------------------------------------------------------------------------------
+    p = verbs.add_parser("baseline", help="baselines on identical cohorts (masked transformer, count features)",
+                         description="Baselines that write the same predictions schema as `forecast`.")
+    baselines = p.add_subparsers(dest="baseline", metavar="BASELINE", parser_class=_Parser, required=True)
+    masked = baselines.add_parser("masked", help="BERT-style masked transformer: pretrain, then fine-tune per task")
+    masked_verbs = masked.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser, required=True)
+    q = masked_verbs.add_parser("pretrain", help="masked-token pretraining on a token store")
+    q.add_argument("store", type=Path, metavar="STORE")
+    q.add_argument("--out", type=Path, required=True, help="run folder")
+    q.add_argument("--preset", default="tiny", help="tiny, small or paper (12 x 768)")
+    q.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+    q.add_argument("--device", default=None)
+    q.set_defaults(func=_handler("nextvisit.baselines.masked:pretrain_cli"))
+    q = masked_verbs.add_parser("finetune", help="fine-tune on train labels, early-stop on tuning, predict held_out")
+    q.add_argument("run", type=Path, metavar="RUN", help="masked pretraining run")
+    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
+    q.add_argument("labels", type=Path, metavar="LABELS")
+    q.add_argument("--out", type=Path, required=True, help="fine-tuned run folder; predictions inside")
+    q.add_argument("--max-minutes", type=float, default=None)
+    q.add_argument("--device", default=None)
+    q.set_defaults(func=_handler("nextvisit.baselines.masked:finetune_cli"))
+    q = baselines.add_parser("counts", help="bag-of-codes counts in lookback windows + age/sex, logistic regression")
+    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
+    q.add_argument("labels", type=Path, metavar="LABELS")
+    q.add_argument("--out", type=Path, required=True, help="predictions folder")
+    q.add_argument("--model", default="logistic", choices=["logistic", "gbt"], help="classifier")
+    q.set_defaults(func=_handler("nextvisit.baselines.counts:run_cli"))
+
+    # -- evaluate ---------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "evaluate",
+        help="metrics with bootstrap CIs, inflation analysis, HTML report",
+        description=(
+            "Evaluate one or more prediction folders: AUROC/AUPRC with 95% bootstrap CIs, F1 at the tuning "
+            "split's best threshold, Brier and calibration, age-sex-stratified AUROC, share of the oracle's margin."
+        ),
+    )
+    p.add_argument("predictions", type=Path, nargs="+", metavar="PREDICTIONS", help="prediction folders or files")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_handler("nextvisit.evaluate:run_cli"))
+
+    # -- demo -------------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "demo",
+        help="run the whole chain on the embedded synthetic health system",
+        description="Simulate, tokenize, pretrain (tiny), label, forecast, baselines, evaluate; print the headline table.",
+    )
+    p.add_argument("--out", type=Path, default=Path("nextvisit-demo"), help="working folder (default ./nextvisit-demo)")
+    p.add_argument("--subjects", type=_positive_int, default=None, help="cohort size (default: the demo's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a much smaller, faster run (for smoke tests)")
+    p.set_defaults(func=_handler("nextvisit.demo:run_cli"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        sys.stderr.write(f"nextvisit {args.verb}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The token store: what `nextvisit tokenize` writes and every model reads.
+
+Layout of a store folder (all arrays are raw little-endian binaries read with ``numpy.memmap``)::
+
+    store.json            format name/version, array dtypes, per-split sizes
+    vocab.json            tokens (index = token id) and their kinds; see ``Vocabulary``
+    lab_stats.parquet     per lab code: mean, std, count (train split only)
+    tokenizer.yaml        the resolved tokenizer configuration
+    manifest.json         events in/out per split and every dropped or replaced event by reason
+    <split>/subject_ids.bin     int64 [S]     subject_id of each subject
+    <split>/birth_days.bin      int32 [S]     day of birth (days since 1970-01-01), NO_DAY if unknown
+    <split>/subject_visits.bin  int64 [S+1]   offsets into the visit arrays
+    <split>/visit_days.bin      int32 [V]     calendar day of each visit (days since 1970-01-01)
+    <split>/visit_tokens.bin    int64 [V+1]   offsets into tokens
+    <split>/tokens.bin          int32 [N]     token ids of every visit: age token, demographics (first
+                                              visit only), then the visit's code tokens, each once
+
+A visit is one calendar day. SEP tokens are not stored: ``nextvisit.sequence`` places them between
+visits when it builds model inputs, so the store stays independent of any model's context layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextvisit.errors import UserError
+
+STORE_FORMAT = "nextvisit-token-store"
+STORE_VERSION = 1
+SPLITS = ("train", "tuning", "held_out")
+NO_DAY = np.iinfo(np.int32).min
+
+SPECIAL_TOKENS = ("PAD", "SEP", "MASK", "CLS", "UNK", "EOW")
+PAD, SEP, MASK, CLS, UNK, EOW = range(len(SPECIAL_TOKENS))
+
+# token kind -> meaning. Only "code" and "lab" tokens are prediction targets of the next-visit head.
+TOKEN_KINDS = ("special", "code", "lab", "age", "demographic")
+SUPERVISED_KINDS = ("code", "lab")
+
+_ARRAYS = {
+    "subject_ids": np.int64,
+    "birth_days": np.int32,
+    "subject_visits": np.int64,
+    "visit_days": np.int32,
+    "visit_tokens": np.int64,
+    "tokens": np.int32,
+}
+
+
+@dataclass
+class Vocabulary:
+    """Token strings (index = id) and their kinds. Lab tokens are ``CODE|bin``; a token's *code* is the
+    part before ``|``."""
+
+    tokens: list[str]
+    kinds: list[str]
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.kinds):
+            raise ValueError("tokens and kinds differ in length")
+        if tuple(self.tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"the first tokens must be the specials {SPECIAL_TOKENS}")
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        """Token id, or UNK for a token outside the vocabulary."""
+        return self.index.get(token, UNK)
+
+    def code_of(self, token_id: int) -> str:
+        return self.tokens[token_id].split("|", 1)[0]
+
+    def ids_matching(self, prefixes, kinds=SUPERVISED_KINDS) -> np.ndarray:
+        """Ids of tokens of the given kinds whose code starts with any of ``prefixes`` (MEDS code prefixes
+        such as ``ICD10CM//F03``)."""
+        prefixes = tuple(prefixes)
+        return np.array(
+            [i for i, (t, k) in enumerate(zip(self.tokens, self.kinds)) if k in kinds and t.split("|", 1)[0].startswith(prefixes)],
+            dtype=np.int64,
+        )
+
+    def supervised_mask(self) -> np.ndarray:
+        """Boolean [V]: tokens the next-visit head is trained to predict (clinical codes and lab tokens)."""
+        return np.array([k in SUPERVISED_KINDS for k in self.kinds], dtype=bool)
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "kinds": self.kinds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Vocabulary":
+        return cls(tokens=list(data["tokens"]), kinds=list(data["kinds"]))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path) -> "Vocabulary":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Subject:
+    subject_id: int
+    birth_day: int
+    visit_days: np.ndarray  # int32 [n_visits]
+    visit_offsets: np.ndarray  # int64 [n_visits + 1], offsets into tokens
+    tokens: np.ndarray  # int32 [n_tokens]
+
+    @property
+    def n_visits(self) -> int:
+        return len(self.visit_days)
+
+    def visit(self, i: int) -> np.ndarray:
+        return self.tokens[self.visit_offsets[i] : self.visit_offsets[i + 1]]
+
+
+class SplitView:
+    """Read-only, memory-mapped access to one split of a store."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        for name, dtype in _ARRAYS.items():
+            path = self.folder / f"{name}.bin"
+            if not path.exists():
+                raise UserError(f"{path}: missing; the token store is incomplete, re-run `nextvisit tokenize`")
+            size = path.stat().st_size // np.dtype(dtype).itemsize
+            array = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+            setattr(self, name, array)
+        self._position = {int(s): i for i, s in enumerate(self.subject_ids)}
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def index_of(self, subject_id: int) -> int | None:
+        return self._position.get(int(subject_id))
+
+    def subject(self, i: int) -> Subject:
+        v0, v1 = int(self.subject_visits[i]), int(self.subject_visits[i + 1])
+        t0, t1 = int(self.visit_tokens[v0]), int(self.visit_tokens[v1])
+        return Subject(
+            subject_id=int(self.subject_ids[i]),
+            birth_day=int(self.birth_days[i]),
+            visit_days=np.asarray(self.visit_days[v0:v1]),
+            visit_offsets=np.asarray(self.visit_tokens[v0 : v1 + 1]) - t0,
+            tokens=np.asarray(self.tokens[t0:t1]),
+        )
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.subject(i)
+
+
+class TokenStore:
+    """A token store folder. Raises ``UserError`` naming the folder when it is missing or foreign."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        info_path = self.path / "store.json"
+        if not info_path.exists():
+            raise UserError(f"{self.path}: not a token store (no store.json); create one with `nextvisit tokenize`")
+        try:
+            self.info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{info_path}: unreadable ({exc}); re-run `nextvisit tokenize`") from None
+        if self.info.get("format") != STORE_FORMAT:
+            raise UserError(f"{info_path}: format is {self.info.get('format')!r}, expected {STORE_FORMAT!r}")
+        if self.info.get("version") != STORE_VERSION:
+            raise UserError(f"{info_path}: store version {self.info.get('version')}, this nextvisit reads {STORE_VERSION}")
+        self.vocab = Vocabulary.load(self.path / "vocab.json")
+        manifest_path = self.path / "manifest.json"
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        self._splits: dict[str, SplitView] = {}
+
+    def split(self, name: str) -> SplitView:
+        if name not in SPLITS:
+            raise UserError(f"unknown split {name!r}; expected one of {SPLITS}")
+        if name not in self._splits:
+            self._splits[name] = SplitView(self.path / name)
+        return self._splits[name]
+
+
+class SplitWriter:
+    """Appends subjects to one split's arrays, streaming to disk (memory stays bounded by one subject)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._files = {name: open(self.folder / f"{name}.bin", "wb") for name in _ARRAYS}
+        self.n_subjects = 0
+        self.n_visits = 0
+        self.n_tokens = 0
+        self._files["subject_visits"].write(np.zeros(1, np.int64).tobytes())
+        self._files["visit_tokens"].write(np.zeros(1, np.int64).tobytes())
+
+    def append(self, subject_id: int, birth_day: int, visit_days: np.ndarray, visit_lengths: np.ndarray, tokens: np.ndarray):
+        """One subject: ``visit_days`` [n_visits], ``visit_lengths`` tokens per visit, ``tokens`` concatenated."""
+        visit_lengths = np.asarray(visit_lengths, dtype=np.int64)
+        if len(visit_days) != len(visit_lengths) or visit_lengths.sum() != len(tokens):
+            raise ValueError(f"subject {subject_id}: visit arrays do not add up")
+        f = self._files
+        f["subject_ids"].write(np.int64(subject_id).tobytes())
+        f["birth_days"].write(np.int32(birth_day).tobytes())
+        f["visit_days"].write(np.asarray(visit_days, dtype=np.int32).tobytes())
+        f["visit_tokens"].write((self.n_tokens + np.cumsum(visit_lengths)).astype(np.int64).tobytes())
+        f["tokens"].write(np.asarray(tokens, dtype=np.int32).tobytes())
+        self.n_subjects += 1
+        self.n_visits += len(visit_days)
+        self.n_tokens += int(visit_lengths.sum())
+        f["subject_visits"].write(np.int64(self.n_visits).tobytes())
+
+    def close(self) -> dict:
+        for handle in self._files.values():
+            handle.close()
+        return {"subjects": self.n_subjects, "visits": self.n_visits, "tokens": self.n_tokens}
+
+
+def write_store_info(path: Path, split_sizes: dict, vocab_size: int, extra: dict | None = None) -> None:
+    info = {"format": STORE_FORMAT, "version": STORE_VERSION, "vocab_size": vocab_size, "splits": split_sizes}
+    info.update(extra or {})
+    (Path(path) / "store.json").write_text(json.dumps(info, indent=2))
