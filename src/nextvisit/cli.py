@@ -152,6 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
 
+    # -- occurrence (inflation analysis) ----------------------------------------------------------------
+    p = verbs.add_parser(
+        "occurrence",
+        help="score 'any code of the condition in the next visit' (the inflation analysis)",
+        description=(
+            "At every visit boundary of a token store split, score whether the next visit holds any code of "
+            "the task's condition, marking rows where the subject already had such a code. Comparing all rows "
+            "with new onsets only shows how recurring codes inflate metrics."
+        ),
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="model run folder")
+    p.add_argument("store", type=Path, metavar="STORE", help="token store (tokenized with the run's vocabulary)")
+    p.add_argument("task", metavar="TASK", help="built-in task name or task YAML (its code set is used)")
+    p.add_argument("--out", type=Path, required=True, help="predictions folder")
+    p.add_argument("--splits", default="tuning,held_out", help="comma-separated splits to score")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
+
+    # -- oracle -----------------------------------------------------------------------------------------
+    p = verbs.add_parser(
+        "oracle",
+        help="the simulator's true risk for labels, in the predictions schema (the ceiling)",
+        description="Write the simulator's ground-truth risk for every label row (only for `nextvisit simulate` data).",
+    )
+    p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="a dataset written by `nextvisit simulate`")
+    p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder")
+    p.add_argument("--out", type=Path, required=True, help="predictions folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_handler("nextvisit.simulate.cli:oracle_run"))
+
     # -- baseline ---------------------------------------------------------------------------------------
     p = verbs.add_parser("baseline", help="baselines on identical cohorts (masked transformer, count features)",
                          description="Baselines that write the same predictions schema as `forecast`.")

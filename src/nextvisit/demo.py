@@ -1,0 +1,119 @@
+"""`nextvisit demo`: the whole chain on the embedded synthetic health system, with no arguments.
+
+simulate -> tokenize -> pretrain (tiny, with and without repeat regularization) -> label (dementia, knee OA at
+2 and 5 years) -> forecast (zero-shot) + oracle + baselines -> next-visit occurrence (inflation analysis)
+-> evaluate. Every stage is the same command a user would run by hand; the demo prints each command line so
+it can be repeated stage by stage.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nextvisit.errors import UserError
+
+
+@dataclass
+class DemoConfig:
+    subjects: int = 20_000
+    seed: int = 0
+    pretrain_minutes: float = 2.0  # main model (repeat regularization on)
+    ablation_minutes: float = 1.0  # same model without repeat regularization, for the inflation analysis
+    masked_pretrain_minutes: float = 0.75
+    masked_finetune_minutes: float = 1.0
+    tasks: tuple[str, ...] = ("dementia", "knee_oa")
+    bootstrap: int = 1000
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DemoConfig":
+        """A smoke-test size: minutes become seconds; figures are not meaningful."""
+        return cls(subjects=1500, seed=seed, pretrain_minutes=0.2, ablation_minutes=0.1,
+                   masked_pretrain_minutes=0.1, masked_finetune_minutes=0.1, bootstrap=200)
+
+
+class _Stages:
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.timings: list[tuple[str, float]] = []
+        self.total = 0
+
+    def run(self, title: str, argv: list[str]) -> None:
+        from nextvisit.cli import main as cli_main
+
+        self.total += 1
+        line = "nextvisit " + " ".join(shlex.quote(str(a)) for a in argv)
+        print(f"\n== [{self.total}] {title}\n   $ {line}", flush=True)
+        t0 = time.perf_counter()
+        code = cli_main([str(a) for a in argv])
+        elapsed = time.perf_counter() - t0
+        self.timings.append((title, elapsed))
+        if code:
+            raise UserError(f"demo stage '{title}' failed (exit {code}); rerun it alone with: {line}")
+        print(f"   done in {elapsed:.1f} s", flush=True)
+
+
+def run_demo(out: Path, config: DemoConfig) -> Path:
+    out = Path(out)
+    if out.exists():
+        # The demo folder is the demo's own scratch space: a rerun starts afresh.
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    meds, store, run, run_plain = out / "meds", out / "store", out / "run", out / "run_no_repeat_reg"
+    stages = _Stages()
+
+    stages.run(f"simulate {config.subjects:,} subjects", ["simulate", "--subjects", config.subjects, "--seed", config.seed, "--out", meds])
+    stages.run("tokenize (vocabulary and lab statistics from train only)", ["tokenize", meds, "--out", store])
+    stages.run(f"pretrain next-visit model, preset tiny ({config.pretrain_minutes} min)",
+               ["pretrain", store, "--out", run, "--preset", "tiny", "--max-minutes", config.pretrain_minutes])
+    ablation = out / "no_repeat_reg.yaml"
+    ablation.write_text("loss:\n  repeat_decay: 1.0\n")
+    stages.run(f"pretrain the same model without repeat regularization ({config.ablation_minutes} min)",
+               ["pretrain", store, "--out", run_plain, "--preset", "tiny", "--config", ablation,
+                "--max-minutes", config.ablation_minutes])
+    stages.run(f"masked-transformer baseline: pretrain ({config.masked_pretrain_minutes} min)",
+               ["baseline", "masked", "pretrain", store, "--out", out / "masked", "--preset", "tiny",
+                "--max-minutes", config.masked_pretrain_minutes])
+
+    predictions: list[Path] = []
+    for task in config.tasks:
+        labels = out / "labels" / task
+        stages.run(f"label {task}", ["label", meds, task, "--out", labels])
+        pred = out / "predictions" / task
+        stages.run(f"zero-shot forecast {task}", ["forecast", run, meds, labels, "--out", pred / "nextvisit"])
+        stages.run(f"oracle risk {task}", ["oracle", meds, labels, "--out", pred / "oracle"])
+        stages.run(f"count-feature baseline {task}", ["baseline", "counts", meds, labels, "--out", pred / "counts"])
+        stages.run(f"masked-transformer baseline: fine-tune {task}",
+                   ["baseline", "masked", "finetune", out / "masked", meds, labels, "--out", pred / "masked",
+                    "--max-minutes", config.masked_finetune_minutes])
+        predictions += [pred / "nextvisit", pred / "oracle", pred / "counts", pred / "masked"]
+        for name, model_run in (("nextvisit", run), ("nextvisit_no_repeat_reg", run_plain)):
+            occ = out / "predictions" / f"{task}_next_visit" / name
+            stages.run(f"next-visit occurrence {task} ({name})", ["occurrence", model_run, store, task, "--out", occ])
+            predictions.append(occ)
+
+    report = out / "report"
+    stages.run("evaluate", ["evaluate", *predictions, "--out", report, "--bootstrap", config.bootstrap, "--seed", config.seed])
+    total = time.perf_counter() - stages.started
+    print("\nStage timings:")
+    for title, seconds in stages.timings:
+        print(f"  {seconds:7.1f} s  {title}")
+    print(f"  {total:7.1f} s  total")
+    print(f"\nReport: {(report / 'report.html').resolve()}")
+    return report
+
+
+def run_cli(args) -> int:
+    config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    if args.subjects:
+        config.subjects = args.subjects
+    run_demo(args.out, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(None))
