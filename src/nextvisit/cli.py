@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset folder")
-    p.add_argument("task", metavar="TASK", help="built-in task name (see --list) or a task YAML file")
+    p.add_argument("task", metavar="TASK",
+                   help="built-in task (dementia, knee_oa, dementia_snomed, knee_oa_snomed; docs/tasks.md) or a task YAML file")
     p.add_argument("--out", type=Path, required=True, help="labels folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.tasks:label_cli"))
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-horizon", action="store_true",
                    help="average the query over yearly intermediate horizons up to the horizon")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass")
+    p.add_argument("--splits", default="tuning,held_out",
+                   help="comma-separated label splits to score, or 'all' (e.g. for an external cohort)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
@@ -166,9 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path, metavar="STORE", help="token store (tokenized with the run's vocabulary)")
     p.add_argument("task", metavar="TASK", help="built-in task name or task YAML (its code set is used)")
     p.add_argument("--out", type=Path, required=True, help="predictions folder")
-    p.add_argument("--splits", default="tuning,held_out", help="comma-separated splits to score")
-    p.add_argument("--device", default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--splits", default="tuning,held_out", help="comma-separated splits to score, or 'all'")
+    p.add_argument("--aggregator", default="sum_logits",
+                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator")
+    p.add_argument("--mode", default="windows", choices=["windows", "recent"],
+                   help="windows: every visit boundary once, windows cut as in training; "
+                        "recent: only the boundaries in each subject's most recent window")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
 
     # -- oracle -----------------------------------------------------------------------------------------
@@ -195,20 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", default="tiny", help="tiny, small or paper (12 x 768)")
     q.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
     q.add_argument("--device", default=None)
+    q.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/baselines.md)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.masked:pretrain_cli"))
     q = masked_verbs.add_parser("finetune", help="fine-tune on train labels, early-stop on tuning, predict held_out")
     q.add_argument("run", type=Path, metavar="RUN", help="masked pretraining run")
     q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
     q.add_argument("labels", type=Path, metavar="LABELS")
     q.add_argument("--out", type=Path, required=True, help="fine-tuned run folder; predictions inside")
-    q.add_argument("--max-minutes", type=float, default=None)
+    q.add_argument("--max-minutes", type=float, default=None, help="stop fine-tuning after this many minutes")
     q.add_argument("--device", default=None)
+    q.add_argument("--config", type=Path, default=None, help="YAML overriding fine-tuning fields (docs/baselines.md)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.masked:finetune_cli"))
     q = baselines.add_parser("counts", help="bag-of-codes counts in lookback windows + age/sex, logistic regression")
     q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
     q.add_argument("labels", type=Path, metavar="LABELS")
     q.add_argument("--out", type=Path, required=True, help="predictions folder")
     q.add_argument("--model", default="logistic", choices=["logistic", "gbt"], help="classifier")
+    q.add_argument("--config", type=Path, default=None, help="YAML overriding count-model fields (docs/baselines.md)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.counts:run_cli"))
 
     # -- evaluate ---------------------------------------------------------------------------------------

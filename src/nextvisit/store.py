@@ -7,6 +7,7 @@ Layout of a store folder (all arrays are raw little-endian binaries read with ``
     lab_stats.parquet     per lab code: mean, std, count (train split only)
     tokenizer.yaml        the resolved tokenizer configuration
     manifest.json         events in/out per split and every dropped or replaced event by reason
+    codes.parquet         code, description: the MEDS descriptions of the vocabulary's codes (for inspect)
     <split>/subject_ids.bin     int64 [S]     subject_id of each subject
     <split>/birth_days.bin      int32 [S]     day of birth (days since 1970-01-01), NO_DAY if unknown
     <split>/subject_visits.bin  int64 [S+1]   offsets into the visit arrays
@@ -217,6 +218,47 @@ class SplitWriter:
         self.n_visits += len(visit_days)
         self.n_tokens += int(visit_lengths.sum())
         f["subject_visits"].write(np.int64(self.n_visits).tobytes())
+
+    def append_batch(self, subject_ids, birth_days, subject_visit_counts, visit_days, visit_lengths, tokens):
+        """Many subjects at once (vectorized): ``subject_visit_counts`` [S] visits per subject,
+        ``visit_days`` and ``visit_lengths`` [V], ``tokens`` [N] concatenated in subject, visit order."""
+        subject_visit_counts = np.asarray(subject_visit_counts, dtype=np.int64)
+        visit_lengths = np.asarray(visit_lengths, dtype=np.int64)
+        if (len(subject_ids) != len(birth_days) or len(subject_ids) != len(subject_visit_counts)
+                or subject_visit_counts.sum() != len(visit_days) or len(visit_days) != len(visit_lengths)
+                or visit_lengths.sum() != len(tokens)):
+            raise ValueError("batch arrays do not add up")
+        f = self._files
+        f["subject_ids"].write(np.asarray(subject_ids, dtype=np.int64).tobytes())
+        f["birth_days"].write(np.asarray(birth_days, dtype=np.int32).tobytes())
+        f["visit_days"].write(np.asarray(visit_days, dtype=np.int32).tobytes())
+        f["visit_tokens"].write((self.n_tokens + np.cumsum(visit_lengths)).astype(np.int64).tobytes())
+        f["subject_visits"].write((self.n_visits + np.cumsum(subject_visit_counts)).astype(np.int64).tobytes())
+        f["tokens"].write(np.asarray(tokens, dtype=np.int32).tobytes())
+        self.n_subjects += len(subject_ids)
+        self.n_visits += len(visit_days)
+        self.n_tokens += len(tokens)
+
+    def append_split(self, folder: Path, chunk: int = 1 << 22) -> None:
+        """Append every subject of another split folder (same layout), streaming ``chunk`` elements at a
+        time and shifting its offsets, so parts written in parallel join in bounded memory."""
+        folder = Path(folder)
+        sizes = {}
+        for name, dtype in _ARRAYS.items():
+            sizes[name] = (folder / f"{name}.bin").stat().st_size // np.dtype(dtype).itemsize
+        shifts = {"subject_visits": self.n_visits, "visit_tokens": self.n_tokens}
+        for name, dtype in _ARRAYS.items():
+            source = np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r") if sizes[name] else np.zeros(0, dtype)
+            start = 1 if name in shifts else 0  # offset arrays start with their own 0
+            for begin in range(start, sizes[name], chunk):
+                block = np.asarray(source[begin : begin + chunk])
+                if name in shifts:
+                    block = block + shifts[name]
+                self._files[name].write(block.astype(dtype, copy=False).tobytes())
+            del source
+        self.n_subjects += sizes["subject_ids"]
+        self.n_visits += sizes["visit_days"]
+        self.n_tokens += sizes["tokens"]
 
     def close(self) -> dict:
         for handle in self._files.values():

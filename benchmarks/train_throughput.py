@@ -1,0 +1,277 @@
+"""Training throughput of the next-visit model against a naive reference, and the machine's matmul peak.
+
+    python benchmarks/train_throughput.py                      # tiny and small, vocab 42,343 and 2,000
+    python benchmarks/train_throughput.py --presets tiny --vocab 42343 --steps 5
+    python benchmarks/train_throughput.py --attention          # SDPA boolean mask vs FlexAttention
+
+For each (preset, vocabulary) it prints training tokens/s (forward, loss, backward, AdamW step) and the
+achieved model FLOP/s (the same analytic count for both implementations: matmuls of the layers, attention
+scores and values over the real context, and the output head where the loss lives), next to the measured
+float32 matmul peak of this machine in the same run. The naive reference is written here on purpose: a dense
+float mask rebuilt in every layer, unfused attention (explicit softmax), and the head, sigmoid and focal loss
+at every position (batch x positions x vocabulary), masked to SEP positions afterwards.
+
+Batches are real packed contexts (``nextvisit.sequence.TrainingPlan``) of a synthetic store shaped like the
+paper's data (about 11 tokens per visit, ~40 visits per subject, codes drawn from a Zipf law).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nextvisit.config import LossConfig, preset
+from nextvisit.losses import next_visit_loss
+from nextvisit.model import NextVisitModel, apply_rotary, rotary_tables
+from nextvisit.sequence import TrainingPlan
+from nextvisit.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
+from nextvisit.train import autocast_for, make_optimizer
+
+PAPER_VOCAB = 42_343  # paper: vocabulary size
+TOKENS_PER_VISIT = 11  # paper: 11.2 tokens per visit on average
+
+
+def synthetic_store(folder: Path, vocab_size: int, n_subjects: int, seed: int = 0) -> TokenStore:
+    n_age = 20
+    tokens = list(SPECIAL_TOKENS) + [f"AGE//{i}" for i in range(n_age)]
+    tokens += [f"CODE//{i}" for i in range(vocab_size - len(tokens))]
+    kinds = ["special"] * len(SPECIAL_TOKENS) + ["age"] * n_age + ["code"] * (vocab_size - len(SPECIAL_TOKENS) - n_age)
+    vocab = Vocabulary(tokens, kinds)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.save(folder / "vocab.json")
+    rng = np.random.default_rng(seed)
+    first_code = len(SPECIAL_TOKENS) + n_age
+    writer = SplitWriter(folder / "train")
+    for s in range(n_subjects):
+        n_visits = int(np.clip(rng.geometric(1 / 38), 2, 400))
+        lengths = np.clip(rng.poisson(TOKENS_PER_VISIT - 1, size=n_visits), 1, 60) + 1
+        codes = first_code + np.minimum(rng.zipf(1.3, size=int(lengths.sum())) - 1, vocab_size - first_code - 1)
+        days = np.cumsum(rng.integers(1, 120, size=n_visits))
+        writer.append(s, 0, days, lengths, codes)
+    sizes = {"train": writer.close()}
+    for split in ("tuning", "held_out"):
+        sizes[split] = SplitWriter(folder / split).close()
+    write_store_info(folder, sizes, vocab_size)
+    return TokenStore(folder)
+
+
+def matmul_peak(dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul on this machine (all threads torch uses)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops(model_config, batch) -> float:
+    """Analytic FLOPs of one training step (forward + backward = 3x forward) for the real batch: layer
+    matmuls per real token, attention over each token's own document, and the head at SEP positions."""
+    d, L, V = model_config.d_model, model_config.n_layers, model_config.vocab_size
+    tokens = batch.n_tokens
+    layer_matmul = 2 * (4 * d * d + 2 * model_config.mlp_ratio * d * d)  # qkv + proj + MLP, per token
+    doc_sizes = []
+    for row in batch.doc_ids:
+        ids = row[row > 0]
+        doc_sizes += torch.bincount(ids).tolist()
+    attention = sum(2 * 2 * n * n * d for n in doc_sizes)  # scores and values within each document
+    head = 2 * len(batch.positions) * d * V
+    return 3 * (L * (tokens * layer_matmul + attention) + head)
+
+
+# -- the naive reference ------------------------------------------------------------------------------------------
+
+def naive_step(model: NextVisitModel, batch, supervised: torch.Tensor, loss_config: LossConfig) -> torch.Tensor:
+    """Same weights and objective, written the straightforward way."""
+    config = model.config
+    B, T = batch.tokens.shape
+    H, d = config.n_heads, config.d_model // config.n_heads
+    cos, sin = rotary_tables(batch.days, d, config.rope_base)
+    x = model.embed(batch.tokens)
+    for block in model.blocks:
+        # dense float mask rebuilt per layer
+        allowed = (batch.doc_ids[:, :, None] == batch.doc_ids[:, None, :]) & (batch.doc_ids[:, :, None] > 0) & \
+            (batch.att_days[:, :, None] >= batch.att_days[:, None, :])
+        allowed = allowed | torch.eye(T, dtype=torch.bool)
+        float_mask = torch.zeros(B, 1, T, T).masked_fill(~allowed[:, None], float("-inf"))
+        h = block.ln_attn(x)
+        q, k, v = block.attn.qkv(h).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d) + float_mask
+        y = torch.softmax(scores, dim=-1) @ v
+        x = x + block.attn.proj(y.transpose(1, 2).reshape(B, T, -1))
+        x = x + block.fc_out(F.gelu(block.fc(block.ln_mlp(x))))
+    logits = model.ln_final(x) @ model.embed.weight.T  # [B, T, V] at every position
+    target = torch.zeros(B * T, logits.shape[-1])
+    weight = torch.ones(B * T, logits.shape[-1])
+    rows = batch.positions[batch.target_rows]
+    target[rows, batch.target_tokens] = 1.0
+    weight[rows, batch.target_tokens] = torch.clamp(
+        loss_config.repeat_decay ** batch.target_repeats.float(), min=loss_config.repeat_floor)
+    logits = logits.reshape(B * T, -1).float()
+    p = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = loss_config.alpha * target + (1 - loss_config.alpha) * (1 - target)
+    focal = alpha_t * (1 - p_t) ** loss_config.gamma * bce * weight
+    is_sep = torch.zeros(B * T, 1)
+    is_sep[batch.positions] = 1.0
+    loss = (focal * is_sep * supervised.float()).sum() * loss_config.scale
+    return loss / (len(batch.positions) * supervised.sum())
+
+
+def fast_step(model, batch, supervised, loss_config):
+    logits = model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions)
+    return next_visit_loss(logits, batch.target_rows, batch.target_tokens, batch.target_repeats, supervised,
+                           loss_config)
+
+
+def time_training(model, batches, supervised, loss_config, step_fn, autocast, steps: int) -> tuple[float, float]:
+    """(seconds per step, tokens per step) after one warm-up step."""
+    optimizer = make_optimizer(model, preset("tiny").train)
+    times = []
+    for i in range(steps + 1):
+        batch = batches[i % len(batches)]
+        t = time.perf_counter()
+        with autocast():
+            loss = step_fn(model, batch, supervised, loss_config)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)), float(np.mean([b.n_tokens for b in batches]))
+
+
+def run_throughput(args):
+    peak32 = matmul_peak(torch.float32)
+    peak16 = matmul_peak(torch.bfloat16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
+          f"fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    print(f"{'preset':6} {'vocab':>6} {'impl':6} {'prec':4} {'ctx x B':>8} {'tok/s':>8} {'GFLOP/s':>8} "
+          f"{'%fp32pk':>7} {'speedup':>7}")
+    for vocab_size in args.vocab:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = synthetic_store(Path(tmp) / "store", vocab_size, n_subjects=args.subjects)
+            supervised = torch.from_numpy(store.vocab.supervised_mask())
+            for name in args.presets:
+                config = preset(name)
+                config.model.vocab_size = vocab_size
+                contexts = args.contexts or config.train.micro_batch
+                plan = TrainingPlan(store.split("train"), store.vocab.supervised_mask(), config.data.context,
+                                    True, config.data.max_window_fraction, seed=0)
+                batches = [plan.batch(0, range(i * contexts, (i + 1) * contexts)) for i in range(2)]
+                flops = np.mean([model_flops(config.model, b) for b in batches])
+                rates = {}
+                for impl, step_fn in (("ours", fast_step), ("naive", naive_step)):
+                    for precision in args.precision:
+                        if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
+                            continue  # the reference runs in plain float32
+                        torch.manual_seed(0)
+                        model = NextVisitModel(config.model)
+                        autocast, used = autocast_for(precision, torch.device("cpu"))
+                        try:
+                            seconds, tokens = time_training(model, batches, supervised, config.loss, step_fn,
+                                                            autocast, args.steps)
+                        except RuntimeError as exc:  # the naive head can exhaust memory at 42k
+                            print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
+                            continue
+                        rates[(impl, used)] = tokens / seconds
+                        speed = ""
+                        if impl == "ours" and ("naive", "fp32") in rates:
+                            speed = f"{rates[(impl, used)] / rates[('naive', 'fp32')]:.1f}x"
+                        print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} {config.data.context:>4}x{contexts:<3} "
+                              f"{tokens / seconds:>8.0f} {flops / seconds / 1e9:>8.1f} "
+                              f"{flops / seconds / peak32:>7.0%} {speed:>7}", flush=True)
+                ours = [v for (impl, _), v in rates.items() if impl == "ours"]
+                if ours and ("naive", "fp32") in rates:
+                    print(f"{'':6} best ours / naive fp32 = {max(ours) / rates[('naive', 'fp32')]:.1f}x")
+
+
+def run_attention(args):
+    """SDPA with one boolean mask per batch vs compiled FlexAttention with one block mask per batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = synthetic_store(Path(tmp) / "store", 2000, n_subjects=args.subjects)
+        supervised = torch.from_numpy(store.vocab.supervised_mask())
+        print(f"{'preset':6} {'attention':9} {'prec':4} {'ctx x B':>8} {'fwd ms':>8} {'train tok/s':>11} {'first call s':>12}")
+        for name in args.presets:
+            config = preset(name)
+            config.model.vocab_size = 2000
+            contexts = args.contexts or config.train.micro_batch
+            plan = TrainingPlan(store.split("train"), store.vocab.supervised_mask(), config.data.context, True,
+                                config.data.max_window_fraction, seed=0)
+            from nextvisit.sequence import PAD_MULTIPLE  # noqa: F401  (flex compiles per shape: pad to the context)
+            batches = [plan.batch(0, range(i * contexts, (i + 1) * contexts)) for i in range(2)]
+            batches = [_pad_to(b, config.data.context) for b in batches]
+            for attention in ("sdpa", "flex"):
+                for precision in args.precision:
+                    config.model.attention = attention
+                    torch.manual_seed(0)
+                    model = NextVisitModel(config.model)
+                    autocast, used = autocast_for(precision, torch.device("cpu"))
+                    b = batches[0]
+                    t = time.perf_counter()
+                    try:
+                        with torch.no_grad(), autocast():
+                            model.query_logits(b)
+                    except Exception as exc:  # compilation can fail on some CPUs / compilers
+                        print(f"{name:6} {attention:9} {used:4} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    first = time.perf_counter() - t
+                    times = []
+                    with torch.no_grad(), autocast():
+                        for _ in range(args.steps):
+                            t = time.perf_counter()
+                            model.query_logits(b)
+                            times.append(time.perf_counter() - t)
+                    seconds, tokens = time_training(model, batches, supervised, config.loss, fast_step, autocast,
+                                                    args.steps)
+                    print(f"{name:6} {attention:9} {used:4} {config.data.context:>4}x{contexts:<3} "
+                          f"{np.median(times) * 1e3:>8.1f} {tokens / seconds:>11.0f} {first:>12.1f}", flush=True)
+
+
+def _pad_to(batch, width: int):
+    """Pad a batch to a fixed width (FlexAttention compiles once per shape)."""
+    B, T = batch.tokens.shape
+    if T == width:
+        return batch
+    pad = width - T
+
+    def widen(t, value=0):
+        return F.pad(t, (0, pad), value=value)
+
+    rows, cols = batch.positions // T, batch.positions % T
+    batch.tokens, batch.days = widen(batch.tokens), widen(batch.days)
+    batch.att_days, batch.doc_ids = widen(batch.att_days), widen(batch.doc_ids)
+    batch.positions = rows * width + cols
+    return batch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--vocab", nargs="+", type=int, default=[PAPER_VOCAB, 2000])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (after one warm-up)")
+    parser.add_argument("--contexts", type=int, default=None, help="contexts per batch (default: the preset's)")
+    parser.add_argument("--subjects", type=int, default=400, help="synthetic subjects")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--attention", action="store_true", help="compare SDPA and FlexAttention instead")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (run_attention if args.attention else run_throughput)(args)
+
+
+if __name__ == "__main__":
+    main()

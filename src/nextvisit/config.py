@@ -1,0 +1,213 @@
+"""Typed configuration of the next-visit model and its training, with presets and YAML in/out.
+
+A run's configuration is one ``RunConfig`` (model, data layout, loss, training). Presets give complete
+configurations; a YAML file overrides any subset of fields (``{"model": {"n_layers": 4}}``). Unknown keys
+are errors, so a typo never silently falls back to a default. Numbers follow METHOD.md §3-4; the paper's
+values are marked there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+from nextvisit.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # filled from the token store's vocabulary
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    mlp_ratio: int = 4  # paper: GELU MLP 4x
+    rope_base: float = 10_000.0  # rotary base over day offsets; slowest wavelength ~ 2*pi*base days
+    dropout: float = 0.0
+    attention: str = "sdpa"  # "sdpa" (boolean mask built once per batch) or "flex" (FlexAttention block mask)
+    init_std: float = 0.02
+
+    def validate(self):
+        if self.d_model % self.n_heads:
+            raise UserError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise UserError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
+        if self.attention not in ("sdpa", "flex"):
+            raise UserError(f"model.attention is {self.attention!r}; expected 'sdpa' or 'flex'")
+
+
+@dataclass
+class DataConfig:
+    context: int = 256  # tokens per packed context (paper: 512)
+    pack: bool = True  # several subjects per context, separated by EOW, no cross-subject attention
+    max_window_fraction: float = 0.5  # a packed subject window holds at most this share of the context
+    query_max_tokens: int = 511  # forecasting: most recent history tokens before the query SEP (paper)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "focal"  # "focal" (paper) or "bce"
+    gamma: float = 2.0  # paper
+    alpha: float = 0.995  # paper: weight of positives
+    scale: float = 10.0  # paper
+    repeat_decay: float = 0.5  # paper: weight decay^(c-1) for a positive seen c-1 times before as a target
+    repeat_floor: float = 0.1  # paper
+    # Validation code-frequency bands: a token's share of train visits that hold it. Band i covers
+    # [edges[i], edges[i-1]); e.g. common >= 1%, mid 0.1%-1%, rare < 0.1%.
+    frequency_band_edges: tuple = (0.01, 0.001)
+
+    def validate(self):
+        if self.kind not in ("focal", "bce"):
+            raise UserError(f"loss.kind is {self.kind!r}; expected 'focal' or 'bce'")
+        if not 0 < self.alpha < 1:
+            raise UserError(f"loss.alpha must be in (0, 1), got {self.alpha}")
+        if not (0 < self.repeat_decay <= 1 and 0 <= self.repeat_floor <= 1):
+            raise UserError("loss.repeat_decay must be in (0, 1] and loss.repeat_floor in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    batch_contexts: int = 16  # contexts per optimizer step, over all processes and accumulation steps
+    micro_batch: int = 16  # contexts per forward pass per process
+    max_steps: int = 100_000  # the run ends at max_steps or at --max-minutes, whichever comes first
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    decay_steps: int = 3000  # cosine from lr to min_lr over this many steps after warm-up, then flat
+    weight_decay: float = 0.01  # on matrices only (paper)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
+    eval_every: int = 100  # steps between validations on the tuning split
+    eval_contexts: int = 64  # tuning contexts per validation (0 = the whole split)
+    checkpoint_every: int = 100  # steps between checkpoints (also at the end and at the time budget)
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+    def validate(self):
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"train.precision is {self.precision!r}; expected auto, bf16 or fp32")
+        if self.micro_batch <= 0 or self.batch_contexts <= 0:
+            raise UserError("train.micro_batch and train.batch_contexts must be positive")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.loss.validate()
+        self.train.validate()
+        if self.data.context < 8:
+            raise UserError(f"data.context {self.data.context} is too small")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        data = self.to_dict()
+        data["loss"]["frequency_band_edges"] = list(data["loss"]["frequency_band_edges"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        return _merge(cls(), data, source).validate()
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model, data, loss, train)")
+    return data
+
+
+def _merge(base, overrides: dict, source: str, prefix: str = ""):
+    """A copy of dataclass ``base`` with ``overrides`` applied; unknown keys raise a ``UserError``."""
+    result = copy.deepcopy(base)
+    known = {f.name: f for f in fields(result)}
+    for key, value in (overrides or {}).items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise UserError(f"{source}: unknown field {name!r}; known: {', '.join(sorted(known))}")
+        current = getattr(result, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {name} must be a mapping")
+            setattr(result, key, _merge(current, value, source, prefix=f"{name}."))
+        else:
+            if isinstance(current, tuple):
+                value = tuple(value)
+            elif isinstance(current, bool):
+                if not isinstance(value, bool):
+                    raise UserError(f"{source}: {name} must be true or false, got {value!r}")
+            elif isinstance(current, (int, float)) and not isinstance(current, bool):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise UserError(f"{source}: {name} must be a number, got {value!r}")
+                if isinstance(current, int) and not float(value).is_integer():
+                    raise UserError(f"{source}: {name} must be a whole number, got {value!r}")
+                value = type(current)(value)
+            setattr(result, key, value)
+    return result
+
+
+# -- presets -----------------------------------------------------------------------------------------------
+# tiny: the CPU demo (learns something measurable in minutes on 2 cores).
+# small: a workstation / single GPU model, 8 x 8 x 512 (paper's 47M-parameter size at its vocabulary).
+# paper: 8 layers x 8 heads x 1024 wide, 512-token contexts, 65,536 tokens per optimizer step (paper).
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "model": {"d_model": 128, "n_layers": 3, "n_heads": 4},
+        "data": {"context": 256},
+        "train": {"batch_contexts": 16, "micro_batch": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30,
+                  "decay_steps": 2000, "eval_every": 50, "eval_contexts": 48, "checkpoint_every": 100},
+    },
+    "small": {
+        "model": {"d_model": 512, "n_layers": 8, "n_heads": 8},
+        "data": {"context": 512},
+        "train": {"batch_contexts": 64, "micro_batch": 16, "lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 500,
+                  "decay_steps": 20_000, "eval_every": 500, "eval_contexts": 256, "checkpoint_every": 500},
+    },
+    "paper": {
+        "model": {"d_model": 1024, "n_layers": 8, "n_heads": 8},
+        "data": {"context": 512},
+        "train": {"batch_contexts": 128, "micro_batch": 32, "lr": 2.2e-4, "min_lr": 2.2e-5,
+                  "warmup_steps": 20_000, "decay_steps": 200_000, "max_steps": 220_000, "eval_every": 2000,
+                  "eval_contexts": 1024, "checkpoint_every": 2000},
+    },
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return RunConfig.from_dict(PRESETS[name], source=f"preset {name}")
+
+
+def resolve(preset_name: str = "tiny", config_path: Path | None = None) -> RunConfig:
+    """Preset, then the YAML file's overrides."""
+    config = preset(preset_name)
+    if config_path is not None:
+        config = _merge(config, read_yaml(config_path), str(config_path)).validate()
+    return config

@@ -1,0 +1,521 @@
+"""Zero-shot incidence forecasting by horizon query, and next-visit occurrence scoring.
+
+``nextvisit forecast`` (METHOD.md section 5): for each label row, the subject's MEDS events known at the
+prediction time (``time <= prediction_time``, static rows included; the same rule as ``nextvisit label``),
+minus the task's ``remove_from_inputs`` codes, are tokenized with the run's vocabulary; the model reads the
+most recent history and one query SEP at (last visit day + H); the risk is an aggregate of the logits of
+the condition's tokens at that SEP. One forward pass per (history, horizon), no sampling.
+
+``nextvisit occurrence`` (the inflation analysis, docs/interfaces.md section 6): at every visit boundary of
+a token store split, P(any condition token in the next visit), the observed answer, and whether the subject
+already had a condition token in an earlier visit (``prior_occurrence``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from nextvisit.errors import UserError
+from nextvisit.meds import data_files
+from nextvisit.store import NO_DAY, Subject, TokenStore, Vocabulary
+from nextvisit.tasks import (
+    DAYS_PER_YEAR, END_OF_DAY, SEX_PREFIX, CodeSet, Task, atomic_folder, check_out, load_task, read_labels,
+    read_labels_task,
+)
+
+AGGREGATORS = ("sum_logits", "noisy_or", "max", "logsumexp")
+PREDICTION_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split",
+                      "age_years", "sex")
+PROBABILITY = "predicted_boolean_probability"
+OCCURRENCE_MODES = ("windows", "recent")
+
+
+@dataclass
+class ForecastConfig:
+    aggregator: str = "sum_logits"  # paper default: sigmoid(sum of the condition's logits)
+    multi_horizon: bool = False  # average the risk over intermediate horizons up to H
+    multi_horizon_step_days: int = 365  # intermediate horizons: every step up to H, and H itself
+    batch_size: int = 64  # queries per forward pass
+    splits: tuple[str, ...] = ("tuning", "held_out")  # label splits to score (zero-shot needs no train rows)
+    histories_per_chunk: int = 2048  # label histories tokenized at once (bounds memory)
+
+    def validate(self) -> "ForecastConfig":
+        if self.aggregator not in AGGREGATORS:
+            raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
+        if self.multi_horizon_step_days < 1 or self.batch_size < 1 or self.histories_per_chunk < 1:
+            raise UserError("multi_horizon_step_days, batch_size and histories_per_chunk must be at least 1")
+        return self
+
+
+# -- pure pieces ---------------------------------------------------------------------------------------------
+
+
+def aggregate(logits: torch.Tensor, token_ids: torch.Tensor, aggregator: str = "sum_logits") -> torch.Tensor:
+    """Risk [N] (float64) from logits [N, V] over the condition's token ids.
+
+    - ``sum_logits``: sigmoid(sum of logits) (the paper's default)
+    - ``noisy_or``: 1 - prod(1 - sigmoid(logit)), i.e. P(any token) if tokens were independent
+    - ``max``: sigmoid(max logit)
+    - ``logsumexp``: sigmoid(logsumexp of logits), a smooth max
+
+    >>> z = torch.tensor([[0.0, 0.0, 5.0]])
+    >>> round(float(aggregate(z, torch.tensor([0, 1]), "noisy_or")[0]), 4)
+    0.75
+    >>> round(float(aggregate(z, torch.tensor([0, 1]), "sum_logits")[0]), 4)
+    0.5
+    """
+    z = logits.index_select(-1, token_ids.to(logits.device)).double()  # [N, K]
+    if aggregator == "sum_logits":
+        return torch.sigmoid(z.sum(-1))
+    if aggregator == "noisy_or":
+        # 1 - prod(sigmoid(-z)) computed in log space
+        return -torch.expm1(torch.nn.functional.logsigmoid(-z).sum(-1))
+    if aggregator == "max":
+        return torch.sigmoid(z.max(-1).values)
+    if aggregator == "logsumexp":
+        return torch.sigmoid(torch.logsumexp(z, -1))
+    raise UserError(f"aggregator {aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
+
+
+def query_horizons(horizon_days: int, multi_horizon: bool, step_days: int = 365) -> list[int]:
+    """Horizons whose risks are averaged for horizon H.
+
+    >>> query_horizons(1825, True)
+    [365, 730, 1095, 1460, 1825]
+    >>> query_horizons(1000, True)
+    [365, 730, 1000]
+    >>> query_horizons(730, False)
+    [730]
+    """
+    if not multi_horizon:
+        return [int(horizon_days)]
+    steps = list(range(step_days, int(horizon_days), step_days))
+    return steps + [int(horizon_days)]
+
+
+def history_events(events: pl.DataFrame, histories: pl.DataFrame, remove_from_inputs: CodeSet | None = None) -> pl.DataFrame:
+    """Events known at each history's prediction time, relabelled with the history's surrogate id.
+
+    ``histories``: ``history_id, subject_id, prediction_time``. An event is known iff its time is null
+    (static) or ``time <= prediction_time`` (events at exactly the prediction time are known). Codes of
+    ``remove_from_inputs`` are dropped. Returns MEDS core columns with ``subject_id`` = ``history_id``,
+    sorted by it and time.
+    """
+    known = (
+        events.join(histories.select("history_id", "subject_id", "prediction_time"), on="subject_id", how="inner")
+        .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
+    )
+    if remove_from_inputs:
+        known = known.filter(~remove_from_inputs.expr())
+    return known.select(
+        pl.col("history_id").cast(pl.Int64).alias("subject_id"), "time", "code", "numeric_value"
+    ).sort("subject_id", "time", nulls_last=False, maintain_order=True)
+
+
+def check_same_vocab(expected: Vocabulary, found: Vocabulary, expected_source: str, found_source: str) -> None:
+    """A clear error when two vocabularies differ (ids would mean different tokens)."""
+    if expected.tokens == found.tokens:
+        return
+    if len(expected) != len(found):
+        detail = f"{len(found)} tokens vs {len(expected)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(expected.tokens, found.tokens)) if a != b)
+        detail = f"token id {i} is {found.tokens[i]!r} there but {expected.tokens[i]!r} in the run"
+    raise UserError(f"{found_source}: vocabulary does not match {expected_source} ({detail}); "
+                    "tokenize with the run's vocabulary (`nextvisit tokenize --vocab-from RUN`)")
+
+
+def condition_token_ids(task: Task, vocab: Vocabulary, source: str) -> torch.Tensor:
+    ids = task.condition.token_ids(vocab)
+    if len(ids) == 0:
+        raise UserError(f"{source}: no token of task {task.name!r}'s condition (field 'condition') is in the "
+                        "vocabulary, so the model cannot score it; use a task whose codes the training data held")
+    return torch.from_numpy(ids)
+
+
+@torch.no_grad()
+def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], token_ids: torch.Tensor,
+                  aggregator: str, max_tokens: int, batch_size: int, device, progress=None) -> np.ndarray:
+    """Risk [len(subjects)] of the horizon query for each (subject history, horizon), in batches."""
+    from nextvisit.sequence import query_batch
+
+    risks = np.empty(len(subjects), np.float64)
+    for begin in range(0, len(subjects), batch_size):
+        end = min(begin + batch_size, len(subjects))
+        batch = query_batch(subjects[begin:end], np.asarray(horizons[begin:end], np.int64), max_tokens=max_tokens)
+        logits = model.query_logits(batch.to(device))  # [n, V]
+        risks[begin:end] = aggregate(logits, token_ids, aggregator).cpu().numpy()
+        if progress is not None:
+            progress.update(end - begin)
+    return risks
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _resolve_device(device: str | None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- forecast ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Forecast:
+    predictions: pl.DataFrame  # PREDICTION_COLUMNS + PROBABILITY + model
+    info: dict
+
+
+def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Path, labels: pl.DataFrame,
+             task: Task, config: ForecastConfig, model_name: str, progress: bool = True) -> Forecast:
+    """Score the labelled rows of ``labels`` (of ``config.splits``) with the horizon query."""
+    from tqdm import tqdm
+
+    config.validate()
+    token_ids = condition_token_ids(task, vocab, "the run's vocabulary")
+    rows = labels.filter(pl.col("boolean_value").is_not_null() & pl.col("split").is_in(list(config.splits)))
+    skipped = {
+        "censored": labels.filter(pl.col("boolean_value").is_null()).height,
+        "other_splits": labels.filter(pl.col("boolean_value").is_not_null() & ~pl.col("split").is_in(list(config.splits))).height,
+    }
+    rows = rows.with_row_index("row")
+    histories = (
+        rows.select("subject_id", "prediction_time").unique().sort("subject_id", "prediction_time")
+        .with_row_index("history_id").with_columns(pl.col("history_id").cast(pl.Int64))
+    )
+    queries = rows.join(histories, on=["subject_id", "prediction_time"]).select("row", "history_id", "horizon_days")
+    plan = [(int(r), int(h), q) for r, h, hd in queries.iter_rows()
+            for q in query_horizons(hd, config.multi_horizon, config.multi_horizon_step_days)]
+    wanted = set(histories["subject_id"].to_list())
+    found: set[int] = set()
+    device = _model_device(model)
+    risk_sum = np.zeros(rows.height, np.float64)
+    risk_n = np.zeros(rows.height, np.int64)
+    plan_by_history: dict[int, list[tuple[int, int]]] = {}
+    for row, history, horizon in plan:
+        plan_by_history.setdefault(history, []).append((row, horizon))
+
+    bar = tqdm(total=len(plan), desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
+    ids = pl.Series(sorted(wanted), dtype=pl.Int64).implode()
+    for path in data_files(meds_dir):
+        events = pl.scan_parquet(path).select("subject_id", "time", "code", "numeric_value").filter(
+            pl.col("subject_id").is_in(ids)).collect()
+        if events.height == 0:
+            continue
+        shard_subjects = set(events["subject_id"].unique().to_list())
+        found |= shard_subjects
+        shard_histories = histories.filter(pl.col("subject_id").is_in(pl.Series(list(shard_subjects), dtype=pl.Int64).implode()))
+        for begin in range(0, shard_histories.height, config.histories_per_chunk):
+            chunk = shard_histories.slice(begin, config.histories_per_chunk)
+            known = history_events(events, chunk, task.remove_from_inputs)
+            tokenized = {s.subject_id: s for s in tokenizer.subjects(known)}
+            subjects, horizons, targets = [], [], []
+            for history_id, subject_id, prediction_time in chunk.select("history_id", "subject_id", "prediction_time").iter_rows():
+                subject = tokenized.get(history_id)
+                if subject is None or subject.n_visits == 0:
+                    raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
+                                    "time, so there is no history to forecast from; check the labels' prediction_time")
+                for row, horizon in plan_by_history.get(history_id, []):
+                    subjects.append(subject)
+                    horizons.append(horizon)
+                    targets.append(row)
+            risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
+                                  config.batch_size, device, progress=bar)
+            np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
+            np.add.at(risk_n, np.asarray(targets, np.int64), 1)
+    bar.close()
+    missing = wanted - found
+    if missing:
+        raise UserError(f"{meds_dir}: subject {min(missing)} of the labels is not in the data "
+                        f"({len(missing)} such subject(s)); give the MEDS dataset the labels were made from")
+    predictions = rows.select(PREDICTION_COLUMNS).with_columns(
+        pl.Series(PROBABILITY, risk_sum / np.maximum(risk_n, 1), dtype=pl.Float64),
+        pl.lit(model_name).alias("model"),
+    )
+    info = {
+        "label_counts": _label_counts(predictions),
+        "rows_not_scored": skipped,
+        "queries": len(plan),
+    }
+    return Forecast(predictions=predictions, info=info)
+
+
+def _label_counts(predictions: pl.DataFrame) -> dict:
+    counts = {}
+    for split, horizon, value, n in (
+        predictions.group_by("split", "horizon_days", "boolean_value").len()
+        .sort("split", "horizon_days", "boolean_value").iter_rows()
+    ):
+        entry = counts.setdefault(split, {}).setdefault(str(horizon), {"positive": 0, "negative": 0})
+        entry["positive" if value else "negative"] += n
+    return counts
+
+
+def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrite: bool) -> Path:
+    with atomic_folder(out, overwrite) as tmp:
+        predictions.write_parquet(tmp / "predictions.parquet")
+        (tmp / "info.json").write_text(json.dumps(info, indent=2, default=str))
+    return Path(out)
+
+
+def _load_run(run: Path, device: str):
+    """The run's model (eval mode), vocabulary and config, with the model's size checked against the vocab."""
+    from nextvisit.train import load_run
+
+    model, vocab, run_config = load_run(run, device)
+    model.eval()
+    n_embed = model.embed.weight.shape[0] if hasattr(model, "embed") else len(vocab)
+    if n_embed != len(vocab):
+        raise UserError(f"{run}: the model has {n_embed} token embeddings but {run}/vocab.json holds {len(vocab)} "
+                        "tokens; the run folder is inconsistent, re-run or restore it")
+    return model, vocab, run_config
+
+
+def _splits_option(text: str) -> tuple[str, ...]:
+    from nextvisit.store import SPLITS
+
+    splits = tuple(s.strip() for s in str(text).split(",") if s.strip())
+    if splits == ("all",):
+        return SPLITS
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise UserError(f"--splits {text!r}: expected a comma-separated list of {', '.join(SPLITS)} (or 'all')")
+    return splits
+
+
+def run_cli(args) -> int:
+    from nextvisit.tokenizer import Tokenizer
+
+    config = ForecastConfig(
+        aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
+        splits=_splits_option(getattr(args, "splits", "tuning,held_out")),
+    ).validate()
+    check_out(args.out, args.overwrite)
+    labels = read_labels(args.labels)
+    task = read_labels_task(args.labels)
+    model, vocab, run_config = _load_run(args.run, _resolve_device(args.device))
+    tokenizer = Tokenizer.load(args.run)
+    if getattr(tokenizer, "vocab", None) is not None:
+        check_same_vocab(vocab, tokenizer.vocab, f"{args.run}/vocab.json", f"{args.run} tokenizer")
+    torch.manual_seed(0)
+    name = Path(args.run).resolve().name
+    if config.aggregator != "sum_logits" or config.multi_horizon:
+        name += f"[{config.aggregator}{'+multi_horizon' if config.multi_horizon else ''}]"
+    result = forecast(model, vocab, tokenizer, run_config.data.query_max_tokens, args.meds_dir, labels, task,
+                      config, model_name=name)
+    info = {
+        "model": name,
+        "kind": "zero-shot",
+        "task": task.name,
+        "horizons_days": sorted(result.predictions["horizon_days"].unique().to_list()),
+        "config": {"run": str(args.run), "meds_dir": str(args.meds_dir), "labels": str(args.labels),
+                   "forecast": asdict(config), "run_config": run_config.to_dict(),
+                   "history_rule": "events with time <= prediction_time (static rows included) are known"},
+        **result.info,
+    }
+    write_predictions(args.out, result.predictions, info, args.overwrite)
+    print(f"scored {result.predictions.height:,} label rows ({info['queries']:,} queries) of task {task.name} "
+          f"with {name}; not scored: {result.info['rows_not_scored']}")
+    print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    return 0
+
+
+# -- next-visit occurrence (inflation analysis) --------------------------------------------------------------
+
+
+@dataclass
+class OccurrenceConfig:
+    aggregator: str = "sum_logits"
+    splits: tuple[str, ...] = ("tuning", "held_out")
+    # "windows": every visit boundary once, in windows cut as in training; "recent": per subject only the
+    # boundaries inside its most recent window.
+    mode: str = "windows"
+    batch_size: int = 32  # windows per forward pass
+    subjects_per_chunk: int = 512
+
+    def validate(self) -> "OccurrenceConfig":
+        if self.aggregator not in AGGREGATORS:
+            raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
+        if self.mode not in OCCURRENCE_MODES:
+            raise UserError(f"mode {self.mode!r} is unknown; choose one of {', '.join(OCCURRENCE_MODES)}")
+        return self
+
+
+def _visit_of_token(subject: Subject) -> np.ndarray:
+    return np.repeat(np.arange(subject.n_visits), np.diff(subject.visit_offsets))
+
+
+def _drop_tokens(subject: Subject, drop: np.ndarray) -> Subject:
+    """The subject without tokens flagged in ``drop`` [V]; visits left empty are removed."""
+    keep = ~drop[subject.tokens]
+    if keep.all():
+        return subject
+    lengths = np.bincount(_visit_of_token(subject)[keep], minlength=subject.n_visits)
+    nonempty = lengths > 0
+    return Subject(
+        subject_id=subject.subject_id, birth_day=subject.birth_day,
+        visit_days=subject.visit_days[nonempty],
+        visit_offsets=np.concatenate([[0], np.cumsum(lengths[nonempty])]).astype(np.int64),
+        tokens=subject.tokens[keep],
+    )
+
+
+def _sex_of(subject: Subject, vocab: Vocabulary) -> str | None:
+    if subject.n_visits == 0:
+        return None
+    for token in subject.visit(0):
+        text = vocab.tokens[int(token)]
+        if vocab.kinds[int(token)] == "demographic" and text.startswith(SEX_PREFIX):
+            return text[len(SEX_PREFIX):]
+    return None
+
+
+@torch.no_grad()
+def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: OccurrenceConfig, max_window: int,
+               model_name: str, progress: bool = True) -> Forecast:
+    """Rows per visit boundary: P(next visit holds a condition token), the answer and ``prior_occurrence``."""
+    from tqdm import tqdm
+
+    from nextvisit.sequence import subject_windows, windows_batch
+
+    config.validate()
+    token_ids = condition_token_ids(task, vocab, f"{store.path}/vocab.json")
+    is_condition = np.zeros(len(vocab), bool)
+    is_condition[token_ids.numpy()] = True
+    drop = np.zeros(len(vocab), bool)
+    drop[task.remove_from_inputs.token_ids(vocab, kinds=tuple(set(vocab.kinds)))] = True
+    drop &= ~is_condition
+    supervised = vocab.supervised_mask()
+    device = _model_device(model)
+    parts = []
+    removed_empty_visits = 0
+    for split_name in config.splits:
+        split = store.split(split_name)
+        bar = tqdm(total=len(split), desc=f"occurrence {split_name}", unit="subject", disable=not progress,
+                   file=sys.stderr)
+        for begin in range(0, len(split), config.subjects_per_chunk):
+            subjects = []
+            for i in range(begin, min(begin + config.subjects_per_chunk, len(split))):
+                original = split.subject(i)
+                subject = _drop_tokens(original, drop)
+                removed_empty_visits += original.n_visits - subject.n_visits
+                subjects.append(subject)
+            windows = subject_windows(subjects, max_window)
+            if config.mode == "recent":
+                last = {}
+                for w in windows:
+                    last[w.subject] = w
+                windows = list(last.values())
+            for w0 in range(0, len(windows), config.batch_size):
+                chunk = windows[w0 : w0 + config.batch_size]
+                batch = windows_batch(subjects, chunk, supervised, max_window)
+                logits = model.query_logits(batch.to(device))
+                risk = aggregate(logits, token_ids, config.aggregator).cpu().numpy()
+                window_of = batch.sep_window.numpy()
+                visit = batch.sep_visit.numpy()
+                subject_index = np.array([chunk[k].subject for k in window_of], np.int64)
+                parts.append(_occurrence_rows(subjects, subject_index, visit, risk, is_condition, split_name, vocab))
+            bar.update(len(subjects))
+        bar.close()
+    frame = pl.concat(parts) if parts else pl.DataFrame(schema=_OCCURRENCE_SCHEMA)
+    predictions = frame.with_columns(
+        task=pl.lit(f"{task.name}_next_visit"), horizon_days=pl.lit(0, dtype=pl.Int32), model=pl.lit(model_name)
+    ).select(*PREDICTION_COLUMNS, PROBABILITY, "model", "prior_occurrence")
+    info = {
+        "label_counts": _occurrence_counts(predictions),
+        "visits_left_empty_by_remove_from_inputs": removed_empty_visits,
+    }
+    return Forecast(predictions=predictions, info=info)
+
+
+_OCCURRENCE_SCHEMA = {
+    "subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean, "split": pl.String,
+    "age_years": pl.Float64, "sex": pl.String, PROBABILITY: pl.Float64, "prior_occurrence": pl.Boolean,
+}
+
+
+def _occurrence_rows(subjects, subject_index, visit, risk, is_condition, split_name, vocab) -> pl.DataFrame:
+    """Label and prior occurrence per scored SEP, from the subjects' own visits."""
+    flags = {}
+    for s in np.unique(subject_index):
+        subject = subjects[s]
+        has = np.bincount(_visit_of_token(subject), weights=is_condition[subject.tokens],
+                          minlength=subject.n_visits) > 0
+        prior = np.concatenate([[False], np.cumsum(has)[:-1] > 0])
+        flags[int(s)] = (has, prior)
+    label = np.array([flags[int(s)][0][v] for s, v in zip(subject_index, visit)], bool)
+    prior = np.array([flags[int(s)][1][v] for s, v in zip(subject_index, visit)], bool)
+    before_day = np.array([subjects[s].visit_days[v - 1] for s, v in zip(subject_index, visit)], np.int64)
+    birth = np.array([subjects[s].birth_day for s in subject_index], np.int64)
+    age = np.where(birth == NO_DAY, np.nan, (before_day + 1 - birth) / DAYS_PER_YEAR)
+    sex = [_sex_of(subjects[s], vocab) for s in subject_index]
+    frame = pl.DataFrame({
+        "subject_id": np.array([subjects[s].subject_id for s in subject_index], np.int64),
+        "day": before_day.astype(np.int32),
+        "boolean_value": label,
+        "split": [split_name] * len(label),
+        "age_years": age,
+        "sex": pl.Series(sex, dtype=pl.String),
+        PROBABILITY: risk,
+        "prior_occurrence": prior,
+    })
+    return frame.with_columns(
+        prediction_time=pl.col("day").cast(pl.Date).cast(pl.Datetime("us")) + END_OF_DAY,
+        age_years=pl.col("age_years").fill_nan(None),
+    ).select(list(_OCCURRENCE_SCHEMA))
+
+
+def _occurrence_counts(predictions: pl.DataFrame) -> dict:
+    counts = {}
+    for split, prior, value, n in (
+        predictions.group_by("split", "prior_occurrence", "boolean_value").len()
+        .sort("split", "prior_occurrence", "boolean_value").iter_rows()
+    ):
+        group = "prior_occurrence" if prior else "new_onset"
+        entry = counts.setdefault(split, {}).setdefault(group, {"positive": 0, "negative": 0})
+        entry["positive" if value else "negative"] += n
+    return counts
+
+
+def occurrence_cli(args) -> int:
+    config = OccurrenceConfig(
+        aggregator=getattr(args, "aggregator", "sum_logits"), splits=_splits_option(args.splits),
+        mode=getattr(args, "mode", "windows"), batch_size=getattr(args, "batch_size", None) or OccurrenceConfig.batch_size,
+    ).validate()
+    check_out(args.out, args.overwrite)
+    task = load_task(args.task)
+    model, vocab, run_config = _load_run(args.run, _resolve_device(args.device))
+    store = TokenStore(args.store)
+    check_same_vocab(vocab, store.vocab, f"{args.run}/vocab.json", f"{args.store}/vocab.json")
+    data = run_config.data
+    max_window = int(data.context * data.max_window_fraction) if data.pack else data.context
+    name = Path(args.run).resolve().name
+    if config.aggregator != "sum_logits":
+        name += f"[{config.aggregator}]"
+    result = occurrence(model, vocab, store, task, config, max_window, model_name=name)
+    info = {
+        "model": name,
+        "kind": "zero-shot",
+        "task": f"{task.name}_next_visit",
+        "config": {"run": str(args.run), "store": str(args.store), "occurrence": asdict(config),
+                   "window_tokens": max_window, "run_config": run_config.to_dict()},
+        **result.info,
+    }
+    write_predictions(args.out, result.predictions, info, args.overwrite)
+    p = result.predictions
+    print(f"scored {p.height:,} visit boundaries of {p['subject_id'].n_unique():,} subjects "
+          f"({int(p['prior_occurrence'].sum()):,} with a prior occurrence, {int(p['boolean_value'].sum()):,} with "
+          f"the condition in the next visit)")
+    print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    return 0

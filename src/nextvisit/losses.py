@@ -1,0 +1,231 @@
+"""The next-visit loss (METHOD §4): sigmoid focal loss (or BCE) at SEP positions over the supervised tokens,
+with repeat regularization on positives, normalised by (#SEP positions x #supervised tokens).
+
+Per logit x with s = sigmoid(x), focal loss is
+    positive:  alpha * (1 - s)^gamma * softplus(-x) * repeat_weight
+    negative:  (1 - alpha) * s^gamma * softplus(x)
+times ``scale``. Positives are few (about 11 per SEP against tens of thousands of tokens), so the loss is
+computed as "every supervised logit as a negative" (one dense fused pass, no target tensor) plus a sparse
+correction at the positive pairs. The dense pass is a custom autograd function that keeps nothing but the
+logits and recomputes the gradient elementwise, so memory stays at one [N, V] tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nextvisit.config import LossConfig
+
+
+def repeat_weight(repeats: torch.Tensor, decay: float, floor: float) -> torch.Tensor:
+    """Weight of a positive target already a positive target ``repeats`` (= c - 1) times before in the
+    window: ``max(decay^(c-1), floor)``.
+
+    >>> [round(w, 6) for w in repeat_weight(torch.arange(6), 0.5, 0.1).tolist()]
+    [1.0, 0.5, 0.25, 0.125, 0.1, 0.1]
+    """
+    return torch.clamp(decay ** repeats.to(torch.float32), min=floor)
+
+
+def negative_term(x: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
+    """Loss of logit x if its target is 0 (unscaled)."""
+    if kind == "bce":
+        return F.softplus(x)
+    return (1 - alpha) * torch.sigmoid(x).pow(gamma) * F.softplus(x)
+
+
+def positive_term(x: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
+    """Loss of logit x if its target is 1 (unscaled)."""
+    if kind == "bce":
+        return F.softplus(-x)
+    return alpha * (1 - torch.sigmoid(x)).pow(gamma) * F.softplus(-x)
+
+
+class _DenseNegatives(torch.autograd.Function):
+    """sum over rows and masked columns of negative_term(logits): fused forward, recomputed backward."""
+
+    @staticmethod
+    def forward(ctx, logits, column_weight, kind, gamma, alpha):
+        ctx.save_for_backward(logits, column_weight)
+        ctx.params = (kind, gamma, alpha)
+        with torch.no_grad():
+            return (negative_term(logits, kind, gamma, alpha) @ column_weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, column_weight = ctx.saved_tensors
+        kind, gamma, alpha = ctx.params
+        s = torch.sigmoid(logits)
+        if kind == "bce":
+            grad = s
+        else:
+            # d/dx [(1-a) s^g softplus(x)] = (1-a) s^g [g (1-s) softplus(x) + s]
+            grad = (1 - alpha) * s.pow(gamma) * (gamma * (1 - s) * F.softplus(logits) + s)
+        grad.mul_(column_weight).mul_(grad_output)
+        return grad, None, None, None, None
+
+
+def next_visit_loss(logits: torch.Tensor, target_rows: torch.Tensor, target_tokens: torch.Tensor,
+                    target_repeats: torch.Tensor, supervised: torch.Tensor, config: LossConfig,
+                    apply_repeat_decay: bool = True, normalizer: float | None = None) -> torch.Tensor:
+    """Scalar loss for logits [N, V] at N SEP positions and the sparse positives (see ``sequence.Batch``).
+
+    ``supervised`` is a boolean [V] (``Vocabulary.supervised_mask``); unsupervised columns carry no loss.
+    Normalised by ``normalizer`` (default N x #supervised); a distributed or accumulated step passes the
+    global count so every process sums to the same objective.
+    """
+    logits = logits.float()
+    column_weight = supervised.to(logits.dtype)
+    if normalizer is None:
+        normalizer = float(logits.shape[0] * int(supervised.sum()))
+    if normalizer == 0:
+        return logits.sum() * 0.0
+    dense = _DenseNegatives.apply(logits, column_weight, config.kind, config.gamma, config.alpha)
+    keep = supervised[target_tokens]  # positives are supervised by construction; guard anyway
+    x = logits[target_rows[keep], target_tokens[keep]]
+    weight = repeat_weight(target_repeats[keep], config.repeat_decay, config.repeat_floor) if apply_repeat_decay \
+        else torch.ones_like(x)
+    correction = (weight * positive_term(x, config.kind, config.gamma, config.alpha)
+                  - negative_term(x, config.kind, config.gamma, config.alpha)).sum()
+    return config.scale * (dense + correction) / normalizer
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+
+def best_constant_logits(rate: np.ndarray, config: LossConfig, iterations: int = 80) -> np.ndarray:
+    """Per token, the constant logit that minimises the expected loss (no repeat decay) when the token is
+    positive with probability ``rate``: the code-frequency baseline. For BCE this is logit(rate); focal loss
+    with alpha != 0.5 moves it (golden-section search, the expected loss is unimodal in the logit).
+
+    >>> from nextvisit.config import LossConfig
+    >>> r = np.array([0.01, 0.3])
+    >>> np.allclose(best_constant_logits(r, LossConfig(kind="bce")), np.log(r / (1 - r)), atol=1e-4)
+    True
+    """
+    rate = torch.from_numpy(np.clip(np.asarray(rate, np.float64), 1e-9, 1 - 1e-9))
+
+    def expected(x):
+        return rate * positive_term(x, config.kind, config.gamma, config.alpha) + \
+            (1 - rate) * negative_term(x, config.kind, config.gamma, config.alpha)
+
+    lo, hi = torch.full_like(rate, -30.0), torch.full_like(rate, 30.0)
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(iterations):
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        left = expected(a) < expected(b)
+        hi = torch.where(left, b, hi)
+        lo = torch.where(left, lo, a)
+    return ((lo + hi) / 2).numpy()
+
+
+def frequency_bands(token_visit_share: np.ndarray, edges) -> np.ndarray:
+    """Band index per token from its share of train visits holding it: 0 = most common. ``edges`` descending.
+
+    >>> frequency_bands(np.array([0.5, 0.005, 0.0001]), (0.01, 0.001)).tolist()
+    [0, 1, 2]
+    """
+    bands = np.zeros(len(token_visit_share), np.int64)
+    for edge in edges:
+        bands += token_visit_share < edge
+    return bands
+
+
+def band_names(edges) -> list[str]:
+    edges = list(edges)
+    names = [f">={edges[0]:.2%}"]
+    names += [f"{lo:.2%}-{hi:.2%}" for hi, lo in zip(edges[:-1], edges[1:])]
+    names.append(f"<{edges[-1]:.2%}")
+    return names
+
+
+@dataclass
+class ValidationTotals:
+    """Running sums over validation batches (no repeat decay). Loss per SEP-token pair; positives split into
+    new onsets (token absent earlier in the window) and repeats; per code-frequency band; and the ranking of
+    new onsets among tokens not yet seen in the window (AUROC per SEP, averaged; 0.5 = chance)."""
+
+    n_bands: int
+    loss_sum: float = 0.0
+    pairs: int = 0
+    new_loss: float = 0.0
+    new_count: int = 0
+    repeat_loss: float = 0.0
+    repeat_count: int = 0
+    new_auroc_sum: float = 0.0
+    new_auroc_seps: int = 0
+
+    def __post_init__(self):
+        self.band_loss = np.zeros(self.n_bands)
+        self.band_pairs = np.zeros(self.n_bands)
+
+    @torch.no_grad()
+    def add(self, logits, batch, supervised: torch.Tensor, token_band: torch.Tensor, config: LossConfig):
+        logits = logits.float()
+        N, V = logits.shape
+        sup = supervised.to(logits.dtype)
+        n_sup = int(supervised.sum())
+        neg = negative_term(logits, config.kind, config.gamma, config.alpha) * sup  # [N, V]
+        x = logits[batch.target_rows, batch.target_tokens]
+        pos = positive_term(x, config.kind, config.gamma, config.alpha)
+        correction = pos - negative_term(x, config.kind, config.gamma, config.alpha)
+        self.loss_sum += config.scale * float(neg.sum() + correction.sum())
+        self.pairs += N * n_sup
+        seen = batch.target_seen
+        self.new_loss += config.scale * float(pos[~seen].sum())
+        self.new_count += int((~seen).sum())
+        self.repeat_loss += config.scale * float(pos[seen].sum())
+        self.repeat_count += int(seen.sum())
+        # per band: negatives over the band's columns plus the positives' corrections
+        band_cols = torch.nn.functional.one_hot(token_band, self.n_bands).to(logits.dtype) * sup[:, None]  # [V, bands]
+        band_neg = neg.sum(0) @ band_cols
+        band_corr = torch.zeros(self.n_bands, dtype=logits.dtype, device=logits.device).index_add_(
+            0, token_band[batch.target_tokens], correction)
+        self.band_loss += config.scale * (band_neg + band_corr).cpu().numpy()
+        self.band_pairs += N * band_cols.sum(0).cpu().numpy()
+        self._new_onset_auroc(logits, batch, supervised)
+
+    def _new_onset_auroc(self, logits, batch, supervised):
+        """Per SEP: AUROC of logits for new-onset positives vs supervised tokens not seen earlier in the window
+        that did not occur. Tokens seen earlier are left out of both sides (that is the inflation)."""
+        N, V = logits.shape
+        T = batch.tokens.shape[1]
+        rows, cols = batch.positions // T, batch.positions % T
+        doc, att = batch.doc_ids[rows], batch.att_days[rows]  # [N, T]
+        own_doc, own_att = batch.doc_ids[rows, cols], batch.att_days[rows, cols]  # [N]
+        visible = (doc == own_doc[:, None]) & (att <= own_att[:, None])  # what each SEP attends, [N, T]
+        sep_index, token_index = visible.nonzero(as_tuple=True)
+        seen = torch.zeros(N, V, dtype=torch.bool, device=logits.device)
+        seen[sep_index, batch.tokens[rows][sep_index, token_index]] = True
+        positive = torch.zeros(N, V, dtype=torch.bool, device=logits.device)
+        new = ~batch.target_seen
+        positive[batch.target_rows[new], batch.target_tokens[new]] = True
+        eligible = supervised[None, :] & ~seen
+        scores = logits.masked_fill(~eligible, float("-inf"))
+        ranks = scores.argsort(dim=1).argsort(dim=1).to(torch.float64)  # 0 = lowest
+        n_ineligible = (~eligible).sum(1).to(torch.float64)
+        ranks = ranks - n_ineligible[:, None]  # rank among eligible tokens
+        n_pos = positive.sum(1).to(torch.float64)
+        n_neg = eligible.sum(1).to(torch.float64) - n_pos
+        rank_sum = (ranks * positive).sum(1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        auroc = (rank_sum - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
+        self.new_auroc_sum += float(auroc[ok].sum())
+        self.new_auroc_seps += int(ok.sum())
+
+    def summary(self, names: list[str]) -> dict:
+        out = {
+            "val_loss": self.loss_sum / max(self.pairs, 1),
+            "val_new_onset_pos_loss": self.new_loss / max(self.new_count, 1),
+            "val_repeat_pos_loss": self.repeat_loss / max(self.repeat_count, 1),
+            "val_new_onset_auroc": self.new_auroc_sum / max(self.new_auroc_seps, 1),
+            "val_new_onset_targets": self.new_count,
+            "val_repeat_targets": self.repeat_count,
+        }
+        for name, loss, pairs in zip(names, self.band_loss, self.band_pairs):
+            out[f"val_loss_band[{name}]"] = float(loss / pairs) if pairs else float("nan")
+        return out

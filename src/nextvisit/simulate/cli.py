@@ -1,0 +1,24 @@
+"""`nextvisit simulate` and `nextvisit oracle`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run(args) -> int:
+    from nextvisit.simulate.dataset import simulate
+
+    stats = simulate(args.subjects, args.out, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+    incident = stats["incident"]
+    sys.stderr.write(
+        f"wrote {args.out}: {stats['subjects']} subjects, {stats['visits']} visits "
+        f"({stats['visits'] / stats['subjects']:.1f} per subject), {stats['events']} events, {stats['deaths']} deaths; "
+        f"new diagnoses after the first visit: dementia {incident['dementia']}, knee OA {incident['knee_oa']}\n")
+    return 0
+
+
+def oracle_run(args) -> int:
+    from nextvisit.simulate.oracle import write_oracle_predictions
+
+    write_oracle_predictions(args.meds_dir, args.labels, args.out, overwrite=args.overwrite)
+    return 0

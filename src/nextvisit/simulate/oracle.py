@@ -1,0 +1,331 @@
+"""The simulator's ground truth: the probability of a first diagnosis within a horizon, given everything the
+simulator knew at the prediction time (the latent state included). No model can do better on average; its
+AUROC is the ceiling that quality goals are stated against.
+
+How it is computed (Monte Carlo, not exact):
+
+1. The subject is re-simulated from its own seed (``SeedSequence([seed, subject_id])``), which reproduces its
+   record exactly, up to the last step whose visit falls on or before the prediction day ``t``. The state
+   after that visit, plus "no visit and no death between that visit and ``t``", is what the simulator knows
+   at ``t``: hazards are constant within a step and waiting times are geometric in days (memoryless), so
+   that knowledge is represented exactly by forcing the next visit, the death and any onset that would bring
+   the subject in (stroke, knee injury) to fall after ``t``.
+2. From that state ``n_samples`` futures are rolled forward with the simulator's own step, without loss to
+   follow-up and without the end of data (the risk is the subject's, not the dataset's).
+3. The risk is the share of futures in which the first code of the condition (or, for dementia, an
+   anti-dementia drug) is recorded on a day in ``(t, t + horizon]``. Death is a competing event: a future
+   that dies first has no onset. The standard error is ``sqrt(p (1 - p) / n_samples)``.
+
+The futures of a (subject, day) pair draw from ``SeedSequence([seed, subject_id, day, ORACLE_STREAM])``, so a
+risk does not depend on which other queries share its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from nextvisit.errors import UserError
+from nextvisit.simulate import engine
+from nextvisit.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
+from nextvisit.simulate.engine import COND, SimulationConfig
+
+ORACLE_STREAM = 7919  # keeps the futures' random numbers apart from the record's
+DAY_SHIFT = 1_000_000  # SeedSequence wants non-negative entropy; days before 1970 are negative
+# Task names (labels.parquet `task`, task.yaml `name`) the oracle knows, and the simulator condition of each.
+TASK_CONDITIONS = {"dementia": "dementia", "knee_oa": "knee_oa"}
+CONDITIONS = tuple(TASK_CONDITIONS.values())
+US_PER_DAY = 86_400_000_000
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    n_samples: int = 400  # Monte Carlo futures per (subject, prediction day)
+    pairs_per_batch: int = 48  # (subject, day) pairs rolled forward together
+    subjects_per_batch: int = 256  # subjects re-simulated together
+
+
+@dataclass
+class Simulator:
+    """What re-creates any subject of a simulated dataset: the seed and the configuration."""
+
+    seed: int
+    config: SimulationConfig
+    n_subjects: int | None = None
+
+    @classmethod
+    def from_meds(cls, meds_dir) -> "Simulator":
+        path = Path(meds_dir) / "metadata" / SIMULATOR_FILE
+        if not path.exists():
+            raise UserError(f"{meds_dir}: no metadata/{SIMULATOR_FILE}; the oracle needs a dataset written by "
+                            "`nextvisit simulate` (real data has no ground truth)")
+        data = json.loads(path.read_text())
+        if str(data.get("simulator_version")) != SIMULATOR_VERSION:
+            raise UserError(f"{path}: written by simulator version {data.get('simulator_version')}, this is version "
+                            f"{SIMULATOR_VERSION}; re-simulate the dataset with this version")
+        return cls(seed=int(data["seed"]), config=config_from_dict(data["config"]), n_subjects=int(data["n_subjects"]))
+
+
+def _day(time) -> int:
+    """Calendar day (days since 1970-01-01) of a datetime, numpy datetime64 or day number."""
+    if isinstance(time, (int, np.integer)):
+        return int(time)
+    if isinstance(time, datetime):
+        return (time.date() - engine.EPOCH).days
+    return int(np.datetime64(time, "D").astype(np.int64))
+
+
+def oracle_risk(source, subject_id: int, time, condition: str, horizon_days: int, *,
+                config: OracleConfig | None = None) -> float:
+    """True probability of the first diagnosis of ``condition`` in ``(time, time + horizon_days]`` (days),
+    before death, given the simulator's full state at ``time``. ``source``: a simulated MEDS folder or a
+    ``Simulator``. Returns 0.0 if the condition was already recorded by ``time``."""
+    risks, _ = oracle_risks(source, [subject_id], [time], [condition], [horizon_days], config=config, progress=False)
+    return float(risks[0])
+
+
+def oracle_risks(source, subject_ids, times, conditions, horizons_days, *, config: OracleConfig | None = None,
+                 workers: int = 1, progress: bool = True):
+    """Vectorized ``oracle_risk``. Returns ``(risks, prevalent)``: float64 risks and a bool array marking
+    queries whose condition was already recorded at the time (risk 0)."""
+    sim = source if isinstance(source, Simulator) else Simulator.from_meds(source)
+    cfg = config or OracleConfig()
+    subject_ids = np.asarray(subject_ids, dtype=np.int64)
+    days = np.array([_day(t) for t in times], dtype=np.int64)
+    horizons = np.asarray(horizons_days, dtype=np.int64)
+    for name in set(conditions):
+        if name not in CONDITIONS:
+            raise UserError(f"condition {name!r} is not one the oracle knows; use one of {', '.join(CONDITIONS)}")
+    if np.any(horizons < 1):
+        raise UserError("horizon_days must be at least 1 day")
+    if sim.n_subjects is not None and len(subject_ids) and (subject_ids.min() < 1 or subject_ids.max() > sim.n_subjects):
+        bad = subject_ids[(subject_ids < 1) | (subject_ids > sim.n_subjects)][0]
+        raise UserError(f"subject_id {bad} is not in the simulated dataset (subjects 1..{sim.n_subjects})")
+    cond_index = np.array([COND[c] for c in conditions], dtype=np.int64)
+    # unique (subject, day) pairs, each with the longest horizon asked of it
+    pairs, pair_of_query = np.unique(np.stack([subject_ids, days], axis=1), axis=0, return_inverse=True)
+    pair_of_query = pair_of_query.reshape(-1)
+    max_horizon = np.zeros(len(pairs), np.int64)
+    np.maximum.at(max_horizon, pair_of_query, horizons)
+    jobs = _jobs(pairs, max_horizon, sim, cfg, workers)
+    risk_of_pair_cond: dict = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pairs), unit="pair", desc="oracle", disable=not progress, file=sys.stderr)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap(_pair_job, jobs) if pool else map(_pair_job, jobs)
+        for job, (pair_idx, first, coded, dead_before) in zip(jobs, results):
+            for k, p in enumerate(pair_idx):
+                risk_of_pair_cond[p] = (first[k], coded[k], dead_before[k])
+            bar.update(len(pair_idx))
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+    risks = np.zeros(len(subject_ids))
+    prevalent = np.zeros(len(subject_ids), bool)
+    for q in range(len(subject_ids)):
+        first, coded, dead_before = risk_of_pair_cond[pair_of_query[q]]
+        if dead_before:
+            raise UserError(f"subject {subject_ids[q]} died on or before day {days[q]} "
+                            f"({np.datetime64(int(days[q]), 'D')}); the oracle needs a living subject at the time")
+        c = cond_index[q]
+        if coded[c]:
+            prevalent[q] = True
+            continue
+        risks[q] = np.mean(first[:, c] - days[q] <= horizons[q])
+    return risks, prevalent
+
+
+def _jobs(pairs: np.ndarray, max_horizon: np.ndarray, sim: Simulator, cfg: OracleConfig, workers: int) -> list:
+    """Units of work: pairs of consecutive subjects, ``subjects_per_batch`` subjects each."""
+    subjects = pairs[:, 0]
+    boundaries = np.unique(subjects, return_index=True)[1]
+    starts = boundaries[:: cfg.subjects_per_batch].tolist() + [len(pairs)]
+    # with several workers, smaller jobs balance better
+    if workers > 1 and len(starts) - 1 < 4 * workers:
+        step = max(1, len(boundaries) // (4 * workers))
+        starts = boundaries[::step].tolist() + [len(pairs)]
+    return [(np.arange(a, b), pairs[a:b], max_horizon[a:b], sim, cfg) for a, b in zip(starts[:-1], starts[1:]) if b > a]
+
+
+def _pair_job(job):
+    """Snapshots of a batch of (subject, day) pairs, then their futures."""
+    pair_idx, pairs, max_horizon, sim, cfg = job
+    snapshots, dead_before = _snapshots(pairs, sim)
+    first = np.full((len(pairs), cfg.n_samples, engine.C), engine.NEVER, np.int64)
+    coded = np.zeros((len(pairs), engine.C), bool)
+    alive = np.nonzero(~dead_before)[0]
+    for k in alive:
+        coded[k] = snapshots[k].coded[0]
+    for start in range(0, len(alive), cfg.pairs_per_batch):
+        batch = alive[start:start + cfg.pairs_per_batch]
+        first[batch] = _futures([snapshots[k] for k in batch], pairs[batch], max_horizon[batch], sim, cfg)
+    return pair_idx, first, coded, dead_before
+
+
+def _snapshots(pairs: np.ndarray, sim: Simulator):
+    """The state of each pair's subject after its last visit on or before the pair's day (one-row States,
+    with ``offset`` = event-free days up to the day), re-simulated exactly as in the dataset."""
+    subjects, first_of = np.unique(pairs[:, 0], return_index=True)
+    st, gens = engine.new_subjects(subjects, sim.seed, sim.config)
+    pending = {i: sorted(pairs[pairs[:, 0] == s, 1].tolist()) for i, s in enumerate(subjects)}
+    snapshots: dict = {}
+    dead: dict = {}
+    active = st
+    while len(active):
+        before = active.copy()
+        uniforms = engine.draw(gens, active.group, engine.STEP.width, one_row_per_group=True)
+        result = engine.step(active, uniforms, sim.config, emit=False)
+        next_pending = np.array([pending[g][0] if pending[g] else engine.NEVER for g in active.group])
+        due = (next_pending < result.new_day) | (result.ended & (next_pending < engine.NEVER))
+        for r in np.nonzero(due)[0]:
+            g = int(active.group[r])
+            while pending[g] and (pending[g][0] < result.new_day[r] or result.ended[r]):
+                day = pending[g].pop(0)
+                if result.died[r] and day >= result.new_day[r]:
+                    dead[(g, day)] = True
+                    continue
+                snap = before.take([r])
+                if snap.offset[0] >= 0:
+                    snap.offset[:] = max(day - int(snap.day[0]), 0)
+                snapshots[(g, day)] = snap
+        if result.ended.any():
+            active = active.take(~result.ended)
+        # rows with nothing left to answer need no more steps
+        keep = np.array([bool(pending[g]) for g in active.group], bool)
+        if not keep.all():
+            active = active.take(keep)
+    index = {int(s): i for i, s in enumerate(subjects)}
+    out, dead_before = [], np.zeros(len(pairs), bool)
+    for k, (s, day) in enumerate(pairs.tolist()):
+        key = (index[s], day)
+        dead_before[k] = key in dead
+        out.append(snapshots.get(key))
+    return out, dead_before
+
+
+def _futures(snaps: list, pairs: np.ndarray, max_horizon: np.ndarray, sim: Simulator, cfg: OracleConfig) -> np.ndarray:
+    """[pairs, n_samples, C] day of the first record of each condition in each future (NEVER: none by the
+    horizon or death)."""
+    n = cfg.n_samples
+    state = engine.State.concat([s.take(np.zeros(n, np.int64)) for s in snaps])
+    state.group = np.repeat(np.arange(len(snaps)), n)
+    replica = np.arange(len(state))
+    gens = [np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [sim.seed, int(s), int(d) + DAY_SHIFT, ORACLE_STREAM]))) for s, d in pairs.tolist()]
+    stop_day = np.repeat(pairs[:, 1] + max_horizon, n)
+    targets = np.array([COND[c] for c in CONDITIONS])
+    first = np.full((len(state), engine.C), engine.NEVER, np.int64)
+    while len(state):
+        uniforms = engine.draw(gens, state.group, engine.ROLLOUT.width, one_row_per_group=False)
+        result = engine.step(state, uniforms, sim.config, rollout=True, emit=False)
+        in_window = (result.new_day <= stop_day[replica]) & (result.kind >= 0)
+        new = result.newly_coded & in_window[:, None]
+        rows, cols = np.nonzero(new)
+        first[replica[rows], cols] = np.minimum(first[replica[rows], cols], result.new_day[rows])
+        done = result.ended | (result.new_day >= stop_day[replica]) | state.coded[:, targets].all(axis=1)
+        if done.any():
+            state = state.take(~done)
+            replica = replica[~done]
+    return first.reshape(len(snaps), n, engine.C)
+
+
+# -- predictions for a labels folder ------------------------------------------------------------------------
+
+PREDICTION_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split", "age_years",
+                      "sex")
+PREDICTION_SPLITS = ("tuning", "held_out")
+
+
+def _task_condition(labels_dir: Path, tasks) -> dict:
+    """Map each task name in the labels to a simulator condition (task.yaml's name is honoured)."""
+    mapping = {}
+    yaml_path = labels_dir / "task.yaml"
+    yaml_name = None
+    if yaml_path.exists():
+        import yaml
+
+        data = yaml.safe_load(yaml_path.read_text()) or {}
+        yaml_name = data.get("name") if isinstance(data, dict) else None
+    for task in tasks:
+        key = task if task in TASK_CONDITIONS else yaml_name if yaml_name in TASK_CONDITIONS else None
+        if key is None:
+            raise UserError(f"{labels_dir / 'labels.parquet'}: task {task!r} has no ground truth in the simulator; "
+                            f"the oracle knows tasks {', '.join(TASK_CONDITIONS)}")
+        mapping[task] = TASK_CONDITIONS[key]
+    return mapping
+
+
+def write_oracle_predictions(meds_dir, labels_dir, out, *, overwrite: bool = False,
+                             config: OracleConfig | None = None, workers: int | None = None,
+                             splits=PREDICTION_SPLITS, progress: bool = True) -> dict:
+    """Score the labelled rows (non-null ``boolean_value``) of ``splits`` with the oracle and write
+    ``out/predictions.parquet`` and ``out/info.json`` (docs/interfaces.md section 6)."""
+    import polars as pl
+
+    cfg = config or OracleConfig()
+    meds_dir, labels_dir, out = Path(meds_dir), Path(labels_dir), Path(out)
+    sim = Simulator.from_meds(meds_dir)
+    labels_path = labels_dir / "labels.parquet" if labels_dir.is_dir() else labels_dir
+    if not labels_path.exists():
+        raise UserError(f"{labels_path}: missing; give a labels folder written by `nextvisit label`")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
+    labels = pl.read_parquet(labels_path)
+    missing = [c for c in PREDICTION_COLUMNS if c not in labels.columns]
+    if missing:
+        raise UserError(f"{labels_path}: missing column(s) {', '.join(missing)}; write labels with `nextvisit label`")
+    total = labels.height
+    labelled = labels.filter(pl.col("boolean_value").is_not_null())
+    scored = labelled.filter(pl.col("split").is_in(list(splits)))
+    mapping = _task_condition(labels_dir if labels_dir.is_dir() else labels_dir.parent,
+                              scored["task"].unique().to_list())
+    times = scored["prediction_time"].dt.epoch("d").to_numpy()
+    risks, prevalent = oracle_risks(
+        sim, scored["subject_id"].to_numpy(), times.astype(np.int64),
+        [mapping[t] for t in scored["task"].to_list()], scored["horizon_days"].to_numpy(), config=cfg,
+        workers=workers or os.cpu_count() or 1, progress=progress)
+    if prevalent.any():
+        sys.stderr.write(f"oracle: {int(prevalent.sum())} labelled row(s) already had the condition recorded at the "
+                         "prediction time (risk 0); the task's code set and the labels disagree\n")
+    predictions = scored.select(list(PREDICTION_COLUMNS)).with_columns(
+        pl.Series("predicted_boolean_probability", risks, dtype=pl.Float64), pl.lit("oracle").alias("model"))
+    tasks = sorted(scored["task"].unique().to_list())
+    info = {
+        "model": "oracle", "kind": "oracle", "task": tasks[0] if len(tasks) == 1 else tasks,
+        "config": {"method": "monte_carlo", "n_samples": cfg.n_samples, "seed": sim.seed,
+                   "simulator_version": SIMULATOR_VERSION, "splits": list(splits),
+                   "standard_error": "sqrt(p(1-p)/n_samples) per row"},
+        "label_counts": {"rows": total, "labelled": labelled.height, "censored": total - labelled.height,
+                         "scored": scored.height, "not_in_scored_splits": labelled.height - scored.height,
+                         "positive": int(scored["boolean_value"].sum()), "prevalent_at_time": int(prevalent.sum())},
+    }
+    tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        predictions.write_parquet(tmp / "predictions.parquet")
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sys.stderr.write(f"oracle: wrote {out / 'predictions.parquet'} ({scored.height} rows of splits "
+                     f"{', '.join(splits)}; {total - labelled.height} censored rows skipped)\n")
+    return info

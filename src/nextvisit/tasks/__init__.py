@@ -1,0 +1,545 @@
+"""Incidence tasks as data, and the labels they give on a MEDS dataset.
+
+A task is one YAML file read into ``Task`` (strictly: an unknown field, an empty code set or a horizon
+that is not a positive whole number of days is an error naming the field). ``make_labels`` applies it to
+a MEDS dataset one shard at a time and returns the label rows (docs/interfaces.md section 5) with a count
+of every subject and landmark it excluded, by reason.
+
+The landmark rule, in order (a subject excluded at a step is counted under that step's reason):
+
+1. the subject is in ``metadata/subject_splits.parquet`` (``not_in_subject_splits``) and has a birth date
+   (``no_birth_date``) and at least one visit (``no_visits``). A visit is a calendar day holding any timed
+   event other than birth and death.
+2. candidate prediction times are the visit days, each at the *end* of its day (``date 23:59:59.999999``),
+   so every event of that day is known at the prediction time (MEDS: ``time <= prediction_time`` is known).
+3. a candidate needs ``min_history_days`` since the subject's first visit (``insufficient_history``), age at
+   least ``min_age_years`` (``too_young``), no death at or before it (``no_visit_before_death``) and no code
+   of the condition at or before it (``prevalent``; a static condition code makes every candidate prevalent).
+4. of the remaining candidates at most ``max_per_subject`` are kept, chosen by a seeded hash of
+   (seed, subject_id, day), so the choice does not depend on how the dataset is sharded.
+
+Follow-up, per horizon H (day-level, like visits): positive if the first condition code falls in
+(t, t + H]; otherwise negative if the record reaches the horizon's last day (its last event is on day d + H
+or later), or if the subject died within the horizon (a competing event: ``negative_competing_death``);
+otherwise censored (``boolean_value`` null, ``censored_lost_to_followup``). With ``death_is_competing:
+false`` a death within the horizon censors the row instead (``censored_death``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from nextvisit.errors import UserError
+from nextvisit.meds import BIRTH_CODE, DEATH_CODE, data_files, read_splits
+from nextvisit.store import SUPERVISED_KINDS, Vocabulary
+
+TASK_DIR = Path(__file__).resolve().parent
+SEX_PREFIX = "GENDER//"
+# The end of a visit day: a prediction at this time knows every event of the day.
+END_OF_DAY = timedelta(days=1) - timedelta(microseconds=1)
+DAYS_PER_YEAR = 365.25
+
+POSITIVE = "positive"
+NEGATIVE = "negative"
+NEGATIVE_DEATH = "negative_competing_death"
+CENSORED = "censored_lost_to_followup"
+CENSORED_DEATH = "censored_death"
+LABEL_REASONS = (POSITIVE, NEGATIVE, NEGATIVE_DEATH, CENSORED, CENSORED_DEATH)
+
+# Subject exclusions, in the order the rule applies them (module docstring).
+SUBJECT_REASONS = ("not_in_subject_splits", "no_birth_date", "no_visits")
+CANDIDATE_REASONS = ("insufficient_history", "too_young", "no_visit_before_death", "prevalent")
+
+LABEL_SCHEMA = {
+    "subject_id": pl.Int64,
+    "prediction_time": pl.Datetime("us"),
+    "boolean_value": pl.Boolean,
+    "reason": pl.String,
+    "task": pl.String,
+    "horizon_days": pl.Int32,
+    "split": pl.String,
+    "age_years": pl.Float64,
+    "sex": pl.String,
+}
+
+
+# -- the task ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodeSet:
+    """MEDS codes matched by prefix (``ICD10CM//F03`` matches ``ICD10CM//F03.90``) or exactly (numeric ids
+    such as ``RXNORM//4637`` or ``SNOMED//26929004``, where a prefix would also match longer ids)."""
+
+    code_prefixes: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.code_prefixes or self.codes)
+
+    def matches(self, code: str) -> bool:
+        """
+        >>> CodeSet(code_prefixes=("ICD10CM//F03",), codes=("RXNORM//4637",)).matches("ICD10CM//F03.90")
+        True
+        >>> CodeSet(codes=("RXNORM//4637",)).matches("RXNORM//46370")
+        False
+        """
+        return code in self.codes or code.startswith(self.code_prefixes)
+
+    def expr(self, column: str = "code") -> pl.Expr:
+        """A polars boolean expression: the column's code is in this set."""
+        matched = pl.col(column).is_in(list(self.codes)) if self.codes else pl.lit(False)
+        for prefix in self.code_prefixes:
+            matched = matched | pl.col(column).str.starts_with(prefix)
+        return matched
+
+    def token_ids(self, vocab: Vocabulary, kinds=SUPERVISED_KINDS) -> np.ndarray:
+        """Sorted ids of vocabulary tokens of ``kinds`` whose code (the part before ``|``) is in this set."""
+        ids = set(vocab.ids_matching(self.code_prefixes, kinds).tolist()) if self.code_prefixes else set()
+        wanted = set(self.codes)
+        ids.update(i for i, kind in enumerate(vocab.kinds) if kind in kinds and vocab.code_of(i) in wanted)
+        return np.array(sorted(ids), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class LandmarkRule:
+    """Which visit days become prediction times (module docstring, steps 2-4)."""
+
+    min_history_days: int = 365
+    min_age_years: float = 50.0
+    max_per_subject: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FollowUpRule:
+    death_is_competing: bool = True  # a death within the horizon is a negative (True) or censors (False)
+    death_codes: tuple[str, ...] = (DEATH_CODE,)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    condition: CodeSet
+    horizons_days: tuple[int, ...]
+    description: str = ""
+    remove_from_inputs: CodeSet = field(default_factory=CodeSet)  # codes a model must not see (forecast)
+    landmarks: LandmarkRule = field(default_factory=LandmarkRule)
+    follow_up: FollowUpRule = field(default_factory=FollowUpRule)
+
+    def to_dict(self) -> dict:
+        """Plain data for YAML (the form ``Task.from_dict`` reads back)."""
+
+        def plain(value):
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data, source: str = "task") -> "Task":
+        """Validate ``data`` strictly; every error names ``source`` and the field."""
+        _check_mapping(data, cls, source, "")
+        for required in ("name", "condition", "horizons_days"):
+            if required not in data:
+                raise UserError(f"{source}: field '{required}' is missing; every task needs name, condition and horizons_days")
+        name = data["name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise UserError(f"{source}: field 'name' must be letters, digits and underscores, got {name!r}")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise UserError(f"{source}: field 'description' must be text, got {description!r}")
+        condition = _code_set(data["condition"], source, "condition", allow_empty=False)
+        remove = _code_set(data.get("remove_from_inputs", {}), source, "remove_from_inputs", allow_empty=True)
+        horizons = data["horizons_days"]
+        if isinstance(horizons, int) and not isinstance(horizons, bool):
+            horizons = [horizons]
+        if not isinstance(horizons, list) or not horizons:
+            raise UserError(f"{source}: field 'horizons_days' must be a non-empty list of days, got {horizons!r}")
+        for h in horizons:
+            if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
+                raise UserError(f"{source}: field 'horizons_days' holds {h!r}; a horizon must be a whole number of days >= 1")
+        if len(set(horizons)) != len(horizons):
+            raise UserError(f"{source}: field 'horizons_days' repeats a horizon: {horizons}")
+        lm = data.get("landmarks", {})
+        _check_mapping(lm, LandmarkRule, source, "landmarks.")
+        landmarks = LandmarkRule(
+            min_history_days=_number(lm, "min_history_days", LandmarkRule.min_history_days, source, "landmarks.", int, 0),
+            min_age_years=float(_number(lm, "min_age_years", LandmarkRule.min_age_years, source, "landmarks.", float, 0)),
+            max_per_subject=_number(lm, "max_per_subject", LandmarkRule.max_per_subject, source, "landmarks.", int, 1),
+            seed=_number(lm, "seed", LandmarkRule.seed, source, "landmarks.", int, None),
+        )
+        fu = data.get("follow_up", {})
+        _check_mapping(fu, FollowUpRule, source, "follow_up.")
+        competing = fu.get("death_is_competing", True)
+        if not isinstance(competing, bool):
+            raise UserError(f"{source}: field 'follow_up.death_is_competing' must be true or false, got {competing!r}")
+        death_codes = fu.get("death_codes", [DEATH_CODE])
+        if not isinstance(death_codes, list) or not death_codes or not all(isinstance(c, str) and c for c in death_codes):
+            raise UserError(f"{source}: field 'follow_up.death_codes' must be a non-empty list of codes, got {death_codes!r}")
+        return cls(
+            name=name,
+            condition=condition,
+            horizons_days=tuple(sorted(horizons)),
+            description=description,
+            remove_from_inputs=remove,
+            landmarks=landmarks,
+            follow_up=FollowUpRule(death_is_competing=competing, death_codes=tuple(death_codes)),
+        )
+
+
+def _check_mapping(data, cls, source: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {('field ' + repr(where.rstrip('.'))) if where else 'the task'} must be a mapping of fields, got {type(data).__name__}")
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise UserError(f"{source}: field '{where}{key}' is unknown; known fields here: {', '.join(known)}")
+
+
+def _code_set(data, source: str, where: str, allow_empty: bool) -> CodeSet:
+    _check_mapping(data, CodeSet, source, where + ".")
+    parts = {}
+    for key in ("code_prefixes", "codes"):
+        values = data.get(key, []) or []
+        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+            raise UserError(f"{source}: field '{where}.{key}' must be a list of non-empty MEDS codes, got {values!r}")
+        parts[key] = tuple(dict.fromkeys(v.strip() for v in values))
+    code_set = CodeSet(**parts)
+    if not allow_empty and not code_set:
+        raise UserError(f"{source}: field '{where}' has an empty code set; list at least one code under {where}.code_prefixes or {where}.codes")
+    return code_set
+
+
+def _number(data: dict, key: str, default, source: str, where: str, kind, minimum):
+    value = data.get(key, default)
+    ok = not isinstance(value, bool) and (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+    if not ok or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        noun = "a whole number" if kind is int else "a number"
+        raise UserError(f"{source}: field '{where}{key}' must be {noun}{bound}, got {value!r}")
+    return value
+
+
+def builtin_tasks() -> list[str]:
+    """Names of the tasks shipped with nextvisit."""
+    return sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+
+
+def load_task(name_or_path) -> Task:
+    """A built-in task by name, or a task YAML file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"{path}: no such task file; give a task YAML or one of the built-in tasks: {', '.join(builtin_tasks())}")
+    elif (TASK_DIR / f"{text}.yaml").is_file():
+        path = TASK_DIR / f"{text}.yaml"
+    else:
+        raise UserError(f"unknown task {text!r}; built-in tasks: {', '.join(builtin_tasks())}, or give a task YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return Task.from_dict(data, source=str(path))
+
+
+# -- labelling ---------------------------------------------------------------------------------------------
+
+
+def _landmark_keys(seed: int, subject_ids: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """A deterministic pseudo-random uint64 per (seed, subject, day): the SplitMix64 finalizer."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+             ^ subject_ids.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+             ^ days.astype(np.int64).astype(np.uint64) * np.uint64(0x8CB92BA72F3D8DD7))
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def _shard_tables(path: Path, task: Task) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per subject facts and the subject's visit days, for one shard (two lazy queries, collected once)."""
+    events = pl.scan_parquet(path).select("subject_id", "time", "code")
+    timed = pl.col("time").is_not_null()
+    is_birth = pl.col("code") == BIRTH_CODE
+    is_death = pl.col("code").is_in(list(task.follow_up.death_codes))
+    is_condition = task.condition.expr()
+    is_visit_event = timed & ~is_birth & ~is_death
+    subjects = events.group_by("subject_id").agg(
+        birth_time=pl.col("time").filter(is_birth).min(),
+        death_time=pl.col("time").filter(is_death & timed).min(),
+        first_condition_time=pl.col("time").filter(is_condition & timed).min(),
+        static_condition=(is_condition & ~timed).any(),
+        last_event_time=pl.col("time").max(),
+        first_visit_day=pl.col("time").filter(is_visit_event).min().dt.date(),
+        sex=pl.col("code").filter(pl.col("code").str.starts_with(SEX_PREFIX)).min().str.strip_prefix(SEX_PREFIX),
+    )
+    visits = events.filter(is_visit_event).select("subject_id", day=pl.col("time").dt.date()).unique()
+    return tuple(pl.collect_all([subjects, visits]))
+
+
+def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.DataFrame, task: Task):
+    """Chosen landmarks of one shard, the subject exclusion reasons, and the number of eligible visits."""
+    rule = task.landmarks
+    subjects = subjects.join(splits, on="subject_id", how="left")
+    subject_reason = (
+        pl.when(pl.col("split").is_null()).then(pl.lit("not_in_subject_splits"))
+        .when(pl.col("birth_time").is_null()).then(pl.lit("no_birth_date"))
+        .when(pl.col("first_visit_day").is_null()).then(pl.lit("no_visits"))
+    )
+    subjects = subjects.with_columns(reason=subject_reason)
+    candidates = (
+        visits.join(subjects.filter(pl.col("reason").is_null()).drop("reason"), on="subject_id", how="inner")
+        .with_columns(prediction_time=pl.col("day").cast(pl.Datetime("us")) + END_OF_DAY)
+        .with_columns(
+            age_years=(pl.col("prediction_time") - pl.col("birth_time")).dt.total_microseconds()
+            / (86_400e6 * DAYS_PER_YEAR),
+        )
+    )
+    # Cumulative eligibility flags, in the order of CANDIDATE_REASONS.
+    steps = [
+        (pl.col("day") - pl.col("first_visit_day")).dt.total_days() >= rule.min_history_days,
+        pl.col("age_years") >= rule.min_age_years,
+        pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time")),
+        ~pl.col("static_condition")
+        & (pl.col("first_condition_time").is_null() | (pl.col("first_condition_time") > pl.col("prediction_time"))),
+    ]
+    passed, cumulative = [], pl.lit(True)
+    for i, step in enumerate(steps):
+        cumulative = cumulative & step
+        passed.append(cumulative.alias(f"pass_{i}"))
+    candidates = candidates.with_columns(passed)
+    survivors = candidates.group_by("subject_id").agg([pl.col(f"pass_{i}").sum() for i in range(len(steps))])
+    reason = pl.lit(None, dtype=pl.String)
+    for i in reversed(range(len(steps))):
+        reason = pl.when(pl.col(f"pass_{i}") == 0).then(pl.lit(CANDIDATE_REASONS[i])).otherwise(reason)
+    candidate_reasons = survivors.select("subject_id", reason.alias("candidate_reason"))
+    subjects = subjects.join(candidate_reasons, on="subject_id", how="left").with_columns(
+        reason=pl.coalesce("reason", "candidate_reason")
+    )
+
+    eligible = candidates.filter(pl.col(f"pass_{len(steps) - 1}"))
+    keys = _landmark_keys(
+        rule.seed, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy()
+    )
+    chosen = (
+        eligible.with_columns(key=pl.Series(keys, dtype=pl.UInt64))
+        .filter(pl.col("key").rank("ordinal").over("subject_id") <= rule.max_per_subject)
+        .select(
+            "subject_id", "prediction_time", "day", "split", "age_years", "sex",
+            "death_time", "first_condition_time", "last_event_time",
+        )
+    )
+    return chosen, subjects.select("subject_id", "reason"), eligible.height
+
+
+def _follow_up(chosen: pl.DataFrame, task: Task) -> pl.DataFrame:
+    """One label row per chosen landmark and horizon (module docstring, follow-up)."""
+    rows = []
+    for horizon in task.horizons_days:
+        horizon_end = pl.col("prediction_time") + timedelta(days=horizon)
+        last_day = pl.col("day").cast(pl.Datetime("us")) + timedelta(days=horizon)
+        positive = pl.col("first_condition_time").is_not_null() & (pl.col("first_condition_time") <= horizon_end)
+        died = pl.col("death_time").is_not_null() & (pl.col("death_time") <= horizon_end)
+        reached = pl.col("last_event_time") >= last_day
+        death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
+        reason = (
+            pl.when(positive).then(pl.lit(POSITIVE))
+            .when(died).then(pl.lit(death_reason))
+            .when(reached).then(pl.lit(NEGATIVE))
+            .otherwise(pl.lit(CENSORED))
+        )
+        rows.append(chosen.with_columns(reason=reason, horizon_days=pl.lit(horizon, dtype=pl.Int32)))
+    labels = pl.concat(rows) if rows else chosen.clear()
+    value = (
+        pl.when(pl.col("reason") == POSITIVE).then(True)
+        .when(pl.col("reason").is_in([NEGATIVE, NEGATIVE_DEATH])).then(False)
+        .otherwise(None)
+    )
+    return labels.with_columns(boolean_value=value, task=pl.lit(task.name)).select(
+        [pl.col(name).cast(dtype) for name, dtype in LABEL_SCHEMA.items()]
+    )
+
+
+@dataclass
+class LabelResult:
+    labels: pl.DataFrame  # LABEL_SCHEMA, sorted by subject_id, prediction_time, horizon_days
+    counts: dict
+
+
+def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResult:
+    """Apply ``task`` to a MEDS dataset, one shard at a time (a subject must not span shards)."""
+    from tqdm import tqdm
+
+    meds_dir = Path(meds_dir)
+    files = data_files(meds_dir)
+    splits = read_splits(meds_dir).with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+    seen: set[int] = set()
+    chosen_parts, reason_parts, n_eligible = [], [], 0
+    for path in tqdm(files, desc=f"label {task.name}", unit="shard", disable=not progress, file=sys.stderr):
+        subjects, visits = _shard_tables(path, task)
+        shard_ids = set(subjects["subject_id"].to_list())
+        overlap = seen & shard_ids
+        if overlap:
+            raise UserError(f"{path}: subject {min(overlap)} also appears in an earlier shard; MEDS shards must hold whole subjects")
+        seen |= shard_ids
+        chosen, reasons, eligible = _shard_landmarks(subjects, visits, splits, task)
+        chosen_parts.append(chosen)
+        reason_parts.append(reasons)
+        n_eligible += eligible
+    chosen = pl.concat(chosen_parts)
+    reasons = pl.concat(reason_parts)
+    labels = _follow_up(chosen, task).sort("subject_id", "prediction_time", "horizon_days")
+    return LabelResult(labels=labels, counts=_counts(meds_dir, task, reasons, chosen, labels, n_eligible))
+
+
+def _counts(meds_dir, task, reasons, chosen, labels, n_eligible) -> dict:
+    excluded = {r: 0 for r in SUBJECT_REASONS + CANDIDATE_REASONS}
+    for reason, n in reasons.filter(pl.col("reason").is_not_null()).group_by("reason").len().iter_rows():
+        excluded[reason] = n
+    horizons = {}
+    for horizon in task.horizons_days:
+        rows = labels.filter(pl.col("horizon_days") == horizon)
+        death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
+        by_reason = {r: 0 for r in (POSITIVE, NEGATIVE, death_reason, CENSORED)}
+        by_reason.update(dict(rows.group_by("reason").len().iter_rows()))
+        by_split = {}
+        for split, reason, n in rows.group_by("split", "reason").len().sort("split", "reason").iter_rows():
+            by_split.setdefault(split, {})[reason] = n
+        horizons[str(horizon)] = {
+            "rows": rows.height,
+            "labelled": int(rows["boolean_value"].is_not_null().sum()),
+            "positive": int(rows["boolean_value"].fill_null(False).sum()),
+            "censored": int(rows["boolean_value"].is_null().sum()),
+            "by_reason": by_reason,
+            "by_split": by_split,
+        }
+    return {
+        "task": task.name,
+        "meds_dir": str(meds_dir),
+        "subjects": {
+            "total": reasons.height,
+            "with_landmarks": chosen["subject_id"].n_unique(),
+            "excluded": excluded,
+        },
+        "landmarks": {"eligible_visits": n_eligible, "chosen": chosen.height,
+                      "max_per_subject": task.landmarks.max_per_subject},
+        "horizons": horizons,
+    }
+
+
+def format_counts(counts: dict) -> str:
+    """The counts as a short readable block (printed by ``nextvisit label``)."""
+    s = counts["subjects"]
+    lines = [
+        f"task {counts['task']}: {s['total']:,} subjects, {s['with_landmarks']:,} with landmarks; "
+        f"{counts['landmarks']['chosen']:,} landmarks chosen of {counts['landmarks']['eligible_visits']:,} eligible visits",
+        "subjects excluded: " + ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items()),
+    ]
+    for horizon, h in counts["horizons"].items():
+        lines.append(
+            f"horizon {horizon} d: {h['labelled']:,} labelled ({h['positive']:,} positive), {h['censored']:,} censored; "
+            + ", ".join(f"{r} {n:,}" for r, n in h["by_reason"].items())
+        )
+    return "\n".join(lines)
+
+
+# -- files -------------------------------------------------------------------------------------------------
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless ``overwrite``; call before the work, not after."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool):
+    """Yield a temporary sibling folder to write into; on success it replaces ``out``."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def write_labels(out: Path, result: LabelResult, task: Task, overwrite: bool = False) -> Path:
+    with atomic_folder(out, overwrite) as tmp:
+        result.labels.write_parquet(tmp / "labels.parquet")
+        (tmp / "task.yaml").write_text(yaml.safe_dump(task.to_dict(), sort_keys=False))
+        (tmp / "counts.json").write_text(json.dumps(result.counts, indent=2))
+    return Path(out)
+
+
+def labels_path(labels: Path) -> Path:
+    labels = Path(labels)
+    return labels / "labels.parquet" if labels.is_dir() else labels
+
+
+def read_labels(labels: Path) -> pl.DataFrame:
+    """Label rows of a labels folder (or its parquet file), validated against ``LABEL_SCHEMA``."""
+    path = labels_path(labels)
+    if not path.is_file():
+        raise UserError(f"{path}: no labels here; create them with `nextvisit label MEDS_DIR TASK --out LABELS`")
+    frame = pl.read_parquet(path)
+    for name, dtype in LABEL_SCHEMA.items():
+        if name not in frame.columns:
+            raise UserError(f"{path}: column '{name}' is missing; labels need {', '.join(LABEL_SCHEMA)}")
+        if frame.schema[name] != dtype:
+            try:
+                frame = frame.with_columns(pl.col(name).cast(dtype, strict=True))
+            except pl.exceptions.PolarsError:
+                raise UserError(f"{path}: column '{name}' is {frame.schema[name]}, expected {dtype}") from None
+    return frame
+
+
+def read_labels_task(labels: Path) -> Task:
+    """The task a labels folder was made with (its ``task.yaml``)."""
+    labels = Path(labels)
+    path = (labels if labels.is_dir() else labels.parent) / "task.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; a labels folder written by `nextvisit label` holds the resolved task")
+    return load_task(path)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def label_cli(args) -> int:
+    task = load_task(args.task)
+    check_out(args.out, args.overwrite)
+    result = make_labels(args.meds_dir, task)
+    write_labels(args.out, result, task, overwrite=args.overwrite)
+    print(format_counts(result.counts))
+    print(f"wrote {result.labels.height:,} label rows to {labels_path(args.out)}")
+    return 0

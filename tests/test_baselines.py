@@ -1,0 +1,298 @@
+"""Baselines on identical cohorts: counts match a hand computation, nothing after the prediction time is
+seen, fine-tuning learns a planted signal, and the predictions folder follows docs/interfaces.md §6."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from nextvisit.baselines import common, counts
+from nextvisit.errors import UserError
+
+T0 = datetime(2020, 6, 1)
+
+
+def write_meds(folder: Path, events: list[tuple], splits: dict[int, str]) -> Path:
+    """A MEDS 0.4 dataset from ``(subject_id, time, code, numeric_value)`` tuples."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    frame = pl.DataFrame(
+        events, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32},
+        orient="row",
+    ).sort("subject_id", "time", nulls_last=False)
+    frame.write_parquet(folder / "data" / "0.parquet")
+    pl.DataFrame({"subject_id": list(splits), "split": list(splits.values())},
+                 schema={"subject_id": pl.Int64, "split": pl.String}).write_parquet(folder / "metadata" / "subject_splits.parquet")
+    codes = sorted(frame["code"].unique().to_list())
+    pl.DataFrame({"code": codes, "description": codes, "parent_codes": [[] for _ in codes]},
+                 schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)}).write_parquet(
+        folder / "metadata" / "codes.parquet")
+    (folder / "metadata" / "dataset.json").write_text(json.dumps({"dataset_name": "tiny", "meds_version": "0.4"}))
+    return folder
+
+
+def write_labels(folder: Path, rows: list[dict], remove_from_inputs=()) -> Path:
+    """``LABELS/labels.parquet`` + ``task.yaml`` (docs/interfaces.md §5)."""
+    folder.mkdir(parents=True)
+    schema = {"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean,
+              "reason": pl.String, "task": pl.String, "horizon_days": pl.Int32, "split": pl.String,
+              "age_years": pl.Float64, "sex": pl.String}
+    filled = [{"reason": "positive" if r.get("boolean_value") else "negative", "task": "toy", "horizon_days": 730,
+               "age_years": 70.0, "sex": "F", **r} for r in rows]
+    pl.DataFrame(filled, schema=schema).write_parquet(folder / "labels.parquet")
+    task = {"name": "toy", "condition": {"code_prefixes": ["OUTCOME"]}, "horizons_days": [730],
+            "remove_from_inputs": {"code_prefixes": list(remove_from_inputs)}}
+    (folder / "task.yaml").write_text(yaml.safe_dump(task))
+    return folder
+
+
+# -- count features ---------------------------------------------------------------------------------------
+
+def _hand_dataset(tmp_path):
+    d = lambda y, m, day: datetime(y, m, day)  # noqa: E731
+    events = [
+        (1, None, "GENDER//F", None), (1, d(1950, 1, 1), "MEDS_BIRTH", None),
+        (1, d(2018, 1, 1), "A", None),                       # all history only
+        (1, d(2019, 7, 1), "A", None), (1, d(2019, 7, 1), "A", None),  # same visit: counts once
+        (1, d(2019, 7, 1), "B", None),
+        (1, T0, "C", None),                                  # at the prediction time: known
+        (1, T0, "ICD10CM//R41.1", None),                     # removed from the inputs by the task
+        (1, T0 + timedelta(days=1), "D", None),              # after the prediction time: never counted
+        (1, T0 + timedelta(days=400), "A", None),
+        (2, None, "GENDER//M", None), (2, d(1950, 1, 1), "MEDS_BIRTH", None),
+        (2, d(2019, 1, 1), "D", None), (2, d(2019, 1, 1), "ICD10CM//R41.1", None),
+        (3, d(2019, 1, 1), "HELDOUT_ONLY", None), (3, d(2019, 1, 1), "A", None),
+        (4, d(2019, 1, 1), "A", None),
+    ]
+    meds_dir = write_meds(tmp_path / "meds", events, {1: "train", 2: "train", 3: "held_out", 4: "tuning"})
+    labels = write_labels(tmp_path / "labels", [
+        {"subject_id": 1, "prediction_time": T0, "boolean_value": True, "split": "train"},
+        {"subject_id": 2, "prediction_time": T0, "boolean_value": False, "split": "train", "sex": "M"},
+        {"subject_id": 3, "prediction_time": T0, "boolean_value": False, "split": "held_out"},
+        {"subject_id": 4, "prediction_time": T0, "boolean_value": None, "reason": "censored_lost_to_followup",
+         "split": "tuning"},
+    ], remove_from_inputs=["ICD10CM//R41"])
+    return meds_dir, labels
+
+
+def test_counts_match_hand_computation(tmp_path):
+    meds_dir, labels_dir = _hand_dataset(tmp_path)
+    labelled, label_counts = common.load_labels(labels_dir)
+    config = counts.CountsConfig(min_code_count=1)
+    rows, features, inputs = counts.build_features(meds_dir, labelled, common.removed_input_codes(labels_dir), config)
+    # the vocabulary is fit on train histories only, without removed codes or codes seen after the cut
+    names = features.names
+    assert names == ["365d:visits", "365d:A", "365d:B", "365d:C", "365d:D",
+                     "all:visits", "all:A", "all:B", "all:C", "all:D"]
+    history = rows.filter(pl.col("subject_id") == 1)["history_id"].item()
+    got = dict(zip(names, features.matrix[history].toarray().ravel()))
+    assert got == {"365d:visits": 2, "365d:A": 1, "365d:B": 1, "365d:C": 1, "365d:D": 0,
+                   "all:visits": 3, "all:A": 2, "all:B": 1, "all:C": 1, "all:D": 0}
+    # two events after the prediction time (D and a late A) and the removed code at T0 are counted, not used
+    assert inputs["after_prediction_time"] == 2
+    assert inputs["removed_from_inputs"] == 2  # subject 1 at T0 and subject 2
+    # the censored row is neither featurised nor hidden: it is counted
+    assert 4 not in rows["subject_id"].to_list()
+    assert label_counts["toy@730"]["tuning"] == {"labelled": 0, "positive": 0, "censored_excluded": 1}
+
+
+def test_count_window_edges(tmp_path):
+    """An event exactly 365 days before the prediction day falls outside the 365-day window; one a day later is
+    inside; an event at the prediction time counts; one a second later does not."""
+    events = [
+        (1, T0 - timedelta(days=365), "EDGE_OUT", None),
+        (1, T0 - timedelta(days=364), "EDGE_IN", None),
+        (1, T0, "AT", None),
+        (1, T0 + timedelta(seconds=1), "AFTER", None),
+        (2, T0 - timedelta(days=10), "AFTER", None),
+    ]
+    meds_dir = write_meds(tmp_path / "meds", events, {1: "train", 2: "train"})
+    labels_dir = write_labels(tmp_path / "labels", [
+        {"subject_id": 1, "prediction_time": T0, "boolean_value": True, "split": "train"},
+        {"subject_id": 2, "prediction_time": T0, "boolean_value": False, "split": "train"}])
+    labelled, _ = common.load_labels(labels_dir)
+    rows, features, _ = counts.build_features(meds_dir, labelled, None, counts.CountsConfig(min_code_count=1))
+    history = rows.filter(pl.col("subject_id") == 1)["history_id"].item()
+    got = dict(zip(features.names, features.matrix[history].toarray().ravel()))
+    assert got["365d:EDGE_OUT"] == 0 and got["all:EDGE_OUT"] == 1
+    assert got["365d:EDGE_IN"] == 1 and got["365d:AT"] == 1
+    assert got["all:AFTER"] == 0 and got["all:visits"] == 3
+
+
+def _signal_dataset(tmp_path, n_subjects=240, seed=0, later_events=False):
+    """Subjects with code SIGNAL before the prediction time are positive 85% of the time, others 10%.
+    ``later_events`` adds a SIGNAL event after every prediction time and changes nothing else."""
+    rng = np.random.default_rng(seed)
+    events, splits, rows = [], {}, []
+    for s in range(1, n_subjects + 1):
+        split = "train" if s % 4 in (0, 1) else ("tuning" if s % 4 == 2 else "held_out")
+        splits[s] = split
+        birth = datetime(1940 + int(rng.integers(0, 20)), 1, 1)
+        events += [(s, None, "GENDER//" + ("F" if s % 2 else "M"), None), (s, birth, "MEDS_BIRTH", None)]
+        has_signal = rng.random() < 0.4
+        for v in range(int(rng.integers(3, 7))):
+            day = T0 - timedelta(days=int(rng.integers(1, 1500)))
+            events.append((s, day, "VISIT//OUTPATIENT", None))
+            events.append((s, day, f"NOISE//{int(rng.integers(0, 8))}", None))
+            events.append((s, day, "LOINC//4548-4", float(rng.normal(6, 1))))
+        if has_signal:
+            events.append((s, T0 - timedelta(days=int(rng.integers(1, 300))), "SIGNAL", None))
+        if later_events:
+            events.append((s, T0 + timedelta(days=30), "SIGNAL", None))
+        positive = rng.random() < (0.85 if has_signal else 0.1)
+        rows.append({"subject_id": s, "prediction_time": T0, "boolean_value": bool(positive), "split": split,
+                     "age_years": (T0 - birth).days / 365.25, "sex": "F" if s % 2 else "M"})
+    meds_dir = write_meds(tmp_path / "meds", events, splits)
+    labels_dir = write_labels(tmp_path / "labels", rows)
+    return meds_dir, labels_dir
+
+
+def _auroc(predictions: pl.DataFrame, split="held_out") -> float:
+    from sklearn.metrics import roc_auc_score
+
+    part = predictions.filter(pl.col("split") == split)
+    return roc_auc_score(part["boolean_value"].to_numpy(), part["predicted_boolean_probability"].to_numpy())
+
+
+@pytest.mark.parametrize("model", ["logistic", "gbt"])
+def test_count_model_learns_signal_and_writes_predictions(tmp_path, model):
+    meds_dir, labels_dir = _signal_dataset(tmp_path)
+    out = counts.run(meds_dir, labels_dir, tmp_path / "pred", counts.CountsConfig(model=model, min_code_count=2))
+    predictions = pl.read_parquet(out)
+    assert set(predictions["split"].unique()) == {"tuning", "held_out"}
+    assert predictions.schema["predicted_boolean_probability"] == pl.Float64
+    assert predictions["predicted_boolean_probability"].is_between(0, 1).all()
+    assert _auroc(predictions) > 0.75
+    info = json.loads((tmp_path / "pred" / "info.json").read_text())
+    assert info["kind"] == "count-features" and info["model"] == f"counts-{model}" and info["task"] == "toy"
+
+
+def test_count_predictions_ignore_later_events(tmp_path):
+    """Adding a strongly predictive code after every prediction time changes no prediction."""
+    base = counts.run(*_signal_dataset(tmp_path / "a"), tmp_path / "a" / "pred", counts.CountsConfig(min_code_count=2))
+    later = counts.run(*_signal_dataset(tmp_path / "b", later_events=True), tmp_path / "b" / "pred",
+                       counts.CountsConfig(min_code_count=2))
+    a, b = pl.read_parquet(base), pl.read_parquet(later)
+    assert np.array_equal(a["predicted_boolean_probability"].to_numpy(), b["predicted_boolean_probability"].to_numpy())
+
+
+def test_count_config_rejects_unknown_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lookback_dayz: [30]\n")
+    with pytest.raises(UserError, match="lookback_dayz"):
+        counts.CountsConfig.from_yaml(path)
+
+
+def test_missing_labels_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="labels.parquet"):
+        common.load_labels(tmp_path)
+
+
+# -- masked transformer -----------------------------------------------------------------------------------
+
+def build_store(meds_dir: Path, store_dir: Path) -> Path:
+    """A token store of a tiny MEDS dataset: vocabulary fit on train events, every split tokenized through
+    ``Tokenizer.subjects`` and written with ``SplitWriter``."""
+    from nextvisit.store import SPLITS, SplitWriter, write_store_info
+    from nextvisit.tokenizer import Tokenizer
+
+    events = pl.read_parquet(meds_dir / "data" / "0.parquet")
+    splits = pl.read_parquet(meds_dir / "metadata" / "subject_splits.parquet")
+    events = events.join(splits, on="subject_id")
+    tokenizer = Tokenizer.fit(events.filter(pl.col("split") == "train").drop("split"))
+    store_dir.mkdir(parents=True)
+    tokenizer.save(store_dir)
+    sizes = {}
+    for split in SPLITS:
+        writer = SplitWriter(store_dir / split)
+        for subject in tokenizer.subjects(events.filter(pl.col("split") == split).drop("split")):
+            writer.append(subject.subject_id, subject.birth_day, subject.visit_days, np.diff(subject.visit_offsets),
+                          subject.tokens)
+        sizes[split] = writer.close()
+    write_store_info(store_dir, sizes, len(tokenizer.vocab))
+    return store_dir
+
+
+def test_masked_window_layout():
+    """CLS, then each visit's tokens closed by SEP; days relative to the first kept visit; types = visit
+    index; the most recent visits are kept when the history is longer than the context."""
+    from nextvisit.baselines import masked
+    from nextvisit.store import CLS, SEP, Subject
+
+    subject = Subject(subject_id=7, birth_day=0, visit_days=np.array([100, 130, 200], np.int32),
+                      visit_offsets=np.array([0, 2, 5, 6]), tokens=np.array([10, 11, 12, 13, 14, 15], np.int32))
+    config = masked.MaskedModelConfig(vocab_size=20, context=64, max_visit_types=3)
+    tokens, days, types = masked.window_arrays(subject, 0, 3, config, cls_day=230)
+    assert tokens.tolist() == [CLS, 10, 11, SEP, 12, 13, 14, SEP, 15, SEP]
+    assert days.tolist() == [130, 0, 0, 0, 30, 30, 30, 30, 100, 100]
+    assert types.tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]  # visit 3 shares the last (clipped) type
+    # a 9-token context keeps CLS + the last two visits (4 + 2 tokens with their SEPs)
+    small = masked.MaskedModelConfig(vocab_size=20, context=9)
+    start = masked.recent_start(masked.visit_costs(subject, small.context), small.context - 1)
+    assert start == 1
+    tokens, days, _ = masked.window_arrays(subject, start, 3, small, cls_day=230)
+    assert tokens.tolist() == [CLS, 12, 13, 14, SEP, 15, SEP] and days.tolist() == [100, 0, 0, 0, 0, 70, 70]
+
+
+TINY_MASKED = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 64, "dropout": 0.0},
+    "pretrain": {"batch_size": 16, "max_steps": 15, "eval_every": 5, "eval_batches": 1, "warmup_steps": 5,
+                 "max_minutes": None},
+    "finetune": {"batch_size": 16, "max_epochs": 25, "patience": 8, "lr": 3e-3, "warmup_steps": 5,
+                 "max_minutes": None},
+}
+
+
+@pytest.fixture(scope="module")
+def masked_runs(tmp_path_factory):
+    """A signal dataset, its token store, a masked pretraining run and a fine-tuned run (built once)."""
+    from nextvisit.baselines import masked
+
+    root = tmp_path_factory.mktemp("masked")
+    meds_dir, labels_dir = _signal_dataset(root / "data")
+    store = build_store(meds_dir, root / "store")
+    config = root / "masked.yaml"
+    config.write_text(yaml.safe_dump(TINY_MASKED))
+    run = masked.pretrain(store, root / "run", preset="tiny", config_path=config)
+    tuned = masked.finetune(run, meds_dir, labels_dir, root / "tuned")
+    return {"root": root, "meds": meds_dir, "labels": labels_dir, "run": run, "tuned": tuned}
+
+
+def test_masked_pretraining_lowers_masked_token_loss(masked_runs):
+    metrics = pl.read_csv(masked_runs["run"] / "metrics.csv")
+    assert metrics["step"].to_list()[-1] == TINY_MASKED["pretrain"]["max_steps"]
+    assert metrics["tuning_loss"][-1] < metrics["tuning_loss"][0]
+    # the run can re-tokenize histories: it carries the store's tokenizer files
+    for name in ("vocab.json", "tokenizer.yaml", "lab_stats.parquet"):
+        assert (masked_runs["run"] / name).exists()
+
+
+def test_finetuning_improves_over_untuned_head(masked_runs):
+    info = json.loads((masked_runs["tuned"] / "info.json").read_text())
+    predictions = pl.read_parquet(masked_runs["tuned"] / "predictions.parquet")
+    held_out = _auroc(predictions)
+    assert info["kind"] == "fine-tuned"
+    assert info["fit"]["untuned_tuning_auroc"] < 0.7
+    assert held_out > 0.75 and held_out > info["fit"]["untuned_tuning_auroc"] + 0.1
+    assert set(predictions["split"].unique()) == {"tuning", "held_out"}
+    assert predictions["predicted_boolean_probability"].is_not_null().all()
+
+
+def test_finetuned_model_sees_no_event_after_prediction_time(masked_runs, tmp_path):
+    """A strongly predictive code added after every prediction time leaves every prediction unchanged."""
+    from nextvisit.baselines import masked
+
+    later_meds, later_labels = _signal_dataset(tmp_path, later_events=True)
+    written = pl.read_parquet(masked_runs["tuned"] / "predictions.parquet").sort("subject_id")
+    again = masked.predict(masked_runs["tuned"], masked_runs["meds"], masked_runs["labels"]).sort("subject_id")
+    changed = masked.predict(masked_runs["tuned"], later_meds, later_labels).sort("subject_id")
+    assert pl.read_parquet(later_meds / "data" / "0.parquet").filter(pl.col("time") > T0).height == 240
+    p = written["predicted_boolean_probability"].to_numpy()
+    np.testing.assert_allclose(again["predicted_boolean_probability"].to_numpy(), p, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(changed["predicted_boolean_probability"].to_numpy(), p, rtol=0, atol=1e-6)

@@ -1,0 +1,51 @@
+"""The command line: every verb explains itself, and bad options give one line that says what to do."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nextvisit.cli import build_parser, main
+
+VERBS = [
+    ["simulate"], ["tokenize"], ["inspect"], ["pretrain"], ["label"], ["forecast"], ["occurrence"], ["oracle"],
+    ["baseline"], ["baseline", "masked"], ["baseline", "masked", "pretrain"], ["baseline", "masked", "finetune"],
+    ["baseline", "counts"], ["evaluate"], ["demo"],
+]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*verb, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nextvisit " + " ".join(verb))
+    assert len(text.splitlines()) > 3  # a description and options, not just a usage line
+
+
+def test_unknown_option_is_one_line_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "nextvisit.cli", "evaluate", "x", "--out", "y", "--no-such-option"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--no-such-option" in lines[0] and "--help" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_zero_or_negative_subjects_refused(capsys):
+    for value in ("0", "-5"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["simulate", "--subjects", value, "--out", "unused"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--subjects" in err and "at least 1" in err
+
+
+def test_top_level_help_lists_every_verb():
+    help_text = build_parser().format_help()
+    for verb in {v[0] for v in VERBS}:
+        assert verb in help_text

@@ -1,0 +1,394 @@
+"""Evaluation metrics against scikit-learn, the stratified bootstrap, and `nextvisit evaluate` on small
+synthetic prediction folders (docs/interfaces.md §6), including bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, precision_score, recall_score
+from sklearn.metrics import roc_auc_score
+
+from nextvisit import evaluate as ev
+from nextvisit.cli import main as cli_main
+from nextvisit.errors import UserError
+
+FAST = 200  # bootstrap resamples in end-to-end tests
+
+
+def write_predictions(folder: Path, model: str, kind: str = "zero-shot", task: str = "dementia",
+                      horizons=(730,), n_rows: int = 600, noise: float = 1.0, seed: int = 0, config=None,
+                      label_counts=None, prior_occurrence: bool = False, drop=(), info_overrides=None) -> Path:
+    """A predictions folder in the contract's schema. Every model of a (task, horizon) shares one cohort
+    (labels drawn from a fixed seed); ``noise`` blurs the model's score around the true log-odds; the
+    oracle's score is the true risk. Two rows per subject."""
+    frames = []
+    for horizon in horizons:
+        cohort = np.random.default_rng(10_000 + horizon)
+        subject_id = np.arange(n_rows) // 2
+        age = cohort.uniform(40, 95, n_rows)
+        sex = cohort.choice(["F", "M"], n_rows)
+        log_odds = -3.0 + 0.06 * (age - 65) + cohort.normal(0, 1.2, n_rows)
+        risk = 1 / (1 + np.exp(-log_odds))
+        label = cohort.random(n_rows) < risk
+        split = np.where(subject_id % 3 == 0, "tuning", "held_out")
+        prior = cohort.random(n_rows) < 0.35
+        noise_draw = np.random.default_rng(seed).normal(0, noise, n_rows)
+        score = risk if kind == "oracle" else 1 / (1 + np.exp(-(log_odds + noise_draw)))
+        if prior_occurrence:
+            # Recurrences: a subject who had the code usually has it again, and the model knows it.
+            label = np.where(prior, cohort.random(n_rows) < 0.8, label)
+            score = np.where(prior, 0.5 + 0.5 * score, score)
+        columns = {
+            "subject_id": subject_id.astype(np.int64),
+            "prediction_time": [datetime(2016, 1, 1) + timedelta(days=int(d)) for d in range(n_rows)],
+            "boolean_value": label, "task": [task] * n_rows, "horizon_days": np.full(n_rows, horizon, np.int32),
+            "split": split, "age_years": age, "sex": sex,
+            "predicted_boolean_probability": score.astype(np.float64), "model": [model] * n_rows,
+        }
+        if prior_occurrence:
+            columns["prior_occurrence"] = prior
+        frames.append(pl.DataFrame(columns).drop(list(drop)))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.concat(frames).write_parquet(folder / "predictions.parquet")
+    info = {"model": model, "kind": kind, "task": task, "config": config or {"aggregator": "sum_logits"},
+            "label_counts": label_counts if label_counts is not None else {
+                f"{task}@{h}": {"held_out": {"labelled": n_rows, "positive": 1, "censored_excluded": 17 + h % 7},
+                                "tuning": {"censored_excluded": 3}} for h in horizons}}
+    info.update(info_overrides or {})
+    (folder / "info.json").write_text(json.dumps(info))
+    return folder
+
+
+def held_out(folder: Path, horizon: int = 730) -> pl.DataFrame:
+    frame = pl.read_parquet(folder / "predictions.parquet")
+    return frame.filter((pl.col("split") == "held_out") & (pl.col("horizon_days") == horizon))
+
+
+def row_for(metrics: dict, task: str, horizon: int, model: str) -> dict:
+    group = next(g for g in metrics["tasks"] if g["task"] == task and g["horizon_days"] == horizon)
+    return next(r for r in group["rows"] if r["model"] == model)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_rank_metrics_match_scikit_learn_with_ties_and_weights():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(5, 300))
+        labels = rng.random(n) < rng.uniform(0.05, 0.6)
+        labels[:2] = [True, False]
+        scores = np.round(rng.normal(labels * rng.uniform(0, 2), 1), int(rng.integers(0, 3)))  # many ties
+        weights = rng.uniform(0.1, 3, n)
+        assert ev.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert ev.average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert ev.auroc(labels, scores, weights) == pytest.approx(
+            roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12)
+        assert ev.average_precision(labels, scores, weights) == pytest.approx(
+            average_precision_score(labels, scores, sample_weight=weights), abs=1e-12)
+
+
+def test_single_class_auroc_is_nan_not_an_error():
+    assert math.isnan(ev.auroc([False, False, False], [0.1, 0.2, 0.3]))
+    assert math.isnan(ev.average_precision([False, False], [0.1, 0.2]))
+
+
+def test_bootstrap_resample_equals_scikit_learn_on_the_resampled_rows():
+    rng = np.random.default_rng(1)
+    labels = rng.random(80) < 0.3
+    scores = np.round(rng.normal(labels * 1.0, 1), 1)
+    counts = ev.bootstrap_multiplicities(labels, 5, np.random.default_rng(2))
+    # Stratified: every resample keeps the class counts.
+    assert np.all(counts[:, labels].sum(axis=1) == labels.sum())
+    assert np.all(counts[:, ~labels].sum(axis=1) == (~labels).sum())
+    concordant, pairs, ap = ev.RankIndex(labels, scores).pair_sums(counts)
+    for b in range(5):
+        rows = np.repeat(np.arange(len(labels)), counts[b].astype(int))
+        assert concordant[b] / pairs[b] == pytest.approx(roc_auc_score(labels[rows], scores[rows]), abs=1e-12)
+        assert ap[b] == pytest.approx(average_precision_score(labels[rows], scores[rows]), abs=1e-12)
+
+
+def test_stratified_auroc_counts_only_within_stratum_pairs():
+    rng = np.random.default_rng(3)
+    n = 400
+    strata = rng.choice(["60|F", "60|M", "80|F", "80|M"], n)
+    old = np.char.startswith(strata.astype(str), "80")
+    labels = rng.random(n) < np.where(old, 0.4, 0.05)
+    age_only = old.astype(float)  # a score that knows only the age band
+    assert ev.auroc(labels, age_only) > 0.7
+    assert ev.stratified_auroc(labels, age_only, strata) == pytest.approx(0.5)
+    scores = rng.normal(labels * 1.0, 1)
+    brute = num = 0.0
+    for i in np.flatnonzero(labels):
+        for j in np.flatnonzero(~labels):
+            if strata[i] == strata[j]:
+                brute += (scores[i] > scores[j]) + 0.5 * (scores[i] == scores[j])
+                num += 1
+    assert ev.stratified_auroc(labels, scores, strata) == pytest.approx(brute / num)
+
+
+def test_f1_threshold_maximises_f1_and_metrics_match_scikit_learn():
+    rng = np.random.default_rng(4)
+    labels = rng.random(300) < 0.2
+    scores = np.round(rng.normal(labels * 1.2, 1), 2)
+    threshold, best = ev.best_f1_threshold(labels, scores)
+    all_f1 = [f1_score(labels, scores >= t) for t in np.unique(scores)]
+    assert best == pytest.approx(max(all_f1))
+    assert f1_score(labels, scores >= threshold) == pytest.approx(best)
+    test_labels = rng.random(200) < 0.2
+    test_scores = rng.normal(test_labels * 1.2, 1)
+    at = ev.classification_at(test_labels, test_scores, threshold)
+    predicted = test_scores >= threshold
+    assert at["f1"]["value"] == pytest.approx(f1_score(test_labels, predicted))
+    assert at["precision"]["value"] == pytest.approx(precision_score(test_labels, predicted))
+    assert at["recall"]["value"] == pytest.approx(recall_score(test_labels, predicted))
+    nothing = ev.classification_at(test_labels, test_scores, 1e9)
+    assert nothing["precision"]["value"] is None and "threshold" in nothing["precision"]["reason"]
+
+
+def test_calibration_bins_count_every_row():
+    rng = np.random.default_rng(5)
+    p = rng.beta(1, 20, 1000)
+    y = rng.random(1000) < p
+    bins = ev.calibration_bins(y, p, 10)
+    assert sum(b["rows"] for b in bins) == 1000 and sum(b["positives"] for b in bins) == y.sum()
+    assert len(bins) == 10 and all(90 <= b["rows"] <= 110 for b in bins)
+    for b in bins:
+        assert b["observed_ci"][0] <= b["observed_rate"] <= b["observed_ci"][1]
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+
+def _binormal(rng, n_pos, n_neg, separation):
+    labels = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+    return labels, np.r_[rng.normal(separation, 1, n_pos), rng.normal(0, 1, n_neg)]
+
+
+def _auroc_interval(labels, scores, rng, resamples):
+    concordant, pairs, _ = ev.RankIndex(labels, scores).pair_sums(ev.bootstrap_multiplicities(labels, resamples, rng))
+    return ev.percentile_interval(concordant / pairs, 0.95)
+
+
+def test_bootstrap_interval_shrinks_with_more_data():
+    rng = np.random.default_rng(6)
+    widths = {}
+    for n in (100, 1600):
+        labels, scores = _binormal(rng, n // 4, n - n // 4, 1.0)
+        low, high = _auroc_interval(labels, scores, rng, 500)
+        widths[n] = high - low
+    # The width scales like 1/sqrt(n): 16x the data, about a quarter of the width.
+    assert widths[1600] < 0.4 * widths[100]
+
+
+def test_bootstrap_interval_covers_the_true_auroc_at_about_the_nominal_rate():
+    separation = 1.0
+    truth = 0.5 * (1 + math.erf(separation / math.sqrt(2) / math.sqrt(2)))  # Phi(d / sqrt 2) = 0.760
+    rng = np.random.default_rng(7)
+    draws, covered = 300, 0
+    for _ in range(draws):
+        labels, scores = _binormal(rng, 80, 160, separation)
+        low, high = _auroc_interval(labels, scores, rng, 300)
+        covered += low <= truth <= high
+    # Nominal 0.95; the binomial standard error over 300 draws is 0.013.
+    assert 0.90 <= covered / draws <= 0.99
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return {
+        "oracle": write_predictions(tmp_path / "p" / "oracle", "oracle", kind="oracle", horizons=(730, 1825)),
+        "nextvisit": write_predictions(tmp_path / "p" / "nextvisit", "nextvisit", horizons=(730, 1825), seed=1,
+                                       config={"loss": {"repeat_decay": 0.5, "repeat_floor": 0.1}}),
+        "counts": write_predictions(tmp_path / "p" / "counts", "counts", kind="count-features",
+                                    horizons=(730, 1825), noise=2.0, seed=2),
+    }
+
+
+def test_evaluate_numbers_match_scikit_learn(folders, tmp_path):
+    metrics = ev.evaluate(list(folders.values()), tmp_path / "report", n_bootstrap=FAST, seed=0, progress=False)
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["tasks"] == metrics["tasks"]
+    for name, folder in folders.items():
+        for horizon in (730, 1825):
+            rows = held_out(folder, horizon)
+            y = rows["boolean_value"].to_numpy()
+            p = rows["predicted_boolean_probability"].to_numpy()
+            r = row_for(metrics, "dementia", horizon, name)
+            assert r["counts"]["positives"] == y.sum() and r["counts"]["negatives"] == (~y).sum()
+            assert r["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
+            assert r["auprc"]["value"] == pytest.approx(average_precision_score(y, p))
+            assert r["brier"]["value"] == pytest.approx(brier_score_loss(y, p))
+            assert r["auroc"]["ci"][0] < r["auroc"]["value"] < r["auroc"]["ci"][1]
+            subjects = rows.group_by("subject_id").len().join(rows, on="subject_id", maintain_order="right")
+            weights = 1 / subjects["len"].to_numpy()
+            assert r["auroc_subject_weighted"]["value"] == pytest.approx(
+                roc_auc_score(subjects["boolean_value"], subjects["predicted_boolean_probability"], sample_weight=weights))
+            # F1 at the tuning split's best threshold, applied to held_out.
+            frame = pl.read_parquet(folder / "predictions.parquet").filter(pl.col("horizon_days") == horizon)
+            tuning = frame.filter(pl.col("split") == "tuning")
+            threshold, _ = ev.best_f1_threshold(tuning["boolean_value"].to_numpy(),
+                                                tuning["predicted_boolean_probability"].to_numpy())
+            assert r["threshold"]["value"] == pytest.approx(threshold)
+            assert r["f1"]["value"] == pytest.approx(f1_score(y, p >= threshold))
+            assert r["counts"]["censored"]["value"] == 17 + horizon % 7  # held_out censored from label_counts
+            assert sum(b["rows"] for b in r["calibration"]["bins"]) == len(y)
+
+
+def test_oracle_share_of_margin(folders, tmp_path):
+    metrics = ev.evaluate(list(folders.values()), tmp_path / "report", n_bootstrap=FAST, progress=False)
+    group = metrics["tasks"][0]
+    assert group["oracle"] == "oracle" and group["rows"][0]["is_oracle"]
+    oracle_auroc = group["rows"][0]["auroc"]["value"]
+    for r in group["rows"][1:]:
+        share = r["oracle_share"]
+        assert share["value"] == pytest.approx((r["auroc"]["value"] - 0.5) / (oracle_auroc - 0.5))
+        assert share["ci"][0] < share["value"] < share["ci"][1]  # paired: same cohort, same resamples
+    assert group["rows"][0]["oracle_share"]["value"] is None
+    # The oracle (the true risk) beats a model with noise added to the same log-odds.
+    assert row_for(metrics, "dementia", 730, "counts")["oracle_share"]["value"] < 1
+
+
+def test_same_seed_same_numbers_and_headline_table(folders, tmp_path, capsys):
+    paths = list(folders.values())
+    a = ev.evaluate(paths, tmp_path / "a", n_bootstrap=FAST, seed=3, progress=False)
+    b = ev.evaluate(paths, tmp_path / "b", n_bootstrap=FAST, seed=3, progress=False)
+    assert a["tasks"] == b["tasks"]
+    code = cli_main(["evaluate", *map(str, paths), "--out", str(tmp_path / "c"), "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    c = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    nextvisit = row_for(c, "dementia", 1825, "nextvisit")
+    assert ev.format_metric(nextvisit["auroc"]) in out
+    assert "dementia, 1825 days" in out and str(tmp_path / "c" / "report.html") in out
+
+
+def test_thousand_resamples_stay_fast(folders, tmp_path):
+    import time
+
+    started = time.perf_counter()
+    ev.evaluate(list(folders.values()), tmp_path / "report", n_bootstrap=1000, progress=False)
+    # 3 models x 2 horizons, 1,000 resamples each, plus plots: seconds, not minutes.
+    assert time.perf_counter() - started < 30
+
+
+def test_inflation_all_occurrences_versus_new_onsets(tmp_path):
+    decayed = write_predictions(tmp_path / "occ" / "decayed", "nextvisit", task="dementia_next_visit", horizons=(0,),
+                                prior_occurrence=True, config={"loss": {"repeat_decay": 0.5}}, seed=1)
+    plain = write_predictions(tmp_path / "occ" / "plain", "nextvisit", task="dementia_next_visit", horizons=(0,),
+                              prior_occurrence=True, config={"loss": {"repeat_decay": 1.0}}, seed=2)
+    metrics = ev.evaluate([decayed, plain], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    # The same model name twice for one task: kept apart, with a warning.
+    assert any("appears 2 times" in w for w in metrics["warnings"])
+    (block,) = metrics["inflation"]
+    assert [m["model"] for m in block["models"]] == ["nextvisit [decayed]", "nextvisit [plain]"]
+    assert [m["repeat_regularization"] for m in block["models"]] == ["repeat_decay=0.5", "repeat_decay=1.0"]
+    rows = held_out(decayed, 0)
+    new = rows.filter(~pl.col("prior_occurrence"))
+    for m in block["models"]:
+        assert m["new_onsets"]["positives"] == new["boolean_value"].sum()
+        assert m["all_occurrences"]["auroc"]["value"] > m["new_onsets"]["auroc"]["value"] + 0.05
+        assert m["difference"]["ci"][0] > 0  # recurrences inflate the figure, beyond the noise
+    first = block["models"][0]
+    assert first["all_occurrences"]["auroc"]["value"] == pytest.approx(
+        roc_auc_score(rows["boolean_value"], rows["predicted_boolean_probability"]))
+    new_rows = held_out(decayed, 0).filter(~pl.col("prior_occurrence"))
+    assert first["new_onsets"]["auroc"]["value"] == pytest.approx(
+        roc_auc_score(new_rows["boolean_value"], new_rows["predicted_boolean_probability"]))
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_predictions_without_labels_give_na_with_reason(tmp_path):
+    folder = write_predictions(tmp_path / "nolabels", "nextvisit", drop=("boolean_value",))
+    metrics = ev.evaluate([folder], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    r = row_for(metrics, "dementia", 730, "nextvisit")
+    for key in ("auroc", "auprc", "brier", "f1", "auroc_age_sex_stratified"):
+        assert r[key]["value"] is None and "boolean_value" in r[key]["reason"]
+    assert "n/a" in ev.headline_table(metrics)
+
+    nulls = write_predictions(tmp_path / "nulls", "nextvisit")
+    frame = pl.read_parquet(nulls / "predictions.parquet")
+    frame.with_columns(pl.lit(None, dtype=pl.Boolean).alias("boolean_value")).write_parquet(nulls / "predictions.parquet")
+    metrics = ev.evaluate([nulls], tmp_path / "report2", n_bootstrap=FAST, progress=False)
+    r = row_for(metrics, "dementia", 730, "nextvisit")
+    assert r["auroc"]["value"] is None and "null" in r["auroc"]["reason"]
+    assert r["counts"]["unlabelled_rows_excluded"] == frame.height
+    assert any("null boolean_value" in w for w in metrics["warnings"])
+
+
+def test_single_class_evaluation_set(tmp_path):
+    folder = write_predictions(tmp_path / "oneclass", "nextvisit")
+    frame = pl.read_parquet(folder / "predictions.parquet").with_columns(pl.lit(False).alias("boolean_value"))
+    frame.write_parquet(folder / "predictions.parquet")
+    metrics = ev.evaluate([folder], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    r = row_for(metrics, "dementia", 730, "nextvisit")
+    assert r["auroc"]["value"] is None and "0 positives" in r["auroc"]["reason"]
+    assert r["auprc"]["value"] is None and r["f1"]["value"] is None
+    assert r["brier"]["value"] == pytest.approx(np.mean(held_out(folder)["predicted_boolean_probability"].to_numpy() ** 2))
+    assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_rows_that_disagree_with_info_json_are_reported(tmp_path):
+    folder = write_predictions(tmp_path / "mismatch", "nextvisit", task="knee_oa",
+                               info_overrides={"task": "dementia", "model": "renamed"})
+    metrics = ev.evaluate([folder], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    assert any("rows hold task(s) ['knee_oa']" in w and "info.json says ['dementia']" in w for w in metrics["warnings"])
+    assert any("'model' column holds ['nextvisit']" in w for w in metrics["warnings"])
+    assert metrics["tasks"][0]["task"] == "knee_oa" and metrics["tasks"][0]["rows"][0]["model"] == "renamed"
+
+
+def test_a_different_cohort_is_flagged_and_the_oracle_share_has_no_ci(tmp_path):
+    oracle = write_predictions(tmp_path / "oracle", "oracle", kind="oracle")
+    other = write_predictions(tmp_path / "other", "nextvisit", n_rows=500)
+    metrics = ev.evaluate([oracle, other], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    assert any("different numbers of held_out rows" in w for w in metrics["warnings"])
+    share = row_for(metrics, "dementia", 730, "nextvisit")["oracle_share"]
+    assert share["value"] is not None and share["ci"] is None
+
+
+def test_not_a_predictions_folder_names_it(tmp_path, capsys):
+    empty = tmp_path / "not_predictions"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="not_predictions: not a predictions folder"):
+        ev.evaluate([empty], tmp_path / "report", progress=False)
+    assert cli_main(["evaluate", str(empty), "--out", str(tmp_path / "report")]) == 2
+    assert "not a predictions folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "predictions.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="cannot be read as parquet"):
+        ev.evaluate([broken], tmp_path / "report", progress=False)
+    typed = write_predictions(tmp_path / "typed", "m")
+    frame = pl.read_parquet(typed / "predictions.parquet")
+    frame.with_columns(pl.lit("high").alias("predicted_boolean_probability")).write_parquet(typed / "predictions.parquet")
+    with pytest.raises(UserError, match="predicted_boolean_probability has type String"):
+        ev.evaluate([typed], tmp_path / "report", progress=False)
+    missing = write_predictions(tmp_path / "noscore", "m", drop=("predicted_boolean_probability",))
+    with pytest.raises(UserError, match="missing column.*predicted_boolean_probability"):
+        ev.evaluate([missing], tmp_path / "report", progress=False)
+
+
+def test_a_parent_folder_expands_to_every_predictions_folder_below(folders, tmp_path):
+    metrics = ev.evaluate([tmp_path / "p"], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    assert sorted(r["model"] for r in metrics["tasks"][0]["rows"]) == ["counts", "nextvisit", "oracle"]
+
+
+def test_censored_count_shapes():
+    assert ev.censored_count({"dementia@730": {"held_out": {"censored_excluded": 4}}}, "dementia", 730, "held_out") == (4, "held_out")
+    assert ev.censored_count({"730": {"censored": 9, "censored_lost_to_followup": 9}}, "dementia", 730, "held_out") == (9, "all splits")
+    assert ev.censored_count({"730": {"censored_lost_to_followup": 2, "censored_other": 3}}, "x", 730, "held_out") == (5, "all splits")
+    value, reason = ev.censored_count({}, "dementia", 730, "held_out")
+    assert value is None and "label_counts" in reason
