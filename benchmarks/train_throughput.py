@@ -234,10 +234,14 @@ def run_attention(args):
                             t = time.perf_counter()
                             model.query_logits(b)
                             times.append(time.perf_counter() - t)
-                    seconds, tokens = time_training(model, batches, supervised, config.loss, fast_step, autocast,
-                                                    args.steps)
+                    try:
+                        seconds, tokens = time_training(model, batches, supervised, config.loss, fast_step, autocast,
+                                                        args.steps)
+                        train_rate = f"{tokens / seconds:>11.0f}"
+                    except NotImplementedError:  # torch 2.x: FlexAttention has no CPU backward
+                        train_rate = f"{'no backward':>11}"
                     print(f"{name:6} {attention:9} {used:4} {config.data.context:>4}x{contexts:<3} "
-                          f"{np.median(times) * 1e3:>8.1f} {tokens / seconds:>11.0f} {first:>12.1f}", flush=True)
+                          f"{np.median(times) * 1e3:>8.1f} {train_rate} {first:>12.1f}", flush=True)
 
 
 def _pad_to(batch, width: int):

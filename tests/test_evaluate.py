@@ -292,7 +292,7 @@ def test_inflation_all_occurrences_versus_new_onsets(tmp_path):
     assert any("appears 2 times" in w for w in metrics["warnings"])
     (block,) = metrics["inflation"]
     assert [m["model"] for m in block["models"]] == ["nextvisit [decayed]", "nextvisit [plain]"]
-    assert [m["repeat_regularization"] for m in block["models"]] == ["repeat_decay=0.5", "repeat_decay=1.0"]
+    assert [m["repeat_regularization"] for m in block["models"]] == ["repeat_decay=0.5", "off (repeat_decay=1.0)"]
     rows = held_out(decayed, 0)
     new = rows.filter(~pl.col("prior_occurrence"))
     for m in block["models"]:
@@ -353,7 +353,7 @@ def test_a_different_cohort_is_flagged_and_the_oracle_share_has_no_ci(tmp_path):
     oracle = write_predictions(tmp_path / "oracle", "oracle", kind="oracle")
     other = write_predictions(tmp_path / "other", "nextvisit", n_rows=500)
     metrics = ev.evaluate([oracle, other], tmp_path / "report", n_bootstrap=FAST, progress=False)
-    assert any("different numbers of held_out rows" in w for w in metrics["warnings"])
+    assert any("not evaluated on the same held_out rows" in w and "nextvisit 332" in w for w in metrics["warnings"])
     share = row_for(metrics, "dementia", 730, "nextvisit")["oracle_share"]
     assert share["value"] is not None and share["ci"] is None
 
@@ -390,5 +390,11 @@ def test_censored_count_shapes():
     assert ev.censored_count({"dementia@730": {"held_out": {"censored_excluded": 4}}}, "dementia", 730, "held_out") == (4, "held_out")
     assert ev.censored_count({"730": {"censored": 9, "censored_lost_to_followup": 9}}, "dementia", 730, "held_out") == (9, "all splits")
     assert ev.censored_count({"730": {"censored_lost_to_followup": 2, "censored_other": 3}}, "x", 730, "held_out") == (5, "all splits")
+    # nextvisit forecast: split then horizon, no censoring recorded
+    value, reason = ev.censored_count({"held_out": {"730": {"positive": 3, "negative": 9}}}, "dementia", 730, "held_out")
+    assert value is None and "no censored count" in reason
+    # nextvisit oracle: one total for the whole file
+    assert ev.censored_count({"rows": 20, "censored": 6}, "dementia", 730, "held_out") == (
+        6, "all splits, every task and horizon of the file")
     value, reason = ev.censored_count({}, "dementia", 730, "held_out")
     assert value is None and "label_counts" in reason

@@ -175,6 +175,9 @@ def test_same_inputs_same_predictions_and_batch_size_invariance(world):
     assert a.equals(b)
     c = run_forecast(world, batch_size=1)
     assert np.allclose(a[PROBABILITY], c[PROBABILITY], rtol=1e-5, atol=1e-9)
+    # histories tokenized a few at a time (bounded memory) give the same answers
+    d = run_forecast(world, batch_size=64, histories_per_chunk=3)
+    assert np.allclose(a[PROBABILITY], d[PROBABILITY], rtol=1e-5, atol=1e-9)
 
 
 def test_aggregators():
@@ -329,3 +332,31 @@ def test_external_cohort_mimic_demo(world, tmp_path):
     expected = labels.filter(pl.col("boolean_value").is_not_null() & pl.col("split").is_in(["held_out", "tuning"]))
     assert predictions.height == expected.height > 0
     assert predictions[PROBABILITY].is_between(0, 1).all()
+
+
+# -- the simulator's oracle writes the same schema from these labels ---------------------------------------
+
+
+def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
+    from nextvisit.simulate.dataset import simulate
+    from nextvisit.simulate.oracle import OracleConfig, write_oracle_predictions
+    from nextvisit.tasks import load_task
+
+    meds = tmp_path / "meds"
+    simulate(300, meds, seed=3, workers=1, progress=False)
+    for name in ("dementia", "knee_oa"):
+        task = load_task(name)
+        labels = make_labels(meds, task, progress=False)
+        write_labels(tmp_path / name, labels, task)
+        out = tmp_path / f"{name}_oracle"
+        write_oracle_predictions(meds, tmp_path / name, out, config=OracleConfig(n_samples=16), workers=1,
+                                 progress=False)
+        oracle = pl.read_parquet(out / "predictions.parquet")
+        info = json.loads((out / "info.json").read_text())
+        assert oracle.columns == ["subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split",
+                                  "age_years", "sex", PROBABILITY, "model"]
+        expected = labels.labels.filter(pl.col("boolean_value").is_not_null() & pl.col("split").is_in(["tuning", "held_out"]))
+        assert oracle.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()).equals(
+            expected.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()))
+        # the task's code set and the simulator agree: no labelled landmark already has the condition
+        assert info["label_counts"]["prevalent_at_time"] == 0

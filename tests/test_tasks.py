@@ -55,7 +55,7 @@ def person(sid: int, birth: str | None, visits: list[str], extra: list[tuple] = 
     return rows
 
 
-def simple_task(**landmarks) -> Task:
+def simple_task(end_of_data=None, **landmarks) -> Task:
     rule = {"min_history_days": 365, "min_age_years": 50, "max_per_subject": 100, "seed": 0}
     rule.update(landmarks)
     return Task.from_dict({
@@ -64,6 +64,7 @@ def simple_task(**landmarks) -> Task:
         "remove_from_inputs": {"code_prefixes": ["ICD10CM//R41.1"]},
         "horizons_days": [730],
         "landmarks": rule,
+        "follow_up": {"end_of_data": end_of_data},
     })
 
 
@@ -126,6 +127,21 @@ def test_reasons_and_exclusions_are_counted(cohort):
     # subject 2 also has a 2011-07-01 landmark (censored), subject 9 a 2013-01-01 one (record ends that day)
     assert by_reason == {"positive": 1, "negative": 1, "negative_competing_death": 1, "censored_lost_to_followup": 3}
     assert counts["horizons"]["730"]["labelled"] == 3 and counts["horizons"]["730"]["censored"] == 3
+
+
+def test_landmarks_whose_horizon_passes_the_end_of_data_are_not_used(cohort):
+    """Near the end of the data only events could be labelled, never plain negatives: such landmarks are
+    left out (and counted), by default past the dataset's latest event."""
+    auto = make_labels(cohort, simple_task(end_of_data="auto"), progress=False)
+    assert auto.counts["end_of_data"] == "2014-01-01T00:00:00"
+    # subject 9's 2013-01-01 landmark would need data through 2015; its 2011 landmark stays
+    assert auto.labels.filter(pl.col("subject_id") == 9)["prediction_time"].to_list() == [d("2011-01-01") + END_OF_DAY]
+    assert auto.counts["horizons"]["730"]["by_reason"]["censored_lost_to_followup"] == 2
+    early = make_labels(cohort, simple_task(end_of_data="2012-06-01"), progress=False)
+    assert early.labels.height == 0
+    # subjects 1, 2, 3, 9 and the prevalent subject 4 (this step comes before the prevalence step)
+    assert early.counts["subjects"]["excluded"]["horizon_past_end_of_data"] == 5
+    assert early.counts["subjects"]["excluded"]["prevalent"] == 0
 
 
 def test_label_columns(cohort):
@@ -247,6 +263,7 @@ BASE = {"name": "t", "condition": {"code_prefixes": ["ICD10CM//F03"]}, "horizons
     ({"landmarks": {"max_per_subject": 0}}, "landmarks.max_per_subject"),
     ({"follow_up": {"death_is_competing": "yes"}}, "follow_up.death_is_competing"),
     ({"name": "bad name"}, "name"),
+    ({"follow_up": {"end_of_data": "soon"}}, "follow_up.end_of_data"),
 ])
 def test_bad_task_yaml_names_the_field(tmp_path, change, field):
     path = tmp_path / "task.yaml"

@@ -179,7 +179,8 @@ def _merge(base, overrides: dict, source: str, prefix: str = ""):
 PRESETS: dict[str, dict] = {
     "tiny": {
         "model": {"d_model": 128, "n_layers": 3, "n_heads": 4},
-        "data": {"context": 256},
+        # queries as long as the longest training window (128 tokens incl. its closing token)
+        "data": {"context": 256, "query_max_tokens": 127},
         "train": {"batch_contexts": 16, "micro_batch": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30,
                   "decay_steps": 2000, "eval_every": 50, "eval_contexts": 48, "checkpoint_every": 100},
     },

@@ -62,6 +62,8 @@ class EvaluationConfig:
     # steeply (dementia, knee OA), wider bands below 50. Upper edges are exclusive.
     age_band_edges: tuple[float, ...] = (0, 18, 30, 40, 50, 55, 60, 65, 70, 75, 80, 85, 90, 200)
     calibration_bins: int = 10  # equal-count (quantile) bins of predicted risk
+    # Below this many positives a bootstrap interval says little (a handful of cases are resampled); warn.
+    min_positives_for_ci: int = 10
     max_curve_points: int = 400  # ROC / PR curves are thinned to this many points for the plots
     # Bootstrap work is done in blocks of at most this many resample x row cells (memory bound, ~16 MB each).
     bootstrap_block_cells: int = 2_000_000
@@ -107,59 +109,66 @@ def format_metric(m: dict | None, digits: int = 3, with_ci: bool = True) -> str:
 
 
 class RankIndex:
-    """Scores sorted once; then AUROC and average precision for any number of row-weight vectors.
+    """Scores sorted once; then AUROC and average precision for any number of row weightings.
 
-    ``weights`` has shape [R, n] (R weightings of the n rows: 1 for the plain metric, bootstrap multiplicities,
-    subject weights, or their product). For each weighting, with tied scores counted half (AUROC) and grouped
-    into one threshold (AP), exactly as scikit-learn's ``roc_auc_score`` / ``average_precision_score`` with
+    A weighting gives every row a weight (1 for the plain metric; bootstrap multiplicities; subject weights;
+    or their product). For each weighting, with tied scores counted half (AUROC) and grouped into one
+    threshold (AP), exactly as scikit-learn's ``roc_auc_score`` / ``average_precision_score`` with
     ``sample_weight``:
 
-        AUROC = sum over (positive i, negative j) of w_i w_j [s_i > s_j] + 0.5 [s_i == s_j], / (W+ W-)
-        AP    = sum over thresholds k of (recall_k - recall_{k-1}) precision_k
+        AUROC = sum over (positive i, negative j) of w_i w_j ([s_i > s_j] + 0.5 [s_i == s_j]) / (W+ W-)
+        AP    = sum over positives i of w_i precision(s >= s_i) / W+
+
+    Both need, per positive, only the negative weight below its score (a cumulative sum over the negatives
+    in score order) and the positive weight at or above it, so R weightings cost O(R n) after one sort.
     """
 
     def __init__(self, labels: np.ndarray, scores: np.ndarray):
         labels = np.asarray(labels, dtype=bool)
         scores = np.asarray(scores, dtype=np.float64)
-        self.n = len(scores)
-        order = np.argsort(-scores, kind="stable")
-        sorted_scores = scores[order]
-        group = np.cumsum(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]) - 1  # distinct score, highest = 0
-        self.n_groups = int(group[-1]) + 1 if self.n else 0
-        # Per class: its rows in score order, where each run of one distinct score starts, and that score's group.
-        self.classes = []
-        for wanted in (True, False):
-            in_class = labels[order] == wanted
-            rows, groups = order[in_class], group[in_class]
-            starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(rows) else np.array([], int)
-            self.classes.append((rows, starts, groups[starts]))
+        self.positive_rows = np.flatnonzero(labels)
+        self.negative_rows = np.flatnonzero(~labels)
+        positive_scores, negative_scores = scores[self.positive_rows], scores[self.negative_rows]
+        # Orders within each class (positions into positive_rows / negative_rows).
+        self.negative_order = np.argsort(negative_scores, kind="stable")  # ascending
+        self.positive_order = np.argsort(-positive_scores, kind="stable")  # descending
+        negatives_ascending = negative_scores[self.negative_order]
+        positives_descending = positive_scores[self.positive_order]
+        # Per positive (descending): negatives strictly below, and at or below, its score.
+        self.below = np.searchsorted(negatives_ascending, positives_descending, side="left")
+        self.at_or_below = np.searchsorted(negatives_ascending, positives_descending, side="right")
+        # Per positive: the last positive tied with it, so "positives at or above" counts the whole tie.
+        self.tie_end = np.zeros(0, dtype=np.int64)
+        if len(positives_descending):
+            last_of_tie = np.r_[positives_descending[1:] != positives_descending[:-1], True]
+            tie_group = np.cumsum(np.r_[0, last_of_tie[:-1]]).astype(np.int64)
+            self.tie_end = np.flatnonzero(last_of_tie)[tie_group]
 
-    def _class_weight_by_group(self, weights: np.ndarray, which: int) -> np.ndarray:
-        rows, starts, groups = self.classes[which]
-        out = np.zeros((weights.shape[0], self.n_groups))
-        if len(rows):
-            out[:, groups] = np.add.reduceat(weights[:, rows], starts, axis=1)
-        return out
-
-    def pair_sums(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(concordant pair weight, total pair weight, average precision), each of shape [R].
+    def class_sums(self, positive_weights: np.ndarray, negative_weights: np.ndarray):
+        """(concordant pair weight, total pair weight, average precision), each [R], for weights given per
+        class: ``positive_weights`` [R, positives] in the order of ``positive_rows``, likewise negatives.
         AUROC = concordant / total; AP is NaN for a weighting with no positive weight."""
-        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-        if self.n == 0:
-            zeros = np.zeros(weights.shape[0])
-            return zeros, zeros.copy(), np.full(weights.shape[0], np.nan)
-        # [R, groups]: positive and negative weight at each distinct score, highest score first
-        positive = self._class_weight_by_group(weights, 0)
-        negative = self._class_weight_by_group(weights, 1)
-        true_pos = np.cumsum(positive, axis=1)
-        false_pos = np.cumsum(negative, axis=1)
-        total_pos, total_neg = true_pos[:, -1], false_pos[:, -1]
-        concordant = np.sum(positive * (total_neg[:, None] - false_pos + 0.5 * negative), axis=1)
-        predicted_pos = true_pos + false_pos
-        precision = np.divide(true_pos, predicted_pos, out=np.zeros_like(true_pos), where=predicted_pos > 0)
+        positive_weights = np.atleast_2d(positive_weights)[:, self.positive_order]
+        negative_weights = np.atleast_2d(negative_weights)[:, self.negative_order]
+        n_weightings = positive_weights.shape[0]
+        negative_cumulative = np.zeros((n_weightings, negative_weights.shape[1] + 1))
+        np.cumsum(negative_weights, axis=1, out=negative_cumulative[:, 1:])
+        total_negative = negative_cumulative[:, -1]
+        below = negative_cumulative[:, self.below]
+        concordant = np.sum(positive_weights * (below + negative_cumulative[:, self.at_or_below]), axis=1) * 0.5
+        positive_cumulative = np.cumsum(positive_weights, axis=1, dtype=np.float64)
+        total_positive = positive_cumulative[:, -1] if positive_cumulative.shape[1] else np.zeros(n_weightings)
+        true_positive = positive_cumulative[:, self.tie_end]
+        flagged = true_positive + (total_negative[:, None] - below)
+        precision = np.divide(true_positive, flagged, out=np.zeros_like(true_positive), where=flagged > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            average_precision = np.sum(positive * precision, axis=1) / total_pos
-        return concordant, total_pos * total_neg, average_precision
+            average_precision = np.sum(positive_weights * precision, axis=1) / total_positive
+        return concordant, total_positive * total_negative, average_precision
+
+    def pair_sums(self, weights: np.ndarray):
+        """`class_sums` for weights given per row: ``weights`` [R, n] in the original row order."""
+        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        return self.class_sums(weights[:, self.positive_rows], weights[:, self.negative_rows])
 
 
 def auroc(labels, scores, sample_weight=None) -> float:
@@ -196,17 +205,25 @@ def stratified_auroc(labels, scores, strata) -> float:
     return concordant / pairs if pairs > 0 else float("nan")
 
 
+def class_multiplicities(n_positive: int, n_negative: int, n_resamples: int,
+                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """How often each positive ([n_resamples, n_positive]) and each negative ([n_resamples, n_negative]) is
+    drawn in a stratified bootstrap resample: positives resampled with replacement among themselves, and
+    negatives among themselves, so every resample keeps the class counts."""
+    out = []
+    for n in (n_positive, n_negative):
+        drawn = rng.integers(0, max(n, 1), size=(n_resamples, n))
+        flat = (drawn + np.arange(n_resamples)[:, None] * n).ravel()
+        out.append(np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64))
+    return out[0], out[1]
+
+
 def bootstrap_multiplicities(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_resamples, n] how often each row is drawn in a stratified bootstrap resample: the positives are
-    resampled with replacement among themselves, and the negatives among themselves."""
+    """[n_resamples, n]: `class_multiplicities` placed back in row order."""
     labels = np.asarray(labels, dtype=bool)
-    counts = np.zeros((n_resamples, len(labels)), dtype=np.float64)
-    for rows in (np.flatnonzero(labels), np.flatnonzero(~labels)):
-        if len(rows) == 0:
-            continue
-        drawn = rng.integers(0, len(rows), size=(n_resamples, len(rows)))
-        flat = (drawn + np.arange(n_resamples)[:, None] * len(rows)).ravel()
-        counts[:, rows] = np.bincount(flat, minlength=n_resamples * len(rows)).reshape(n_resamples, len(rows))
+    positive, negative = class_multiplicities(int(labels.sum()), int((~labels).sum()), n_resamples, rng)
+    counts = np.zeros((n_resamples, len(labels)))
+    counts[:, labels], counts[:, ~labels] = positive, negative
     return counts
 
 
@@ -393,7 +410,10 @@ def repeat_setting(config: dict) -> str:
     found = [(k, v) for k, v in _flatten(config) if "repeat" in k.split(".")[-1].lower()]
     if not found:
         return "not recorded"
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in found)
+    text = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in found)
+    # A decay of 1 keeps every repeated positive at full weight: no repeat regularization.
+    off = any(k.split(".")[-1] == "repeat_decay" and v == 1 for k, v in found)
+    return f"off ({text})" if off else text
 
 
 def _flatten(node, prefix: str = ""):
@@ -405,28 +425,32 @@ def _flatten(node, prefix: str = ""):
 
 
 def censored_count(label_counts: dict, task: str, horizon: int, split: str) -> tuple[int | None, str]:
-    """Censored label rows for (task, horizon) from an info.json ``label_counts``; (None, reason) when it does
-    not record them. Accepted shapes: ``{"task@H" | "H": {...}}`` with an optional split level, and any key
-    containing 'censor' at the leaves (a key named exactly 'censored' wins over per-reason keys)."""
+    """Censored label rows for (task, horizon) from an info.json ``label_counts``: (count, scope) where scope
+    says which rows it covers, or (None, reason) when it records none. Accepted shapes nest a horizon level
+    (``"task@H"``, ``"H"``, ...) and a split level in either order, or neither; at the leaves any key
+    containing 'censor' counts (a key named exactly 'censored' wins over per-reason keys)."""
     if not isinstance(label_counts, dict) or not label_counts:
         return None, "info.json has no label_counts"
-    node = label_counts
-    for key in (f"{task}@{horizon}", f"{task}/{horizon}", f"{task}:{horizon}", str(horizon), f"horizon_{horizon}"):
-        if isinstance(label_counts.get(key), dict):
-            node = label_counts[key]
-            break
-    else:
-        if isinstance(label_counts.get(task), dict):
-            node = label_counts[task]
-            if isinstance(node.get(str(horizon)), dict):
-                node = node[str(horizon)]
-    scope = "all splits"
-    if isinstance(node.get(split), dict):
-        node, scope = node[split], split
+    horizon_keys = (f"{task}@{horizon}", f"{task}/{horizon}", f"{task}:{horizon}", str(horizon), f"horizon_{horizon}")
+    node, found_horizon, found_split = label_counts, False, False
+    for _ in range(3):
+        if not found_horizon:
+            key = next((k for k in horizon_keys if isinstance(node.get(k), dict)), None)
+            if key is None and isinstance(node.get(task), dict) and isinstance(node[task].get(str(horizon)), dict):
+                node, found_horizon = node[task][str(horizon)], True
+                continue
+            if key is not None:
+                node, found_horizon = node[key], True
+                continue
+        if not found_split and isinstance(node.get(split), dict):
+            node, found_split = node[split], True
+            continue
+        break
     total = _censor_leaves(node)
     if total is None:
         return None, "info.json label_counts records no censored count for this task and horizon"
-    return total, scope
+    scope = split if found_split else "all splits"
+    return total, scope if found_horizon else f"{scope}, every task and horizon of the file"
 
 
 def _censor_leaves(node) -> int | None:
@@ -568,40 +592,52 @@ def _rng_for(config: EvaluationConfig, task: str, horizon: int, subset: str) -> 
 def _bootstrap(labels, scores, config: EvaluationConfig, rng, weightings: dict[str, np.ndarray | None],
                strata: np.ndarray | None, subsets: dict[str, np.ndarray]) -> _Resampled:
     """Stratified bootstrap of AUROC/AP: ``weightings`` maps a name to per-row weights (multiplied by the
-    resample multiplicities; None = 1 per row), ``strata`` adds the within-stratum AUROC, ``subsets`` adds AUROC on a row
-    subset of the same resample (for paired differences)."""
+    resample multiplicities; None = 1 per row), ``strata`` adds the within-stratum AUROC, ``subsets`` adds
+    AUROC on a row subset of the same resamples (for paired differences)."""
     index = RankIndex(labels, scores)
-    stratum_index = {}
+    n_positive, n_negative = len(index.positive_rows), len(index.negative_rows)
+    # Row -> its position among the rows of its class, to cut strata and subsets out of the class matrices.
+    class_position = np.empty(len(labels), dtype=np.int64)
+    class_position[index.positive_rows] = np.arange(n_positive)
+    class_position[index.negative_rows] = np.arange(n_negative)
+
+    def part(rows: np.ndarray):
+        positive = rows[labels[rows]]
+        return class_position[positive], class_position[rows[~labels[rows]]], RankIndex(labels[rows], scores[rows])
+
+    parts = {}
     if strata is not None:
         for s in np.unique(strata):
-            if s == "":
-                continue
             rows = np.flatnonzero(strata == s)
-            if labels[rows].any() and not labels[rows].all():
-                stratum_index[s] = (rows, RankIndex(labels[rows], scores[rows]))
-    subset_index = {name: (np.flatnonzero(mask), RankIndex(labels[mask], scores[mask])) for name, mask in subsets.items()}
+            if s != "" and labels[rows].any() and not labels[rows].all():
+                parts[("stratum", s)] = part(rows)
+    for name, mask in subsets.items():
+        parts[("subset", name)] = part(np.flatnonzero(mask))
+    class_weights = {name: None if w is None else (w[index.positive_rows], w[index.negative_rows])
+                     for name, w in weightings.items()}
+
     out = _Resampled()
     block = max(1, min(config.n_bootstrap, config.bootstrap_block_cells // max(1, len(labels))))
     done = 0
     while done < config.n_bootstrap:
         size = min(block, config.n_bootstrap - done)
-        counts = bootstrap_multiplicities(labels, size, rng)
-        for name, row_weights in weightings.items():
-            weighted = counts if row_weights is None else counts * row_weights[None, :]
-            concordant, pairs, ap = index.pair_sums(weighted)
+        positive, negative = class_multiplicities(n_positive, n_negative, size, rng)
+        for name, weights in class_weights.items():
+            if weights is None:
+                concordant, pairs, ap = index.class_sums(positive, negative)
+            else:
+                concordant, pairs, ap = index.class_sums(positive * weights[0], negative * weights[1])
             out.add(f"{name}.auroc", _ratio(concordant, pairs))
             out.add(f"{name}.auprc", ap)
-        if stratum_index:
-            concordant = np.zeros(size)
-            pairs = np.zeros(size)
-            for rows, sub in stratum_index.values():
-                c, p, _ = sub.pair_sums(counts[:, rows])
-                concordant += c
-                pairs += p
-            out.add("stratified.auroc", _ratio(concordant, pairs))
-        for name, (rows, sub) in subset_index.items():
-            c, p, _ = sub.pair_sums(counts[:, rows])
-            out.add(f"{name}.auroc", _ratio(c, p))
+        stratified = np.zeros((2, size))
+        for (kind, name), (positions_pos, positions_neg, sub) in parts.items():
+            concordant, pairs, _ = sub.class_sums(positive[:, positions_pos], negative[:, positions_neg])
+            if kind == "stratum":
+                stratified += (concordant, pairs)
+            else:
+                out.add(f"{name}.auroc", _ratio(concordant, pairs))
+        if any(kind == "stratum" for kind, _ in parts):
+            out.add("stratified.auroc", _ratio(stratified[0], stratified[1]))
         done += size
     return out
 
@@ -614,13 +650,19 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
     censored, censored_scope = censored_count(pred.label_counts, pred.task, pred.horizon_days, split)
     if censored is None and p.counts.get("censored_rows_in_file"):
         censored, censored_scope = p.counts["censored_rows_in_file"], "rows in the predictions file"
+    if censored is None and pred.task.endswith(NEXT_VISIT_SUFFIX):
+        censored_scope = "not applicable: every scored visit boundary has an observed next visit"
+    if 0 < n_pos < config.min_positives_for_ci:
+        warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {n_pos} {split} positives; "
+                        "its intervals rest on very few cases")
     row = {
         "model": pred.name, "kind": pred.kind, "source": pred.source, "is_oracle": pred.kind == ORACLE_KIND,
         "repeat_regularization": repeat_setting(pred.config),
         "counts": {
             "positives": n_pos, "negatives": n_neg, "rows": len(p.labels),
             "subjects": int(len(np.unique(p.subject_ids))),
-            "censored": metric(censored) if censored is not None else not_available(censored_scope),
+            "censored": ({"value": int(censored), "ci": None, "reason": None} if censored is not None
+                         else not_available(censored_scope)),
             "censored_scope": censored_scope if censored is not None else None,
             "tuning_rows": len(p.tuning_labels), "tuning_positives": int(p.tuning_labels.sum()),
             **{k: v for k, v in p.counts.items() if k != "rows"},
@@ -638,14 +680,17 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
         strata, strata_problem = _age_sex_strata(p, config)
         ones = np.ones(len(p.labels))
         concordant, pairs, ap = RankIndex(p.labels, p.scores).pair_sums(np.vstack([ones, subject_weights]))
+        # Next-visit tasks: new-onset AUROC on the same resamples, for the paired inflation difference.
+        subsets = {"new_onsets": ~p.prior} if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None else {}
         boot = _bootstrap(p.labels, p.scores, config, _rng_for(config, pred.task, pred.horizon_days, "all"),
-                          {"sample": None, "subject": subject_weights}, strata, subsets={})
+                          {"sample": None, "subject": subject_weights}, strata, subsets)
         row["auroc"] = metric(concordant[0] / pairs[0], percentile_interval(boot.get("sample.auroc"), config.confidence))
         row["auprc"] = metric(ap[0], percentile_interval(boot.get("sample.auprc"), config.confidence))
         row["auroc_subject_weighted"] = metric(concordant[1] / pairs[1],
                                                percentile_interval(boot.get("subject.auroc"), config.confidence))
         row["auprc_subject_weighted"] = metric(ap[1], percentile_interval(boot.get("subject.auprc"), config.confidence))
         row["_boot_auroc"] = boot.get("sample.auroc")
+        row["_boot_new_onset_auroc"] = boot.get("new_onsets.auroc")
         if strata is None:
             row["auroc_age_sex_stratified"] = not_available(strata_problem)
         else:
@@ -810,11 +855,8 @@ def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConf
             if r["auroc"]["value"] is None:
                 entry["difference"] = not_available(r["auroc"]["reason"])
             else:
-                # Paired: the same all-rows resamples, AUROC on their new-onset rows.
-                rng = _rng_for(config, task, horizon, "all")
-                paired = _bootstrap(p.labels, p.scores, config, rng, {"sample": None}, None,
-                                    {"new": new})
-                diff = paired.get("sample.auroc") - paired.get("new.auroc")
+                # Paired: AUROC on all rows minus AUROC on the new-onset rows of the same resamples.
+                diff = r["_boot_auroc"] - r["_boot_new_onset_auroc"]
                 entry["difference"] = metric(r["auroc"]["value"] - value, percentile_interval(diff, config.confidence))
         models.append(entry)
     return {"task": task, "models": models}
@@ -894,10 +936,10 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
                 model["configs"].append(e.config)
             bar.update(1)
         oracle = _oracle_shares(rows, config, warnings, where)
-        cohort_sizes = sorted({r["counts"]["rows"] for r in rows})
-        if len(cohort_sizes) > 1:
-            warnings.append(f"{where}: models were evaluated on different numbers of {config.report_split} rows "
-                            f"{cohort_sizes}; compare them with care")
+        if any(not _same_cohort(r, rows[0]) for r in rows[1:]):
+            sizes = ", ".join(f"{r['model']} {r['counts']['rows']}" for r in rows)
+            warnings.append(f"{where}: models were not evaluated on the same {config.report_split} rows "
+                            f"(rows or labels differ; row counts: {sizes}); compare them with care")
         if task.endswith(NEXT_VISIT_SUFFIX):
             inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config)})
         for r in rows:
@@ -926,8 +968,19 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
 
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=False))
+    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
     os.replace(tmp, path)
+
+
+def _finite(node):
+    """NaN and infinities become null: metrics.json is strict JSON."""
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite(v) for v in node]
+    if isinstance(node, (float, np.floating)) and not np.isfinite(node):
+        return None
+    return node
 
 
 def _json_default(value):

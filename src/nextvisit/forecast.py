@@ -209,16 +209,23 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     bar = tqdm(total=len(plan), desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
     ids = pl.Series(sorted(wanted), dtype=pl.Int64).implode()
     for path in data_files(meds_dir):
-        events = pl.scan_parquet(path).select("subject_id", "time", "code", "numeric_value").filter(
-            pl.col("subject_id").is_in(ids)).collect()
+        events = (
+            pl.scan_parquet(path).select("subject_id", "time", "code", "numeric_value")
+            .filter(pl.col("subject_id").is_in(ids)).collect()
+            .sort("subject_id", maintain_order=True)
+        )
         if events.height == 0:
             continue
-        shard_subjects = set(events["subject_id"].unique().to_list())
-        found |= shard_subjects
-        shard_histories = histories.filter(pl.col("subject_id").is_in(pl.Series(list(shard_subjects), dtype=pl.Int64).implode()))
+        shard_subjects = events["subject_id"].unique()
+        found |= set(shard_subjects.to_list())
+        shard_histories = histories.filter(pl.col("subject_id").is_in(shard_subjects.implode()))
+        event_subjects = events["subject_id"]
         for begin in range(0, shard_histories.height, config.histories_per_chunk):
             chunk = shard_histories.slice(begin, config.histories_per_chunk)
-            known = history_events(events, chunk, task.remove_from_inputs)
+            # histories are sorted by subject: the chunk's events are one contiguous slice
+            first = event_subjects.search_sorted(chunk["subject_id"].min(), "left")
+            last = event_subjects.search_sorted(chunk["subject_id"].max(), "right")
+            known = history_events(events.slice(first, last - first), chunk, task.remove_from_inputs)
             tokenized = {s.subject_id: s for s in tokenizer.subjects(known)}
             subjects, horizons, targets = [], [], []
             for history_id, subject_id, prediction_time in chunk.select("history_id", "subject_id", "prediction_time").iter_rows():
@@ -270,16 +277,11 @@ def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrit
 
 
 def _load_run(run: Path, device: str):
-    """The run's model (eval mode), vocabulary and config, with the model's size checked against the vocab."""
+    """The run's model (eval mode), vocabulary and config."""
     from nextvisit.train import load_run
 
-    model, vocab, run_config = load_run(run, device)
-    model.eval()
-    n_embed = model.embed.weight.shape[0] if hasattr(model, "embed") else len(vocab)
-    if n_embed != len(vocab):
-        raise UserError(f"{run}: the model has {n_embed} token embeddings but {run}/vocab.json holds {len(vocab)} "
-                        "tokens; the run folder is inconsistent, re-run or restore it")
-    return model, vocab, run_config
+    model, vocab, run_config = load_run(run, device)  # checks config, vocabulary and weights agree
+    return model.eval(), vocab, run_config
 
 
 def _splits_option(text: str) -> tuple[str, ...]:
@@ -400,6 +402,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     device = _model_device(model)
     parts = []
     removed_empty_visits = 0
+    without_boundary = 0  # subjects with fewer than two visits: no visit boundary to score
     for split_name in config.splits:
         split = store.split(split_name)
         bar = tqdm(total=len(split), desc=f"occurrence {split_name}", unit="subject", disable=not progress,
@@ -411,6 +414,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
                 subject = _drop_tokens(original, drop)
                 removed_empty_visits += original.n_visits - subject.n_visits
                 subjects.append(subject)
+            without_boundary += sum(1 for subject in subjects if subject.n_visits < 2)
             windows = subject_windows(subjects, max_window)
             if config.mode == "recent":
                 last = {}
@@ -435,6 +439,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     info = {
         "label_counts": _occurrence_counts(predictions),
         "visits_left_empty_by_remove_from_inputs": removed_empty_visits,
+        "subjects_without_visit_boundary": without_boundary,
     }
     return Forecast(predictions=predictions, info=info)
 

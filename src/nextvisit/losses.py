@@ -165,7 +165,7 @@ class ValidationTotals:
 
     @torch.no_grad()
     def add(self, logits, batch, supervised: torch.Tensor, token_band: torch.Tensor, config: LossConfig):
-        logits = logits.float()
+        logits = logits.double()  # sums of many small terms with a cancelling correction: keep precision
         N, V = logits.shape
         sup = supervised.to(logits.dtype)
         n_sup = int(supervised.sum())

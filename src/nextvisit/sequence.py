@@ -364,6 +364,10 @@ class TrainingPlan:
         self._subject_visits = subject_visits
         self.n_subjects = len(split)
         self.skipped_single_visit = int(np.sum(np.diff(subject_visits) < 2))
+        # visits longer than half a window keep their first visit_cap tokens (reported by the trainer)
+        cap = visit_cap(self.max_window)
+        self.truncated_visits = int(np.sum(self._visit_lengths > cap))
+        self.truncated_tokens = int(np.sum(np.maximum(self._visit_lengths - cap, 0)))
         self._epochs: dict[int, tuple[list[Window], list[list[int]]]] = {}
 
     def epoch(self, epoch: int) -> tuple[list[Window], list[list[int]]]:

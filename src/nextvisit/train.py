@@ -32,7 +32,7 @@ from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
 from nextvisit.losses import ValidationTotals, band_names, best_constant_logits, frequency_bands, next_visit_loss
 from nextvisit.model import NextVisitModel
-from nextvisit.sequence import TrainingPlan
+from nextvisit.sequence import TrainingPlan, visit_cap
 from nextvisit.store import TokenStore, Vocabulary
 
 COPIED_FROM_STORE = ("vocab.json", "tokenizer.yaml", "lab_stats.parquet")
@@ -301,7 +301,9 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
     if dist.main:
         print(f"nextvisit pretrain: {model.n_parameters() / 1e6:.2f}M parameters, vocabulary {len(vocab)} "
               f"({n_supervised} predicted), {contexts_per_epoch} contexts of {config.data.context} tokens per epoch "
-              f"({plan.skipped_single_visit} single-visit subjects have no target), {precision}, {device}, "
+              f"({plan.skipped_single_visit} single-visit subjects have no target; {plan.truncated_visits} visits "
+              f"longer than {visit_cap(plan.max_window)} tokens truncated, {plan.truncated_tokens} tokens), "
+              f"{precision}, {device}, "
               f"{dist.world} process(es)", file=sys.stderr)
 
     budget_s = max_minutes * 60 if max_minutes is not None else None

@@ -41,10 +41,11 @@ class CountsConfig:
 
     lookback_days: list = field(default_factory=lambda: [365, None])
     min_code_count: int = 5  # train histories holding a code before it becomes a feature
+    age_bucket_years: float | None = 5.0  # one-hot age buckets beside the linear age (risk is not linear in age)
     count_transform: str = "log1p"  # "log1p" counts, or "standardize" (divide by the train SD, sparse-safe)
     model: str = "logistic"
     # logistic regression: C (inverse L2 strength) chosen on tuning AUROC among these values
-    c_values: list = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    c_values: list = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     class_weight: str | None = None  # None or "balanced"
     max_iter: int = 2000
     # gradient-boosted trees (sklearn HistGradientBoostingClassifier on the densified top features)
@@ -185,10 +186,18 @@ def design_matrix(raw: sp.csr_matrix, rows: pl.DataFrame, train: np.ndarray, con
     age = np.where(np.isnan(age), age_mean, age)  # an unknown age counts as the train mean
     age_z = (age - age_mean) / (age_sd if age_sd > 0 else 1.0)
     sexes = sorted(v for v in rows.filter(pl.Series(train))["sex"].unique().to_list() if v is not None)
-    sex_values = rows["sex"].to_list()
-    sex = np.array([[1.0 if s == value else 0.0 for value in sexes] for s in sex_values]).reshape(len(sex_values), len(sexes))
-    demographics = sp.csr_matrix(np.column_stack([age_z, sex]))
+    sex_values = np.array(rows["sex"].fill_null("").to_list(), dtype=object)
+    sex = np.column_stack([sex_values == value for value in sexes]).astype(np.float64) if sexes else np.zeros((len(age), 0))
     names = ["age_z", *[f"sex:{v}" for v in sexes]]
+    columns = [age_z[:, None], sex]
+    if config.age_bucket_years:
+        # buckets seen in train rows; younger/older ages fall into the first/last one
+        bucket = np.floor(age / config.age_bucket_years).astype(np.int64)
+        first, last = bucket[train].min(), bucket[train].max()
+        bucket = np.clip(bucket, first, last)
+        columns.append((bucket[:, None] == np.arange(first, last + 1)[None, :]).astype(np.float64))
+        names += [f"age:[{b * config.age_bucket_years:g},{(b + 1) * config.age_bucket_years:g})" for b in range(first, last + 1)]
+    demographics = sp.csr_matrix(np.hstack(columns))
     return sp.hstack([counts, demographics], format="csr"), names
 
 

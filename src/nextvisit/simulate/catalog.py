@@ -143,7 +143,7 @@ CONDITIONS: tuple[Condition, ...] = (
     Condition("knee_oa", (("M17.0", "Bilateral primary osteoarthritis of knee", 0.4),
                           ("M17.11", "Unilateral primary osteoarthritis, right knee", 0.3),
                           ("M17.12", "Unilateral primary osteoarthritis, left knee", 0.3)),
-              0.006, 60, 0.6, 35, male_log_hr=-0.45, bmi_log_hr=0.075,
+              0.0045, 60, 0.6, 35, male_log_hr=-0.45, bmi_log_hr=0.1,
               risk_factors=(("knee_injury", 1.0),), prodrome_years=2.0, p_detect=(0.28, 0.05, 0.1),
               p_recur=0.6, visit_log_hr=0.05),
     Condition("osteoporosis", (("M81.0", "Age-related osteoporosis without current pathological fracture", 1.0),),

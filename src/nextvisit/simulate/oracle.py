@@ -51,6 +51,8 @@ class OracleConfig:
     n_samples: int = 400  # Monte Carlo futures per (subject, prediction day)
     pairs_per_batch: int = 48  # (subject, day) pairs rolled forward together
     subjects_per_batch: int = 256  # subjects re-simulated together
+    min_pairs_per_worker: int = 200  # fewer pairs than this per worker: not worth starting processes
+    stream: int = ORACLE_STREAM  # another value gives an independent Monte Carlo estimate
 
 
 @dataclass
@@ -115,6 +117,7 @@ def oracle_risks(source, subject_ids, times, conditions, horizons_days, *, confi
     pair_of_query = pair_of_query.reshape(-1)
     max_horizon = np.zeros(len(pairs), np.int64)
     np.maximum.at(max_horizon, pair_of_query, horizons)
+    workers = max(1, min(workers, len(pairs) // cfg.min_pairs_per_worker))
     jobs = _jobs(pairs, max_horizon, sim, cfg, workers)
     risk_of_pair_cond: dict = {}
     from tqdm import tqdm
@@ -222,7 +225,7 @@ def _futures(snaps: list, pairs: np.ndarray, max_horizon: np.ndarray, sim: Simul
     state.group = np.repeat(np.arange(len(snaps)), n)
     replica = np.arange(len(state))
     gens = [np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [sim.seed, int(s), int(d) + DAY_SHIFT, ORACLE_STREAM]))) for s, d in pairs.tolist()]
+        [sim.seed, int(s), int(d) + DAY_SHIFT, cfg.stream]))) for s, d in pairs.tolist()]
     stop_day = np.repeat(pairs[:, 1] + max_horizon, n)
     targets = np.array([COND[c] for c in CONDITIONS])
     first = np.full((len(state), engine.C), engine.NEVER, np.int64)

@@ -13,8 +13,10 @@ The landmark rule, in order (a subject excluded at a step is counted under that 
 2. candidate prediction times are the visit days, each at the *end* of its day (``date 23:59:59.999999``),
    so every event of that day is known at the prediction time (MEDS: ``time <= prediction_time`` is known).
 3. a candidate needs ``min_history_days`` since the subject's first visit (``insufficient_history``), age at
-   least ``min_age_years`` (``too_young``), no death at or before it (``no_visit_before_death``) and no code
-   of the condition at or before it (``prevalent``; a static condition code makes every candidate prevalent).
+   least ``min_age_years`` (``too_young``), its longest horizon ending on or before the last day of the data
+   (``horizon_past_end_of_data``; ``follow_up.end_of_data``, by default the dataset's latest event), no death
+   at or before it (``no_visit_before_death``) and no code of the condition at or before it (``prevalent``;
+   a static condition code makes every candidate prevalent).
 4. of the remaining candidates at most ``max_per_subject`` are kept, chosen by a seeded hash of
    (seed, subject_id, day), so the choice does not depend on how the dataset is sharded.
 
@@ -34,7 +36,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,8 @@ LABEL_REASONS = (POSITIVE, NEGATIVE, NEGATIVE_DEATH, CENSORED, CENSORED_DEATH)
 
 # Subject exclusions, in the order the rule applies them (module docstring).
 SUBJECT_REASONS = ("not_in_subject_splits", "no_birth_date", "no_visits")
-CANDIDATE_REASONS = ("insufficient_history", "too_young", "no_visit_before_death", "prevalent")
+CANDIDATE_REASONS = ("insufficient_history", "too_young", "horizon_past_end_of_data", "no_visit_before_death",
+                     "prevalent")
 
 LABEL_SCHEMA = {
     "subject_id": pl.Int64,
@@ -127,6 +130,19 @@ class LandmarkRule:
 class FollowUpRule:
     death_is_competing: bool = True  # a death within the horizon is a negative (True) or censors (False)
     death_codes: tuple[str, ...] = (DEATH_CODE,)
+    # The last day of the data: "auto" (the latest event time in the dataset), an ISO date, or null (none).
+    # A landmark whose longest horizon ends after it is not used: there, only events (positives, deaths)
+    # could be labelled and plain negatives never, which would bias the labelled rows towards events.
+    end_of_data: str | None = "auto"
+
+    def end_of_data_value(self, source: str = "task") -> datetime | None:
+        if self.end_of_data in (None, "auto"):
+            return None
+        try:
+            return datetime.fromisoformat(str(self.end_of_data))
+        except ValueError:
+            raise UserError(f"{source}: field 'follow_up.end_of_data' must be 'auto', null or an ISO date, "
+                            f"got {self.end_of_data!r}") from None
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,11 @@ class Task:
         death_codes = fu.get("death_codes", [DEATH_CODE])
         if not isinstance(death_codes, list) or not death_codes or not all(isinstance(c, str) and c for c in death_codes):
             raise UserError(f"{source}: field 'follow_up.death_codes' must be a non-empty list of codes, got {death_codes!r}")
+        end_of_data = fu.get("end_of_data", "auto")
+        if end_of_data is not None and not isinstance(end_of_data, str):
+            end_of_data = str(end_of_data)  # YAML reads an unquoted date as a date
+        follow_up = FollowUpRule(death_is_competing=competing, death_codes=tuple(death_codes), end_of_data=end_of_data)
+        follow_up.end_of_data_value(source)
         return cls(
             name=name,
             condition=condition,
@@ -199,7 +220,7 @@ class Task:
             description=description,
             remove_from_inputs=remove,
             landmarks=landmarks,
-            follow_up=FollowUpRule(death_is_competing=competing, death_codes=tuple(death_codes)),
+            follow_up=follow_up,
         )
 
 
@@ -297,7 +318,8 @@ def _shard_tables(path: Path, task: Task) -> tuple[pl.DataFrame, pl.DataFrame]:
     return tuple(pl.collect_all([subjects, visits]))
 
 
-def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.DataFrame, task: Task):
+def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.DataFrame, task: Task,
+                     end_of_data: datetime | None):
     """Chosen landmarks of one shard, the subject exclusion reasons, and the number of eligible visits."""
     rule = task.landmarks
     subjects = subjects.join(splits, on="subject_id", how="left")
@@ -319,6 +341,8 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
     steps = [
         (pl.col("day") - pl.col("first_visit_day")).dt.total_days() >= rule.min_history_days,
         pl.col("age_years") >= rule.min_age_years,
+        pl.lit(True) if end_of_data is None
+        else pl.col("day") + timedelta(days=max(task.horizons_days)) <= pl.lit(end_of_data.date()),
         pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time")),
         ~pl.col("static_condition")
         & (pl.col("first_condition_time").is_null() | (pl.col("first_condition_time") > pl.col("prediction_time"))),
@@ -393,6 +417,9 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
     meds_dir = Path(meds_dir)
     files = data_files(meds_dir)
     splits = read_splits(meds_dir).with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+    end_of_data = task.follow_up.end_of_data_value()
+    if task.follow_up.end_of_data == "auto":
+        end_of_data = pl.scan_parquet(files).select(pl.col("time").max()).collect().item()
     seen: set[int] = set()
     chosen_parts, reason_parts, n_eligible = [], [], 0
     for path in tqdm(files, desc=f"label {task.name}", unit="shard", disable=not progress, file=sys.stderr):
@@ -402,14 +429,16 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
         if overlap:
             raise UserError(f"{path}: subject {min(overlap)} also appears in an earlier shard; MEDS shards must hold whole subjects")
         seen |= shard_ids
-        chosen, reasons, eligible = _shard_landmarks(subjects, visits, splits, task)
+        chosen, reasons, eligible = _shard_landmarks(subjects, visits, splits, task, end_of_data)
         chosen_parts.append(chosen)
         reason_parts.append(reasons)
         n_eligible += eligible
     chosen = pl.concat(chosen_parts)
     reasons = pl.concat(reason_parts)
     labels = _follow_up(chosen, task).sort("subject_id", "prediction_time", "horizon_days")
-    return LabelResult(labels=labels, counts=_counts(meds_dir, task, reasons, chosen, labels, n_eligible))
+    counts = _counts(meds_dir, task, reasons, chosen, labels, n_eligible)
+    counts["end_of_data"] = end_of_data.isoformat() if end_of_data is not None else None
+    return LabelResult(labels=labels, counts=counts)
 
 
 def _counts(meds_dir, task, reasons, chosen, labels, n_eligible) -> dict:

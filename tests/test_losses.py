@@ -1,0 +1,129 @@
+"""The next-visit loss: repeat weights, a hand computation, the fused gradient, validation summaries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from nextvisit.config import LossConfig
+from nextvisit.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
+                              next_visit_loss, positive_term, repeat_weight)
+from nextvisit.sequence import Window, windows_batch
+from nextvisit.store import Subject
+
+
+def test_repeat_weights_follow_the_paper():
+    weights = repeat_weight(torch.arange(7), decay=0.5, floor=0.1)
+    np.testing.assert_allclose(weights.numpy(), [1, 0.5, 0.25, 0.125, 0.1, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(repeat_weight(torch.arange(3), 0.8, 0.0).numpy(), [1, 0.8, 0.64], rtol=1e-6)
+
+
+def _focal_by_hand(x: float, y: int, weight: float = 1.0, gamma=2.0, alpha=0.995) -> float:
+    p = 1 / (1 + math.exp(-x))
+    if y:
+        return -alpha * (1 - p) ** gamma * math.log(p) * weight
+    return -(1 - alpha) * p**gamma * math.log(1 - p)
+
+
+def test_loss_equals_a_hand_computation():
+    # 2 SEPs x 4 tokens; token 0 is unsupervised (e.g. an age token) and carries no loss
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5], [1.5, 0.2, -0.7, -2.5]])
+    supervised = torch.tensor([False, True, True, True])
+    rows, tokens, repeats = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.tensor([0, 0, 2])
+    config = LossConfig()
+    expected = 0.0
+    positives = {(0, 1): 1.0, (0, 2): 1.0, (1, 2): 0.25}  # token 2 at SEP 1: third time a target -> 0.5^2
+    for n in range(2):
+        for v in range(1, 4):
+            w = positives.get((n, v))
+            expected += _focal_by_hand(float(logits[n, v]), 1, w) if w else _focal_by_hand(float(logits[n, v]), 0)
+    expected *= 10 / (2 * 3)  # scale 10, normalised by #SEP x #supervised
+    loss = next_visit_loss(logits, rows, tokens, repeats, supervised, config)
+    assert abs(float(loss) - expected) < 1e-6 * max(1, expected)
+    # without the decay, validation weighs every positive 1
+    no_decay = next_visit_loss(logits, rows, tokens, repeats, supervised, config, apply_repeat_decay=False)
+    expected_plain = expected + 10 / 6 * (_focal_by_hand(-0.7, 1, 1.0) - _focal_by_hand(-0.7, 1, 0.25))
+    assert abs(float(no_decay) - expected_plain) < 1e-6 * max(1, expected_plain)
+
+
+def test_bce_option_equals_torch_bce():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7)
+    supervised = torch.ones(7, dtype=torch.bool)
+    rows, tokens = torch.tensor([0, 2, 4, 4]), torch.tensor([1, 3, 0, 6])
+    target = torch.zeros(5, 7)
+    target[rows, tokens] = 1
+    loss = next_visit_loss(logits, rows, tokens, torch.zeros(4, dtype=torch.long), supervised,
+                           LossConfig(kind="bce", scale=1.0))
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_fused_gradient_matches_the_plain_formula():
+    torch.manual_seed(1)
+    logits = (torch.randn(6, 9) * 3).requires_grad_()
+    supervised = torch.tensor([False, False] + [True] * 7)
+    rows, tokens, repeats = torch.tensor([0, 1, 1, 5]), torch.tensor([2, 3, 8, 2]), torch.tensor([0, 1, 3, 0])
+    config = LossConfig()
+    next_visit_loss(logits, rows, tokens, repeats, supervised, config).backward()
+    fused = logits.grad.clone()
+    x = logits.detach().clone().requires_grad_()
+    target = torch.zeros(6, 9)
+    weight = torch.ones(6, 9)
+    target[rows, tokens] = 1
+    weight[rows, tokens] = repeat_weight(repeats, 0.5, 0.1)
+    plain = torch.where(target > 0, positive_term(x, "focal", 2, 0.995), negative_term(x, "focal", 2, 0.995))
+    (config.scale * (plain * weight * supervised).sum() / (6 * 7)).backward()
+    torch.testing.assert_close(fused, x.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_loss_from_built_targets_downweights_a_chronic_code():
+    """End to end from a subject: a code present at every visit weighs 1, .5, .25 ... as a target."""
+    visits = [[10, 11], [10], [10], [10, 12]]
+    s = Subject(1, 0, np.arange(4, dtype=np.int32) * 30, np.array([0, 2, 3, 4, 6]), np.concatenate(visits).astype(np.int32))
+    supervised = np.zeros(16, bool)
+    supervised[10:] = True
+    b = windows_batch([s], [Window(0, 0, 4)], supervised, 64)
+    logits = torch.zeros(len(b.positions), 16)  # p = 0.5 everywhere
+    config = LossConfig(scale=1.0)
+    loss = next_visit_loss(logits, b.target_rows, b.target_tokens, b.target_repeats, torch.from_numpy(supervised), config)
+    pos, neg = _focal_by_hand(0.0, 1), _focal_by_hand(0.0, 0)
+    # 3 SEPs x 6 supervised tokens; positives: 10 at SEPs 0,1,2 (weights 1, .5, .25) and 12 at SEP 2 (1)
+    expected = (pos * (1 + 0.5 + 0.25 + 1) + neg * (18 - 4)) / 18
+    assert abs(float(loss) - expected) < 1e-7
+
+
+def test_validation_new_onset_auroc_and_bands():
+    visits = [[10, 11], [10, 12], [10, 13, 14]]
+    s = Subject(1, 0, np.array([0, 10, 20], np.int32), np.array([0, 2, 4, 7]), np.concatenate(visits).astype(np.int32))
+    supervised = np.zeros(20, bool)
+    supervised[10:] = True
+    b = windows_batch([s], [Window(0, 0, 3)], supervised, 64)
+    bands = torch.from_numpy(frequency_bands(np.linspace(0.5, 0.0, 20), (0.3, 0.1)))
+    sup = torch.from_numpy(supervised)
+    perfect = torch.full((2, 20), -5.0)
+    perfect[b.target_rows, b.target_tokens] = 5.0
+    totals = ValidationTotals(n_bands=3)
+    totals.add(perfect, b, sup, bands, LossConfig())
+    summary = totals.summary(["a", "b", "c"])
+    assert summary["val_new_onset_auroc"] == 1.0
+    assert summary["val_new_onset_targets"] == 3 and summary["val_repeat_targets"] == 2  # 12, 13, 14 vs 10, 10
+    reversed_ = ValidationTotals(n_bands=3)
+    reversed_.add(-perfect, b, sup, bands, LossConfig())
+    assert reversed_.summary(["a", "b", "c"])["val_new_onset_auroc"] == 0.0
+    # the per-band losses add up to the total
+    band_total = sum(totals.band_loss)
+    assert abs(band_total - totals.loss_sum) < 1e-9 * max(1, totals.loss_sum)
+
+
+def test_best_constant_logits_minimise_the_expected_focal_loss():
+    config = LossConfig()
+    rate = np.array([0.001, 0.05, 0.5])
+    best = best_constant_logits(rate, config)
+    for r, x in zip(rate, best):
+        def expected(z):
+            return r * float(positive_term(torch.tensor(z), "focal", 2, 0.995)) + \
+                (1 - r) * float(negative_term(torch.tensor(z), "focal", 2, 0.995))
+        assert expected(x) <= min(expected(x - 0.05), expected(x + 0.05))
+    assert best[1] > math.log(0.05 / 0.95)  # alpha = 0.995 favours positives: above the calibrated logit

@@ -1,0 +1,202 @@
+"""The sequence layout and the model: the attention rule case by case, no leak from the future, day-shift
+invariance, inert padding and packing, the horizon query."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nextvisit.config import ModelConfig
+from nextvisit.errors import UserError
+from nextvisit.model import NextVisitModel, attention_allowed
+from nextvisit.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
+from nextvisit.store import EOW, PAD, SEP, Subject
+
+V = 40
+SUPERVISED = np.zeros(V, bool)
+SUPERVISED[10:] = True  # 6..9 play age/demographic tokens, 0..5 are specials
+
+
+def subject(visits, days, subject_id=1) -> Subject:
+    lengths = [len(v) for v in visits]
+    return Subject(subject_id, 0, np.asarray(days, np.int32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   np.concatenate([np.asarray(v, np.int32) for v in visits]))
+
+
+def model(seed=0, **overrides) -> NextVisitModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, **overrides)
+    return NextVisitModel(config).eval()
+
+
+def logits(m, batch):
+    with torch.no_grad():
+        return m.query_logits(batch)
+
+
+# visits on days 100, 105, 106: tokens [10 11] SEP [12 13 14] SEP [10 15]
+S = subject([[10, 11], [12, 13, 14], [10, 15]], [100, 105, 106])
+
+
+def test_layout_days_and_attention_days():
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, max_tokens=64)
+    n = 2 + 1 + 3 + 1 + 2
+    assert b.tokens[0, :n].tolist() == [10, 11, SEP, 12, 13, 14, SEP, 10, 15]
+    assert b.days[0, :n].tolist() == [0, 0, 5, 5, 5, 5, 6, 6, 6]  # a SEP carries the next visit's day
+    assert b.att_days[0, :n].tolist() == [0, 0, 4, 5, 5, 5, 5, 6, 6]  # ... and attends up to the day before
+    assert b.doc_ids[0, :n].tolist() == [1] * n and (b.doc_ids[0, n:] == 0).all()
+    assert b.positions.tolist() == [2, 6]
+    # the first visit is input only; SEP 0 predicts visit 2's tokens, SEP 1 visit 3's
+    pairs = sorted(zip(b.target_rows.tolist(), b.target_tokens.tolist()))
+    assert pairs == [(0, 12), (0, 13), (0, 14), (1, 10), (1, 15)]
+    seen = dict(zip(zip(b.target_rows.tolist(), b.target_tokens.tolist()), b.target_seen.tolist()))
+    assert seen[(1, 10)] and not seen[(1, 15)]  # token 10 was in visit 1 (input): a repeat, not a new onset
+    assert b.target_repeats.tolist() == [0] * 5  # ... but never a positive target before
+    assert b.sep_visit.tolist() == [1, 2]
+
+
+def test_attention_rule_case_by_case():
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, max_tokens=64)
+    allowed = attention_allowed(b.att_days, b.doc_ids)[0]
+    v1, sep1, v2, sep2, v3 = [0, 1], 2, [3, 4, 5], 6, [7, 8]
+    assert allowed[0, 1] and allowed[1, 0]  # bidirectional inside a visit
+    assert allowed[3, 5] and allowed[5, 3]
+    assert allowed[3, 0] and not allowed[0, 3]  # causal across visits
+    assert allowed[sep1, 0] and not any(allowed[sep1, j] for j in v2)  # a SEP never sees the visit it predicts
+    assert all(allowed[j, sep1] for j in v2)  # the predicted visit may see its SEP (its date)
+    assert all(allowed[sep2, j] for j in v1 + v2 + [sep1]) and not any(allowed[sep2, j] for j in v3)
+    # consecutive days (105, 106): visit 2 tokens share the SEP's attention day and see it; that SEP only
+    # carries visit 3's date, which is an input, and no earlier SEP sees visit 2
+    assert all(allowed[j, sep2] for j in v2)
+    assert not allowed[sep1, sep2]
+    # padding: nothing attends it, it attends only itself
+    pad = 9
+    assert not allowed[: pad, pad:].any()
+    assert allowed[pad, pad] and allowed[pad].sum() == 1
+
+
+def test_packed_subjects_do_not_attend_each_other_and_padding_is_inert():
+    other = subject([[20, 21], [22], [20, 23, 24]], [50, 90, 400], subject_id=2)
+    m = model()
+    alone = [logits(m, windows_batch([s], [Window(0, 0, s.n_visits)], SUPERVISED, 64)) for s in (S, other)]
+    packed = windows_batch([S, other], [Window(0, 0, 3), Window(1, 0, 3)], SUPERVISED, 64, packed_rows=[[0, 1]])
+    assert packed.tokens[0].tolist().count(EOW) == 2
+    allowed = attention_allowed(packed.att_days, packed.doc_ids)[0]
+    first = packed.doc_ids[0] == 1
+    second = packed.doc_ids[0] == 2
+    assert not allowed[first][:, second].any() and not allowed[second][:, first].any()
+    # EOW is part of each window, which changes nothing before it: the SEP logits equal the unpacked ones
+    out = logits(m, packed)
+    torch.testing.assert_close(out[:2], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2:], alone[1], atol=1e-5, rtol=1e-5)
+    # padding contents change nothing
+    padded = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
+    padded.tokens[padded.doc_ids == 0] = 33
+    padded.days[padded.doc_ids == 0] = 7.0
+    torch.testing.assert_close(logits(m, padded), alone[0], atol=1e-6, rtol=1e-6)
+
+
+def test_no_leak_from_the_predicted_visit_or_later():
+    m = model()
+    base = logits(m, windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64))
+    changed = subject([[10, 11], [30, 31], [32, 33, 34, 35]], [100, 105, 106])
+    out = logits(m, windows_batch([changed], [Window(0, 0, 3)], SUPERVISED, 64))
+    torch.testing.assert_close(out[0], base[0])  # SEP 0 does not see visit 2's contents
+    assert not torch.allclose(out[1], base[1])  # SEP 1 does
+
+
+def test_shifting_every_day_changes_no_output():
+    m = model()
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
+    base = logits(m, b)
+    shifted_subject = subject([[10, 11], [12, 13, 14], [10, 15]], [100 + 3650, 105 + 3650, 106 + 3650])
+    torch.testing.assert_close(logits(m, windows_batch([shifted_subject], [Window(0, 0, 3)], SUPERVISED, 64)), base)
+    # rotary embeddings are relative: a constant added to the model's day positions changes nothing either
+    b.days = b.days + 1234.0
+    b.att_days = b.att_days + 1234
+    torch.testing.assert_close(logits(m, b), base, atol=2e-4, rtol=1e-4)
+    # while a change of a gap does change the output
+    moved = subject([[10, 11], [12, 13, 14], [10, 15]], [100, 140, 141])
+    assert not torch.allclose(logits(m, windows_batch([moved], [Window(0, 0, 3)], SUPERVISED, 64)), base)
+
+
+def test_query_equals_the_sep_of_a_next_visit_on_that_day():
+    """A horizon query at last day + H sees exactly what the SEP before a real visit at that day sees."""
+    m = model()
+    history = subject([[10, 11], [12, 13, 14]], [100, 105])
+    future = subject([[10, 11], [12, 13, 14], [10, 15]], [100, 105, 105 + 730])
+    q = query_batch([history], 730, max_tokens=511)
+    assert q.tokens[0, q.positions[0]] == SEP
+    assert q.days[0, q.positions[0]] == 5 + 730 and q.att_days[0, q.positions[0]] == 5 + 729
+    full = logits(m, windows_batch([future], [Window(0, 0, 3)], SUPERVISED, 64))
+    torch.testing.assert_close(logits(m, q)[0], full[1], atol=1e-5, rtol=1e-5)
+    # different horizons give different answers; one row per subject
+    q2 = query_batch([history, history], [365, 1825])
+    out = logits(m, q2)
+    assert out.shape == (2, V) and not torch.allclose(out[0], out[1])
+
+
+def test_query_keeps_the_most_recent_tokens_from_a_visit_boundary():
+    visits = [[10 + i % 20, 11, 12] for i in range(40)]  # 40 visits of 3 tokens: 160 tokens with SEPs
+    s = subject(visits, np.arange(40) * 10)
+    q = query_batch([s], 365, max_tokens=20)
+    n = int((q.doc_ids[0] > 0).sum())
+    assert n <= 21  # history <= 20 tokens plus the query SEP
+    history = q.tokens[0, : n - 1].tolist()
+    assert history[:3] == visits[-5] and history[-3:] == visits[-1]  # 5 whole visits: 5*3 + 4 SEPs = 19
+    assert q.days[0, 0] == 0 and q.days[0, n - 1] == 40 + 365  # days relative to the window's first visit
+    assert q.sep_visit.tolist() == [40]
+    empty = Subject(7, 0, np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
+    with pytest.raises(UserError, match="subject 7: no visits"):
+        query_batch([empty], 365)
+
+
+def test_windows_cover_every_visit_boundary_once():
+    lengths = np.array([3, 5, 2, 7, 4, 4, 6, 1])
+    windows = split_visits(lengths, max_tokens=12)
+    assert windows[0][0] == 0 and windows[-1][1] == len(lengths)
+    targets = [v for start, stop in windows for v in range(start + 1, stop)]
+    assert targets == list(range(1, len(lengths)))  # each visit after the first is predicted exactly once
+    kept = np.minimum(lengths, visit_cap(12))  # a visit longer than half a window is truncated (counted)
+    assert visit_cap(12) == 5 and all(sum(kept[a:b]) + (b - a) <= 12 for a, b in windows)
+    s = subject([[10] * n for n in lengths], np.arange(len(lengths)))
+    b = windows_batch([s], subject_windows([s], 12), SUPERVISED, 12)
+    assert b.sep_visit.tolist() == list(range(1, len(lengths)))
+
+
+def test_repeat_counts_count_earlier_positive_targets_in_the_window():
+    chronic = subject([[10], [10, 11], [10], [10, 12], [10], [10], [10]], np.arange(7) * 30)
+    b = windows_batch([chronic], [Window(0, 0, 7)], SUPERVISED, 64)
+    is_chronic = b.target_tokens == 10
+    assert b.target_repeats[is_chronic].tolist() == [0, 1, 2, 3, 4, 5]
+    assert b.target_seen[is_chronic].all()  # in the input visit already: never a new onset
+
+
+def test_head_runs_only_at_sep_positions():
+    m = model()
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
+    seen_shapes = []
+    hook = m.ln_final.register_forward_hook(lambda mod, inp, out: seen_shapes.append(tuple(out.shape)))
+    out = logits(m, b)
+    hook.remove()
+    assert out.shape == (2, V)  # N SEPs x V, never B x T x V
+    B, T = b.tokens.shape
+    assert seen_shapes == [(B, T, 32)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NEXTVISIT_TEST_FLEX"), reason="compiles FlexAttention (~20 s on CPU); "
+                    "set NEXTVISIT_TEST_FLEX=1 to run")
+def test_flex_attention_matches_sdpa_when_available():
+    m = model()
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
+    base = logits(m, b)
+    m.config.attention = "flex"
+    try:
+        flex = logits(m, b)
+    except Exception as exc:  # compiled FlexAttention needs a working C++ toolchain
+        pytest.skip(f"FlexAttention unavailable here: {type(exc).__name__}")
+    torch.testing.assert_close(flex, base, atol=1e-4, rtol=1e-4)
