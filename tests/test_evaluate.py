@@ -340,6 +340,22 @@ def test_single_class_evaluation_set(tmp_path):
     assert (tmp_path / "report" / "report.html").exists()
 
 
+def test_missing_and_unbounded_scores(tmp_path):
+    folder = write_predictions(tmp_path / "scores", "logits")
+    frame = pl.read_parquet(folder / "predictions.parquet")
+    scores = frame["predicted_boolean_probability"].to_numpy().copy()
+    held = (frame["split"] == "held_out").to_numpy()
+    first, second = np.flatnonzero(held)[:2]
+    scores[first], scores[second] = np.nan, np.inf
+    frame.with_columns(pl.Series("predicted_boolean_probability", scores)).write_parquet(folder / "predictions.parquet")
+    metrics = ev.evaluate([folder], tmp_path / "report", n_bootstrap=FAST, progress=False)
+    r = row_for(metrics, "dementia", 730, "logits")
+    assert r["counts"]["missing_score_rows_excluded"] == 1 and r["counts"]["rows"] == held.sum() - 1
+    assert any("null/NaN predicted_boolean_probability" in w for w in metrics["warnings"])
+    assert r["auroc"]["value"] is not None  # ranks are fine with an infinite score
+    assert r["brier"]["value"] is None and "not probabilities" in r["brier"]["reason"]
+
+
 def test_rows_that_disagree_with_info_json_are_reported(tmp_path):
     folder = write_predictions(tmp_path / "mismatch", "nextvisit", task="knee_oa",
                                info_overrides={"task": "dementia", "model": "renamed"})

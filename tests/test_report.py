@@ -55,8 +55,9 @@ def _lookup(metrics: dict, path: str):
     return node
 
 
-@pytest.fixture
-def report(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
     paths = [
         write_predictions(tmp_path / "p" / "oracle", "oracle", kind="oracle", horizons=(730, 1825)),
         write_predictions(tmp_path / "p" / "nextvisit", "nextvisit", horizons=(730, 1825), seed=1,

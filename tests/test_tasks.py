@@ -130,8 +130,8 @@ def test_reasons_and_exclusions_are_counted(cohort):
 
 
 def test_landmarks_whose_horizon_passes_the_end_of_data_are_not_used(cohort):
-    """Near the end of the data only events could be labelled, never plain negatives: such landmarks are
-    left out (and counted), by default past the dataset's latest event."""
+    """Past the end of the data only events could be labelled, never plain negatives: a landmark serves a
+    horizon only if the horizon ends within the data (by default the dataset's latest event)."""
     auto = make_labels(cohort, simple_task(end_of_data="auto"), progress=False)
     assert auto.counts["end_of_data"] == "2014-01-01T00:00:00"
     # subject 9's 2013-01-01 landmark would need data through 2015; its 2011 landmark stays
@@ -139,9 +139,36 @@ def test_landmarks_whose_horizon_passes_the_end_of_data_are_not_used(cohort):
     assert auto.counts["horizons"]["730"]["by_reason"]["censored_lost_to_followup"] == 2
     early = make_labels(cohort, simple_task(end_of_data="2012-06-01"), progress=False)
     assert early.labels.height == 0
-    # subjects 1, 2, 3, 9 and the prevalent subject 4 (this step comes before the prevalence step)
-    assert early.counts["subjects"]["excluded"]["horizon_past_end_of_data"] == 5
-    assert early.counts["subjects"]["excluded"]["prevalent"] == 0
+    # subjects 1, 2, 3 and 9 had eligible visits, but none whose horizon ends by 2012-06-01
+    assert early.counts["subjects"]["excluded"]["horizon_past_end_of_data"] == 4
+    assert early.counts["horizons"]["730"]["subjects_past_end_of_data"] == 4
+    assert early.counts["subjects"]["excluded"]["prevalent"] == 1
+    # two horizons: the 2011 landmark serves the short one only, although subject 1's onset (2012-07-01)
+    # falls inside the long one: a negative could not have been observed there
+    data = simple_task(end_of_data="2012-12-01").to_dict()
+    data["horizons_days"] = [365, 730]
+    both = make_labels(cohort, Task.from_dict(data), progress=False)
+    assert label_row(both.labels, 1, "2011-01-01", 365)["reason"] == "negative"
+    assert both.labels.filter(pl.col("horizon_days") == 730).height == 0
+    assert both.counts["horizons"]["730"]["subjects_past_end_of_data"] == 4
+    assert both.counts["subjects"]["excluded"]["horizon_past_end_of_data"] == 0
+
+
+def test_horizons_choose_their_own_landmarks_sharing_where_they_can(tmp_path):
+    visits = [f"{2000 + y}-0{m}-01" for y in range(12) for m in (1, 5, 9)]
+    meds = write_meds(tmp_path / "meds", [person(1, "1930-01-01", visits)], {1: "held_out"})
+    data = simple_task(end_of_data="auto", max_per_subject=3).to_dict()
+    data["horizons_days"] = [365, 1825]
+    labels = make_labels(meds, Task.from_dict(data), progress=False).labels
+    short = set(labels.filter(pl.col("horizon_days") == 365)["prediction_time"].to_list())
+    long = set(labels.filter(pl.col("horizon_days") == 1825)["prediction_time"].to_list())
+    assert len(short) == len(long) == 3
+    end = d("2011-09-01")
+    assert all(t + timedelta(days=1825) <= end + timedelta(days=1) for t in long)
+    # the seeded key ranks a visit the same for every horizon: a short-horizon landmark that the long
+    # horizon could also use is one of the long horizon's landmarks too
+    usable_for_long = {t for t in short if t + timedelta(days=1825) <= end + timedelta(days=1)}
+    assert usable_for_long <= long
 
 
 def test_label_columns(cohort):

@@ -311,6 +311,21 @@ def test_shards_workers_and_chunks_do_not_change_the_store(tmp_path):
         assert (tmp_path / "a" / "vocab.json").read_text() == (tmp_path / name / "vocab.json").read_text()
 
 
+def test_wide_frames_sort_by_columns_with_the_same_result(monkeypatch):
+    import nextvisit.tokenizer as tokenizer_module
+
+    frame, _ = cohort(n_subjects=12, seed=9)
+    tokenizer = Tokenizer.fit(frame, config())
+    packed = list(tokenizer.subjects(frame))
+    monkeypatch.setattr(tokenizer_module, "_KEY_BITS", 0)
+    by_columns = list(tokenizer.subjects(frame))
+    assert tokenizer.last_counts["duplicates_collapsed"] > 0
+    for a, b in zip(packed, by_columns, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.visit_offsets, b.visit_offsets)
+        np.testing.assert_array_equal(a.visit_days, b.visit_days)
+
+
 # -- re-tokenizing with a fitted vocabulary ---------------------------------------------------------------------
 def test_subjects_matches_the_store_and_cuts_histories(tmp_path):
     frame, splits = cohort(n_subjects=20, seed=7)

@@ -101,29 +101,45 @@ def test_run_folder_contract_and_load_run(store, tmp_path):
 def test_learns_beyond_code_frequency_baseline(store, tmp_path):
     """The model overfits a tiny store: validation loss clearly below the frequency baseline and new onsets
     (the code that follows a trigger) ranked far better than chance."""
-    config = tiny_config(max_steps=150, eval_every=150, eval_contexts=0, checkpoint_every=1000, log_every=50,
-                         lr=1e-2, warmup_steps=10, decay_steps=140)
+    config = tiny_config(max_steps=200, eval_every=200, eval_contexts=0, checkpoint_every=1000, log_every=50,
+                         lr=3e-3, warmup_steps=10, decay_steps=190)
     config.model.d_model = 64
     last = train(store, tmp_path / "run", config, progress=False)
-    assert float(last["val_loss"]) < 0.8 * float(last["val_loss_frequency_baseline"])
-    assert float(last["val_new_onset_auroc"]) > 0.75
-    assert float(last["val_new_onset_auroc"]) > float(last["val_new_onset_auroc_frequency_baseline"]) + 0.05
+    # the baseline is the best constant logit per token under the same loss (not just the calibrated rate)
+    assert float(last["val_loss"]) < 0.95 * float(last["val_loss_frequency_baseline"])
+    assert float(last["val_new_onset_auroc"]) > 0.7
+    assert float(last["val_new_onset_auroc"]) > float(last["val_new_onset_auroc_frequency_baseline"]) + 0.1
 
 
-def test_resume_reproduces_uninterrupted_loss_curve(store, tmp_path):
-    config = tiny_config(max_steps=12, eval_every=1000)
+def test_resume_reproduces_uninterrupted_loss_curve(store, tmp_path, monkeypatch):
+    import nextvisit.train as train_module
+
+    config = tiny_config(max_steps=12, eval_every=1000, checkpoint_every=4)
     train(store, tmp_path / "full", config, progress=False)
-    # interrupted: a time budget of zero minutes after the step-8 checkpoint is emulated by max_steps
-    first = tiny_config(max_steps=8, eval_every=1000)
-    train(store, tmp_path / "parts", first, progress=False)
-    cfg = RunConfig.load(tmp_path / "parts" / "config.yaml")
-    cfg.train.max_steps = 12
-    cfg.save(tmp_path / "parts" / "config.yaml")
+    # interrupted at step 10 (after the step-8 checkpoint, with rows 9 and 10 already in metrics.csv)
+    real = train_module.learning_rate
+
+    def interrupt(step, train_config):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real(step, train_config)
+
+    monkeypatch.setattr(train_module, "learning_rate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(store, tmp_path / "parts", tiny_config(max_steps=12, eval_every=1000, checkpoint_every=4), progress=False)
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["step"] == 8
+    monkeypatch.setattr(train_module, "learning_rate", real)
     train(store, tmp_path / "parts", RunConfig(), resume=True, progress=False)
-    full = [float(r["loss"]) for r in read_metrics(tmp_path / "full") if r["loss"]]
-    parts = [float(r["loss"]) for r in read_metrics(tmp_path / "parts") if r["loss"]]
-    assert len(full) == len(parts) == 12
-    np.testing.assert_allclose(parts, full, rtol=1e-6)
+    full = [(int(r["step"]), float(r["loss"])) for r in read_metrics(tmp_path / "full") if r["loss"]]
+    parts = [(int(r["step"]), float(r["loss"])) for r in read_metrics(tmp_path / "parts") if r["loss"]]
+    assert [s for s, _ in parts] == list(range(1, 13))
+    np.testing.assert_allclose([l for _, l in parts], [l for _, l in full], rtol=1e-6)
+
+
+def test_time_budget_stops_with_a_checkpoint(store, tmp_path):
+    last = train(store, tmp_path / "run", tiny_config(max_steps=10_000), max_minutes=0.05, progress=False)
+    step = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step < 10_000 and int(last["step"]) == step and last["val_loss"]
 
 
 def test_bad_inputs_are_user_errors(store, tmp_path):

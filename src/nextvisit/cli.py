@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="tokenizer config YAML (defaults documented in docs/)")
     p.add_argument("--vocab-from", type=Path, default=None, metavar="STORE_OR_RUN",
                    help="reuse the vocabulary and lab statistics of an existing token store or model run")
-    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="worker processes (default: one per 2M events, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.tokenizer:run_cli"))
 

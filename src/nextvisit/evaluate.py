@@ -824,7 +824,7 @@ def _oracle_shares(rows: list[dict], config: EvaluationConfig, warnings: list[st
     return oracle["model"]
 
 
-def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConfig) -> dict:
+def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConfig, warnings: list[str]) -> dict:
     """AUROC on all occurrences vs new onsets (prior_occurrence == False), per model."""
     models = []
     for r in rows:
@@ -841,6 +841,9 @@ def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConf
         new = ~p.prior
         labels, scores = p.labels[new], p.scores[new]
         entry["new_onsets"] = {"positives": int(labels.sum()), "negatives": int((~labels).sum())}
+        if 0 < labels.sum() < config.min_positives_for_ci:
+            warnings.append(f"{r['model']} on {task}: only {int(labels.sum())} new-onset {config.report_split} "
+                            "positives; the new-onset interval rests on very few cases")
         entry["recurrence_share_of_positives"] = (
             metric(float(p.labels[p.prior].sum()) / p.labels.sum()) if p.labels.sum() else not_available("0 positives"))
         problem = p.no_labels or _class_problem(labels, f"{config.report_split} new-onset")
@@ -941,7 +944,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
             warnings.append(f"{where}: models were not evaluated on the same {config.report_split} rows "
                             f"(rows or labels differ; row counts: {sizes}); compare them with care")
         if task.endswith(NEXT_VISIT_SUFFIX):
-            inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config)})
+            inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config, warnings)})
         for r in rows:
             for private in [k for k in r if k.startswith("_")]:
                 del r[private]
@@ -959,6 +962,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
         "inflation": inflation,
         "models": models,
     }
+    metrics = _finite(metrics)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["figures"] = write_report(metrics, plots, out_dir)

@@ -200,9 +200,12 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
+FOUR_DIGITS = ("threshold", "brier")  # small numbers for rare outcomes
+
+
 def _cell(m: dict | None, path: str, with_ci: bool = True) -> str:
     """A metric cell: the formatted value, or n/a with its reason, tagged with its metrics.json path."""
-    text = format_metric(m, with_ci=with_ci)
+    text = format_metric(m, digits=4 if path.rsplit("/", 1)[-1] in FOUR_DIGITS else 3, with_ci=with_ci)
     css = "na" if not m or m.get("value") is None else ""
     return f'<td class="{css}" data-metric="{_e(path)}">{_e(text)}</td>'
 

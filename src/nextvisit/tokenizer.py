@@ -71,6 +71,10 @@ REPLACE_REASONS = (
     "nonfinite_value",  # NaN/inf value treated as no value
 )
 _REASON_ID = {name: i + 1 for i, name in enumerate(DROP_REASONS)}  # 0 = kept
+_KEY_BITS = 63  # events sort on one int64 key (subject, day, kind, token) when their ranges fit in it
+# Without --workers, one worker process per this many events (up to the CPUs): starting a process (about
+# 0.4 CPU-seconds of imports) costs more than it saves on smaller datasets.
+ROWS_PER_WORKER = 2_000_000
 
 
 @dataclass
@@ -244,10 +248,10 @@ def _starts_with_any(prefixes) -> pl.Expr:
     return expr
 
 
-def _annotate(frame: pl.LazyFrame, config: TokenizerConfig, max_time: datetime | None) -> pl.LazyFrame:
+def _annotate(frame: pl.LazyFrame, config: TokenizerConfig, max_time: datetime | None) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     """Add ``day`` (days since 1970-01-01, null for static rows), ``birth_day``, ``death_day``,
     ``demographic`` and ``reason`` (0 = kept; else an index into DROP_REASONS + 1) for the rules that do
-    not need the vocabulary."""
+    not need the vocabulary. Also returns the per-subject ``birth_day, death_day`` table."""
     frame = frame.with_columns(day=pl.col("time").dt.date().cast(pl.Int32))
     life = frame.group_by("subject_id").agg(
         birth_day=pl.col("day").filter(pl.col("code") == meds.BIRTH_CODE).min(),
@@ -266,11 +270,12 @@ def _annotate(frame: pl.LazyFrame, config: TokenizerConfig, max_time: datetime |
         .otherwise(0)
         .cast(pl.UInt8)
     )
-    return (
+    annotated = (
         frame.join(life, on="subject_id", how="left")
         .with_columns(demographic=demographic)
         .with_columns(reason=reason)
     )
+    return annotated, life
 
 
 def check_future(frame: pl.DataFrame, config: TokenizerConfig, max_time: datetime | None, source: str,
@@ -297,7 +302,7 @@ _STAT_SCHEMA = {"code": pl.String, "n_events": pl.Int64, "n_values": pl.Int64, "
 def code_statistics(events: pl.DataFrame, config: TokenizerConfig, max_time: datetime | None) -> pl.DataFrame:
     """Per code over the kept events of ``events``: event count, count / mean / sum of squared deviations
     (``m2``) of the finite values, and whether it is a demographic. Mergeable with ``merge_statistics``."""
-    kept = _annotate(events.lazy(), config, max_time).filter(pl.col("reason") == 0)
+    kept = _annotate(events.lazy(), config, max_time)[0].filter(pl.col("reason") == 0)
     value = pl.col("numeric_value").cast(pl.Float64)
     usable = value.is_not_null() & value.is_finite() & ~pl.col("demographic")
     stats = kept.group_by("code").agg(
@@ -477,25 +482,28 @@ class Tokenizer:
         """Tokens of ``events`` (MEDS core columns, normalized dtypes, any row order; whole subjects)."""
         counts = empty_counts()
         counts["events_in"] = events.height
-        frame = (
-            _annotate(events.lazy().select(meds.CORE_COLUMNS), self.config, self.max_time)
-            .join(self._code_frame.lazy(), on="code", how="left")
-            .select("subject_id", "day", "birth_day", "demographic", "reason", "code_row",
-                    pl.col("numeric_value").is_null().alias("value_null"), "numeric_value")
-            .collect()
-        )
+        annotated, life = _annotate(events.lazy().select(meds.CORE_COLUMNS), self.config, self.max_time)
+        frame, life = pl.collect_all([
+            annotated.join(self._code_frame.lazy(), on="code", how="left").select(
+                "subject_id", "day", "demographic", "reason", "code_row",
+                pl.col("numeric_value").is_null().alias("value_null"), "numeric_value"),
+            life.sort("subject_id"),
+        ])
+        subject_ids = life.get_column("subject_id").to_numpy()
+        birth = life.get_column("birth_day")
+        birth_days = birth.fill_null(NO_DAY).to_numpy().astype(np.int32)
+        birth_known = birth.is_not_null().to_numpy()
+
+        # token ids: lab token for a finite value on a lab code, else the code's plain token, else UNK
         reason = frame.get_column("reason").to_numpy().copy()
         demographic = frame.get_column("demographic").to_numpy()
         known = frame.get_column("code_row").is_not_null().to_numpy()
         code_row = frame.get_column("code_row").fill_null(0).to_numpy()
         value = frame.get_column("numeric_value").cast(pl.Float64).fill_null(np.nan).to_numpy()
-        value_null = frame.get_column("value_null").to_numpy()
         finite = np.isfinite(value)
-        nonfinite = ~value_null & ~finite & ~demographic
-
-        # token ids: lab token for a finite value on a lab code, else the code's plain token, else UNK
+        nonfinite = ~frame.get_column("value_null").to_numpy() & ~finite & ~demographic
         lab = known & finite & ~demographic & self._is_lab[code_row]
-        token = np.where(known, self._plain_id[code_row], UNK).astype(np.int32)
+        token = np.where(known, self._plain_id[code_row], UNK).astype(np.int64)
         lab_rows = np.flatnonzero(lab)
         if lab_rows.size:
             rows = code_row[lab_rows]
@@ -504,87 +512,84 @@ class Tokenizer:
             out_of_range = (z < low) | (z > high)
             reason[lab_rows[out_of_range & (reason[lab_rows] == 0)]] = _REASON_ID["value_out_of_range"]
             if self.config.lab_binning == "zscore":
-                inner = np.asarray(self.config.z_edges, dtype=float)[1:-1]
-                bins = np.searchsorted(inner, z, side="right")
+                bins = np.searchsorted(np.asarray(self.config.z_edges, dtype=float)[1:-1], z, side="right")
             else:
                 bins = (z[:, None] >= self._inner_edges[rows]).sum(axis=1)
             token[lab_rows] = self._lab_ids[rows, bins]
-        without_stats = known & finite & ~demographic & ~lab
         replaced = (
             (token == UNK).astype(np.uint8)
-            | (without_stats.astype(np.uint8) << 1)
+            | ((known & finite & ~demographic & ~lab).astype(np.uint8) << 1)
             | (nonfinite.astype(np.uint8) << 2)
         )
 
-        events_out = frame.select("subject_id", "day", "birth_day", "demographic").with_columns(
-            reason=pl.Series(reason), token=pl.Series(token, dtype=pl.Int32), replaced=pl.Series(replaced)
-        )
-        subjects = (
-            events_out.group_by("subject_id")
-            .agg(
-                birth_day=pl.col("birth_day").first(),
-                first_day=pl.col("day").filter((pl.col("reason") == 0) & ~pl.col("demographic")).min(),
-            )
-            .sort("subject_id")
-        )
-        kept = events_out.filter(pl.col("reason") == 0).join(subjects.select("subject_id", "first_day"), on="subject_id")
-        no_visit = kept.get_column("first_day").is_null()
-        kept = kept.filter(~no_visit).with_columns(
-            day=pl.when(pl.col("demographic")).then(pl.col("first_day")).otherwise(pl.col("day")),
-            rank=pl.when(pl.col("demographic")).then(pl.lit(1, pl.Int8)).otherwise(pl.lit(2, pl.Int8)),
-        )
+        # kept events; a subject with no timed event left has no visit to hold its demographics
+        kept = reason == 0
+        subject_row = np.searchsorted(subject_ids, frame.get_column("subject_id").to_numpy())
+        has_visit = np.zeros(len(subject_ids), dtype=bool)
+        has_visit[subject_row[kept & ~demographic]] = True
+        orphan = kept & ~has_visit[subject_row]
         reason_counts = np.bincount(reason, minlength=len(DROP_REASONS) + 1)
         for name, index in _REASON_ID.items():
             counts["dropped"][name] = int(reason_counts[index])
-        counts["dropped"]["subject_without_visits"] = int(no_visit.sum())
-        flags = kept.get_column("replaced").to_numpy()
+        counts["dropped"]["subject_without_visits"] = int(orphan.sum())
+        kept &= ~orphan
+        flags = replaced[kept]
         for bit, name in enumerate(REPLACE_REASONS):
             counts["replaced"][name] = int(((flags >> bit) & 1).sum())
 
-        unique_events = kept.select("subject_id", "day", "rank", "token").unique()
-        counts["tokens_from_events"] = unique_events.height
-        counts["duplicates_collapsed"] = kept.height - unique_events.height
+        # one sortable key per event: subject, day (demographics first, day 0), demographic-before-clinical, token
+        row = subject_row[kept]
+        is_clinical = ~demographic[kept]
+        day = frame.get_column("day").fill_null(0).to_numpy()[kept]
+        first_day = int(day[is_clinical].min()) if is_clinical.any() else 0
+        day_key = np.where(is_clinical, day.astype(np.int64) - first_day + 1, 0)
+        token = token[kept]
+        widths = [max(1, int(x).bit_length()) for x in (len(subject_ids), day_key.max(initial=0), len(self.vocab))]
+        if sum(widths) + 1 <= _KEY_BITS:
+            shift_day, shift_rank = widths[2] + 1, widths[2]
+            key = (row.astype(np.int64) << (shift_day + widths[1])) | (day_key << shift_day) \
+                | (is_clinical.astype(np.int64) << shift_rank) | token
+            key = np.sort(key, kind="stable")
+            key = key[np.concatenate([[True], key[1:] != key[:-1]])] if len(key) else key
+            row = key >> (shift_day + widths[1])
+            day_key = (key >> shift_day) & ((1 << widths[1]) - 1)
+            token = key & ((1 << widths[2]) - 1)
+        else:  # a frame too wide for one 64-bit key: sort by columns
+            order = np.lexsort((token, is_clinical, day_key, row))
+            row, day_key, token, is_clinical = row[order], day_key[order], token[order], is_clinical[order]
+            first = np.concatenate([[True], (row[1:] != row[:-1]) | (day_key[1:] != day_key[:-1])
+                                    | (token[1:] != token[:-1]) | (is_clinical[1:] != is_clinical[:-1])]) if len(row) else row.astype(bool)
+            row, day_key, token = row[first], day_key[first], token[first]
+        counts["tokens_from_events"] = len(token)
+        counts["duplicates_collapsed"] = int(kept.sum()) - len(token)
 
-        visits = (
-            kept.filter(pl.col("rank") == 2).select("subject_id", "day").unique()
-            .join(subjects.select("subject_id", "birth_day"), on="subject_id")
-        )
-        visit_day = visits.get_column("day").to_numpy()
-        birth = visits.get_column("birth_day")
-        age_years = (visit_day - birth.fill_null(0).to_numpy()) / DAYS_PER_YEAR
+        # demographics (day key 0) join their subject's first visit: the next clinical row's day
+        clinical_rows = np.flatnonzero(day_key > 0)
+        if len(clinical_rows) < len(day_key):
+            following = clinical_rows[np.searchsorted(clinical_rows, np.arange(len(day_key)))]
+            day_key = day_key[following]
+        visit_days = (day_key + first_day - 1).astype(np.int32)
+        n = len(token)
+        starts = np.flatnonzero(np.concatenate([[True], (row[1:] != row[:-1]) | (visit_days[1:] != visit_days[:-1])])) if n else np.zeros(0, np.int64)
+        visit_subject = row[starts]
+        visit_day = visit_days[starts]
+
+        # the age-bucket token opens every visit
+        age_years = (visit_day - birth_days[visit_subject]) / DAYS_PER_YEAR
         bucket = np.clip(np.searchsorted(self._age_edges, age_years, side="right") - 1, 0, len(self._age_edges) - 1)
-        bucket = np.where(birth.is_null().to_numpy(), len(self._age_edges), bucket)
-        age_rows = visits.select(
-            "subject_id", "day", rank=pl.lit(0, pl.Int8), token=pl.Series(self._age_ids[bucket], dtype=pl.Int32)
-        )
-        counts["age_tokens"] = age_rows.height
+        bucket = np.where(birth_known[visit_subject], bucket, len(self._age_edges))
+        tokens = np.insert(token.astype(np.int32), starts, self._age_ids[bucket])
+        visit_lengths = np.diff(np.concatenate([starts, [n]])).astype(np.int64) + 1
+        counts["age_tokens"] = len(starts)
 
-        ordered = pl.concat([age_rows, unique_events]).sort("subject_id", "day", "rank", "token")
-        subject_col = ordered.get_column("subject_id").to_numpy()
-        day_col = ordered.get_column("day").to_numpy()
-        tokens = ordered.get_column("token").to_numpy().astype(np.int32)
-        n = len(tokens)
-        if n:
-            starts = np.flatnonzero(np.concatenate([[True], (subject_col[1:] != subject_col[:-1]) | (day_col[1:] != day_col[:-1])]))
-        else:
-            starts = np.zeros(0, dtype=np.int64)
-        visit_lengths = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-        visit_days = day_col[starts].astype(np.int32)
-        visit_subjects = subject_col[starts]
-
-        subject_ids = subjects.get_column("subject_id").to_numpy()
-        visit_counts = np.zeros(len(subject_ids), dtype=np.int64)
-        if len(visit_subjects):
-            position = np.searchsorted(subject_ids, visit_subjects)
-            np.add.at(visit_counts, position, 1)
-        birth_days = subjects.get_column("birth_day").fill_null(NO_DAY).to_numpy().astype(np.int32)
-
-        counts["tokens_out"] = n
-        counts["visits"] = len(visit_days)
+        visit_counts = np.bincount(visit_subject, minlength=len(subject_ids)).astype(np.int64)
+        counts["tokens_out"] = len(tokens)
+        counts["visits"] = len(starts)
         counts["subjects_in"] = len(subject_ids)
         counts["subjects_out"] = int((visit_counts > 0).sum())
         counts["subjects_without_visits"] = counts["subjects_in"] - counts["subjects_out"]
-        return TokenBatch(subject_ids.astype(np.int64), birth_days, visit_counts, visit_days, visit_lengths, tokens, counts)
+        return TokenBatch(subject_ids.astype(np.int64), birth_days, visit_counts, visit_day.astype(np.int32),
+                          visit_lengths, tokens, counts)
 
     # -- fitting
     @classmethod
@@ -621,7 +626,7 @@ def z_histogram(events: pl.DataFrame, labs: pl.DataFrame, config: TokenizerConfi
     low = float(config.z_edges[0])
     table = labs.select("code", "mean", "std").with_row_index("lab_row")
     kept = (
-        _annotate(events.lazy().select(meds.CORE_COLUMNS), config, max_time)
+        _annotate(events.lazy().select(meds.CORE_COLUMNS), config, max_time)[0]
         .filter((pl.col("reason") == 0) & ~pl.col("demographic"))
         .join(table.lazy(), on="code")
         .select("lab_row", z=(pl.col("numeric_value").cast(pl.Float64) - pl.col("mean")) / pl.col("std"))
@@ -664,35 +669,41 @@ def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None 
 
     source = str(path)
     try:
-        parquet = pq.ParquetFile(path)
-        n_groups = parquet.metadata.num_row_groups
+        metadata = pq.read_metadata(path)
+        n_groups = metadata.num_row_groups
         first, stop = row_groups if row_groups is not None else (0, n_groups)
-        group_rows = [parquet.metadata.row_group(i).num_rows for i in range(n_groups)]
+        group_rows = [metadata.row_group(i).num_rows for i in range(n_groups)]
         offset = sum(group_rows[:first])
         end_row = offset + sum(group_rows[first:stop])  # rows past this only finish the last subject
+        total_rows = metadata.num_rows
+        scan = pl.scan_parquet(path).select(meds.CORE_COLUMNS)
         previous_subject = None
-        if first > 0:
-            previous = parquet.read_row_group(first - 1, columns=["subject_id"]).column(0)
-            previous_subject = previous[len(previous) - 1].as_py() if len(previous) else None
-        batches = parquet.iter_batches(batch_size=chunk_rows, row_groups=list(range(first, n_groups)),
-                                       columns=list(meds.CORE_COLUMNS))
+        if offset > 0:
+            previous_subject = scan.select("subject_id").slice(offset - 1, 1).collect().item()
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc}); re-export this shard") from None
+
+    def batches():
+        position = offset
+        while position < total_rows:
+            try:
+                batch = scan.slice(position, chunk_rows).collect()
+            except Exception as exc:
+                raise UserError(f"{path}: damaged after row {position} ({type(exc).__name__}: {exc}); "
+                                "re-export this shard") from None
+            if batch.height == 0:
+                return
+            yield position, batch
+            position += batch.height
+
     carry: pl.DataFrame | None = None
     skipping = previous_subject is not None
     owned_last = None  # subject of the range's last row, once read: it is followed past the range's end
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as exc:
-            raise UserError(f"{path}: damaged after row {offset} ({type(exc).__name__}: {exc}); re-export this shard") from None
-        if batch is None:
-            break
-        frame = meds.normalize_events(pl.from_arrow(batch), source)
-        frame = frame.with_columns(row=pl.int_range(offset, offset + frame.height, dtype=pl.Int64))
-        offset += frame.height
+    for position, batch in batches():
+        frame = meds.normalize_events(batch, source)
+        frame = frame.with_columns(row=pl.int_range(position, position + frame.height, dtype=pl.Int64))
         if skipping:  # leading rows of a subject that started in the previous range
             meds.check_events(frame, source, row_offset=int(frame["row"][0]))
             if frame["subject_id"][0] < previous_subject:
@@ -919,7 +930,7 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
     if total_rows == 0:
         raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows)")
     splits = meds.read_splits_checked(meds_dir)
-    workers = workers or _default_workers()
+    workers = workers or max(1, min(_default_workers(), total_rows // ROWS_PER_WORKER))
 
     if vocab_from is not None:
         tokenizer = Tokenizer.load(vocab_from)

@@ -110,9 +110,10 @@ class FinetuneConfig:
 
 PRESETS: dict[str, dict] = {
     # CPU demo: trains something measurable in under a minute on 2 cores
-    "tiny": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "context": 256, "dropout": 0.0},
-             "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "max_minutes": 0.75},
-             "finetune": {"batch_size": 32, "lr": 5e-4, "max_minutes": 0.5}},
+    "tiny": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "context": 128, "dropout": 0.0},
+             "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "max_minutes": 0.75},
+             "finetune": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 10, "max_minutes": 0.5,
+                          "eval_histories": 500}},
     "small": {"model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 512},
               "pretrain": {"batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "max_steps": 50_000, "eval_every": 500},
               "finetune": {"batch_size": 64, "lr": 1e-4}},

@@ -261,6 +261,8 @@ def build_tables() -> Tables:
 
 TABLES = build_tables()
 ACUTE_COLUMNS = np.nonzero(TABLES.acute_kind >= 0)[0]
+for _name in ("age_slope", "ref_age", "bmi_lhr", "risk", "min_age", "prodrome_rate"):
+    setattr(TABLES, _name + "32", getattr(TABLES, _name).astype(np.float32))
 ROLLOUT_COLUMNS = np.array([COND[name] for name in ROLLOUT_TARGETS])
 ROLLOUT_DRUGS = np.nonzero(TABLES.event_drugs[ROLLOUT_COLUMNS].any(axis=0))[0]
 assert len(ROLLOUT_DRUGS) == ROLLOUT.drug_start.stop - ROLLOUT.drug_start.start
@@ -288,7 +290,7 @@ def subject_generator(seed: int, subject_id: int) -> np.random.Generator:
 STATE_FIELDS = (
     "subject_id", "birth_day", "male", "race", "ethnicity", "split_u", "frailty", "cognitive", "knee", "height",
     "sbp_z", "hba1c_z", "ldl_z", "hdl_z", "egfr_z", "bmi_slope", "bmi", "day", "stage", "variant", "drug_on",
-    "coded", "visits", "offset", "group",
+    "coded", "visits", "offset", "group", "base_log_hazard",
 )
 
 
@@ -321,6 +323,7 @@ class State:
     visits: np.ndarray  # visits so far
     offset: np.ndarray  # days the next visit, death and visible onsets are known not to happen in
     group: np.ndarray  # index of the generator the row draws from
+    base_log_hazard: np.ndarray  # [R, C] float32: the parts of the onset log hazards that never change
 
     def __len__(self) -> int:
         return len(self.day)
@@ -342,19 +345,27 @@ def _bmi_drift(age: np.ndarray, slope: np.ndarray) -> np.ndarray:
     return drift + np.where((age >= 18) & (age < 60), slope, 0.0)
 
 
-def _onset_rates(st: State, age: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
-    """[R, C] per-year rate of the next stage transition of each condition (0 where none is possible)."""
+def _base_log_hazard(st: State, cfg: SimulationConfig) -> np.ndarray:
+    """[R, C] the time-invariant part of each onset log hazard (sex, frailty, latent vulnerabilities)."""
     T = TABLES
-    present = (st.stage >= 1).astype(np.float64)
-    log_hazard = (T.log_rate + T.age_slope * (age[:, None] - T.ref_age) + st.male[:, None] * T.male_lhr
-                  + T.bmi_lhr * np.maximum(st.bmi[:, None] - 25.0, -5.0) + T.frailty_lhr * st.frailty[:, None]
-                  + present @ T.risk)
+    log_hazard = T.log_rate + st.male[:, None] * T.male_lhr + T.frailty_lhr * st.frailty[:, None]
     log_hazard[:, COND["dementia"]] += cfg.cognitive_log_hr * st.cognitive
     log_hazard[:, COND["mci"]] += cfg.cognitive_log_hr * st.cognitive
     log_hazard[:, COND["knee_oa"]] += cfg.knee_log_hr * st.knee
+    log_hazard[(T.male_only & ~st.male[:, None]) | (T.female_only & st.male[:, None])] = -np.inf
+    return log_hazard.astype(np.float32)
+
+
+def _onset_rates(st: State, age: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
+    """[R, C] per-year rate of the next stage transition of each condition (0 where none is possible)."""
+    T = TABLES
+    present = (st.stage >= 1).astype(np.float32)
+    age32 = age.astype(np.float32)[:, None]
+    log_hazard = (st.base_log_hazard + T.age_slope32 * (age32 - T.ref_age32)
+                  + T.bmi_lhr32 * np.maximum(st.bmi.astype(np.float32)[:, None] - 25.0, -5.0) + present @ T.risk32)
     rate = np.exp(log_hazard)
-    rate[(age[:, None] < T.min_age) | (T.male_only & ~st.male[:, None]) | (T.female_only & st.male[:, None])] = 0.0
-    return np.where(st.stage == 0, rate, np.where(st.stage == 1, T.prodrome_rate, 0.0))
+    rate[age32 < T.min_age32] = 0.0
+    return np.where(st.stage == 0, rate, np.where(st.stage == 1, T.prodrome_rate32, np.float32(0.0)))
 
 
 # -- creating subjects and their life before care ------------------------------------------------------------
@@ -383,8 +394,9 @@ def new_subjects(subject_ids: np.ndarray, seed: int, cfg: SimulationConfig):
         egfr_z=normals["egfr"], bmi_slope=0.12 * normals["bmi_slope"], bmi=16.5 + 1.2 * normals["bmi0"],
         day=birth_day.copy(), stage=np.zeros((n, C), np.int8), variant=np.zeros((n, C), np.int8),
         drug_on=np.zeros((n, D), bool), coded=np.zeros((n, C), bool), visits=np.zeros(n, np.int64),
-        offset=np.zeros(n, np.int64), group=np.arange(n, dtype=np.int64),
+        offset=np.zeros(n, np.int64), group=np.arange(n, dtype=np.int64), base_log_hazard=np.zeros((n, C), np.float32),
     )
+    st.base_log_hazard = _base_log_hazard(st, cfg)
     # Life before care, one year at a time (the step hazards evaluated at the start of each year).
     years = np.stack([g.random((cfg.max_age_years, YEAR.width)) for g in gens]) if n else np.zeros(
         (0, cfg.max_age_years, YEAR.width))
@@ -482,13 +494,10 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
         admin_gap = cfg.end_day - st.day
     with np.errstate(divide="ignore"):
         onset_time = _exponential(U[:, lay.onset]) / rate  # [R, C] days (inf when impossible)
-    acute = T.acute_kind >= 0
     acute_cols = ACUTE_COLUMNS
     acute_onset = onset_time[:, acute_cols]
     acute_gap_a = np.where(np.isfinite(acute_onset), np.floor(np.minimum(acute_onset, 1e12)) + 1 + offset[:, None],
                            np.inf)
-    acute_gap = np.full((R, C), np.inf)
-    acute_gap[:, acute_cols] = acute_gap_a
     acute_first = acute_gap_a.min(axis=1)
     triggered = acute_first < visit_gap
     visit_at = np.where(triggered, acute_first, visit_gap).astype(np.int64)
@@ -514,8 +523,7 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     age_v = (new_day[v] - st.birth_day[v]) / DAYS_PER_YEAR
     stage = st.stage[v]
     onset = onset_time[v] < gap_days[:, None]
-    onset |= acute_gap[v] <= gap_days[:, None]
-    onset &= ~(acute & (acute_gap[v] > gap_days[:, None]))
+    onset[:, acute_cols] = acute_gap_a[v] <= gap_days[:, None]
     stage = np.where(onset, np.where((stage == 0) & T.has_prodrome, 1, 2), stage).astype(np.int8)
     dt = gap_days / DAYS_PER_YEAR
     bmi = np.maximum(st.bmi[v] + _bmi_drift(age_v, st.bmi_slope[v]) * dt
@@ -528,7 +536,7 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     kind = (Uv[:, lay.kind] > cum[:, :2]).sum(axis=1)
     trig = triggered[v]
     if trig.any():
-        trig_cond = np.argmin(acute_gap[v], axis=1)
+        trig_cond = acute_cols[np.argmin(acute_gap_a[v], axis=1)]
         kind = np.where(trig, T.acute_kind[trig_cond], kind)
     intake = first[v]
     kind = np.where(intake, OUT, kind)
@@ -538,11 +546,12 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     p_detect = T.p_detect[:, kind].T  # [V, C]
     newly = (stage == 2) & (Uv[:, lay.detect] < p_detect)
     if trig.any():
-        newly |= (stage == 2) & acute & (acute_gap[v] == gap_days[:, None]) & trig[:, None]
+        newly[:, acute_cols] |= (stage[:, acute_cols] == 2) & (acute_gap_a[v] == gap_days[:, None]) & trig[:, None]
     stage[newly] = 3
     diag = stage == 3
     recode_mult = np.array([cfg.recode_outpatient, cfg.recode_emergency, cfg.recode_inpatient])[kind]
-    p_recode = np.minimum(T.p_recur * recode_mult[:, None], 0.97)
+    recur = T.p_recur[ROLLOUT_COLUMNS] if rollout else T.p_recur
+    p_recode = np.minimum(recur * recode_mult[:, None], 0.97)
     p_recode = np.where(intake[:, None], np.maximum(p_recode, cfg.intake_recode), p_recode)
     # Drugs start once an indication is diagnosed (most at the diagnosis visit), repeat, and sometimes stop.
     later = (diag & ~newly).astype(np.float64) * cfg.later_start_share
@@ -552,7 +561,7 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
         targets = ROLLOUT_COLUMNS
         drugs = ROLLOUT_DRUGS
         cond_emit = np.zeros((len(v), C), bool)
-        cond_emit[:, targets] = newly[:, targets] | (diag[:, targets] & (Uv[:, lay.recode] < p_recode[:, targets]))
+        cond_emit[:, targets] = newly[:, targets] | (diag[:, targets] & (Uv[:, lay.recode] < p_recode))
         u_start, u_refill = Uv[:, lay.drug_start], Uv[:, lay.drug_refill]
     else:
         drugs = slice(None)

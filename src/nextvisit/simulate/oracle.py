@@ -49,8 +49,8 @@ US_PER_DAY = 86_400_000_000
 @dataclass(frozen=True)
 class OracleConfig:
     n_samples: int = 400  # Monte Carlo futures per (subject, prediction day)
-    pairs_per_batch: int = 48  # (subject, day) pairs rolled forward together
-    subjects_per_batch: int = 256  # subjects re-simulated together
+    rows_per_batch: int = 16_384  # futures rolled forward together (pairs x n_samples)
+    subjects_per_batch: int = 1_000  # subjects re-simulated together
     min_pairs_per_worker: int = 200  # fewer pairs than this per worker: not worth starting processes
     stream: int = ORACLE_STREAM  # another value gives an independent Monte Carlo estimate
 
@@ -170,8 +170,9 @@ def _pair_job(job):
     alive = np.nonzero(~dead_before)[0]
     for k in alive:
         coded[k] = snapshots[k].coded[0]
-    for start in range(0, len(alive), cfg.pairs_per_batch):
-        batch = alive[start:start + cfg.pairs_per_batch]
+    pairs_per_batch = max(1, cfg.rows_per_batch // cfg.n_samples)
+    for start in range(0, len(alive), pairs_per_batch):
+        batch = alive[start:start + pairs_per_batch]
         first[batch] = _futures([snapshots[k] for k in batch], pairs[batch], max_horizon[batch], sim, cfg)
     return pair_idx, first, coded, dead_before
 

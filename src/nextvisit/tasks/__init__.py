@@ -13,12 +13,15 @@ The landmark rule, in order (a subject excluded at a step is counted under that 
 2. candidate prediction times are the visit days, each at the *end* of its day (``date 23:59:59.999999``),
    so every event of that day is known at the prediction time (MEDS: ``time <= prediction_time`` is known).
 3. a candidate needs ``min_history_days`` since the subject's first visit (``insufficient_history``), age at
-   least ``min_age_years`` (``too_young``), its longest horizon ending on or before the last day of the data
-   (``horizon_past_end_of_data``; ``follow_up.end_of_data``, by default the dataset's latest event), no death
-   at or before it (``no_visit_before_death``) and no code of the condition at or before it (``prevalent``;
-   a static condition code makes every candidate prevalent).
-4. of the remaining candidates at most ``max_per_subject`` are kept, chosen by a seeded hash of
-   (seed, subject_id, day), so the choice does not depend on how the dataset is sharded.
+   least ``min_age_years`` (``too_young``), no death at or before it (``no_visit_before_death``) and no code
+   of the condition at or before it (``prevalent``; a static condition code makes every candidate prevalent).
+4. per horizon H, a candidate serves only if its horizon ends within the data (day + H on or before
+   ``follow_up.end_of_data``, by default the dataset's latest event; subjects left without one are counted
+   per horizon as ``subjects_past_end_of_data``). Past the end of the data only events (onsets, deaths)
+   could be labelled, never plain negatives, so such rows would enrich the labels with events.
+5. of those, at most ``max_per_subject`` per horizon are kept, chosen by a seeded hash of (seed,
+   subject_id, day): reproducible, independent of sharding, and shared between horizons wherever their
+   eligible visits overlap.
 
 Follow-up, per horizon H (day-level, like visits): positive if the first condition code falls in
 (t, t + H]; otherwise negative if the record reaches the horizon's last day (its last event is on day d + H
@@ -62,8 +65,8 @@ LABEL_REASONS = (POSITIVE, NEGATIVE, NEGATIVE_DEATH, CENSORED, CENSORED_DEATH)
 
 # Subject exclusions, in the order the rule applies them (module docstring).
 SUBJECT_REASONS = ("not_in_subject_splits", "no_birth_date", "no_visits")
-CANDIDATE_REASONS = ("insufficient_history", "too_young", "horizon_past_end_of_data", "no_visit_before_death",
-                     "prevalent")
+CANDIDATE_REASONS = ("insufficient_history", "too_young", "no_visit_before_death", "prevalent")
+PAST_END = "horizon_past_end_of_data"
 
 LABEL_SCHEMA = {
     "subject_id": pl.Int64,
@@ -131,8 +134,8 @@ class FollowUpRule:
     death_is_competing: bool = True  # a death within the horizon is a negative (True) or censors (False)
     death_codes: tuple[str, ...] = (DEATH_CODE,)
     # The last day of the data: "auto" (the latest event time in the dataset), an ISO date, or null (none).
-    # A landmark whose longest horizon ends after it is not used: there, only events (positives, deaths)
-    # could be labelled and plain negatives never, which would bias the labelled rows towards events.
+    # A landmark serves a horizon only if the horizon ends by then: past it only events (onsets, deaths)
+    # could be labelled, never plain negatives, which would bias the labelled rows towards events.
     end_of_data: str | None = "auto"
 
     def end_of_data_value(self, source: str = "task") -> datetime | None:
@@ -320,7 +323,8 @@ def _shard_tables(path: Path, task: Task) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.DataFrame, task: Task,
                      end_of_data: datetime | None):
-    """Chosen landmarks of one shard, the subject exclusion reasons, and the number of eligible visits."""
+    """Chosen landmarks of one shard (one row per landmark and horizon), the subject exclusion reasons,
+    and per horizon the eligible visits and the subjects with none inside the data."""
     rule = task.landmarks
     subjects = subjects.join(splits, on="subject_id", how="left")
     subject_reason = (
@@ -341,8 +345,6 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
     steps = [
         (pl.col("day") - pl.col("first_visit_day")).dt.total_days() >= rule.min_history_days,
         pl.col("age_years") >= rule.min_age_years,
-        pl.lit(True) if end_of_data is None
-        else pl.col("day") + timedelta(days=max(task.horizons_days)) <= pl.lit(end_of_data.date()),
         pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time")),
         ~pl.col("static_condition")
         & (pl.col("first_condition_time").is_null() | (pl.col("first_condition_time") > pl.col("prediction_time"))),
@@ -362,44 +364,50 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
     )
 
     eligible = candidates.filter(pl.col(f"pass_{len(steps) - 1}"))
-    keys = _landmark_keys(
-        rule.seed, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy()
-    )
-    chosen = (
-        eligible.with_columns(key=pl.Series(keys, dtype=pl.UInt64))
-        .filter(pl.col("key").rank("ordinal").over("subject_id") <= rule.max_per_subject)
-        .select(
-            "subject_id", "prediction_time", "day", "split", "age_years", "sex",
-            "death_time", "first_condition_time", "last_event_time",
+    keys = _landmark_keys(rule.seed, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy())
+    eligible = eligible.with_columns(key=pl.Series(keys, dtype=pl.UInt64))
+    n_subjects = eligible["subject_id"].n_unique()
+    chosen, per_horizon = [], {}
+    for horizon in task.horizons_days:
+        # Only landmarks whose horizon ends within the data (FollowUpRule.end_of_data). The hash key does not
+        # depend on the horizon, so the horizons share landmarks wherever their eligible visits overlap.
+        inside = eligible if end_of_data is None else eligible.filter(
+            pl.col("day") + timedelta(days=horizon) <= pl.lit(end_of_data.date()))
+        per_horizon[horizon] = {"eligible_visits": inside.height,
+                                "subjects_past_end_of_data": n_subjects - inside["subject_id"].n_unique()}
+        chosen.append(
+            inside.filter(pl.col("key").rank("ordinal").over("subject_id") <= rule.max_per_subject)
+            .with_columns(horizon_days=pl.lit(horizon, dtype=pl.Int32))
+            .select(
+                "subject_id", "prediction_time", "day", "horizon_days", "split", "age_years", "sex",
+                "death_time", "first_condition_time", "last_event_time",
+            )
         )
-    )
-    return chosen, subjects.select("subject_id", "reason"), eligible.height
+    per_horizon["eligible_subjects"] = n_subjects
+    return pl.concat(chosen), subjects.select("subject_id", "reason"), per_horizon
 
 
 def _follow_up(chosen: pl.DataFrame, task: Task) -> pl.DataFrame:
-    """One label row per chosen landmark and horizon (module docstring, follow-up)."""
-    rows = []
-    for horizon in task.horizons_days:
-        horizon_end = pl.col("prediction_time") + timedelta(days=horizon)
-        last_day = pl.col("day").cast(pl.Datetime("us")) + timedelta(days=horizon)
-        positive = pl.col("first_condition_time").is_not_null() & (pl.col("first_condition_time") <= horizon_end)
-        died = pl.col("death_time").is_not_null() & (pl.col("death_time") <= horizon_end)
-        reached = pl.col("last_event_time") >= last_day
-        death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
-        reason = (
-            pl.when(positive).then(pl.lit(POSITIVE))
-            .when(died).then(pl.lit(death_reason))
-            .when(reached).then(pl.lit(NEGATIVE))
-            .otherwise(pl.lit(CENSORED))
-        )
-        rows.append(chosen.with_columns(reason=reason, horizon_days=pl.lit(horizon, dtype=pl.Int32)))
-    labels = pl.concat(rows) if rows else chosen.clear()
+    """The label of each chosen (landmark, horizon) row (module docstring, follow-up)."""
+    horizon = pl.duration(days=pl.col("horizon_days"))
+    horizon_end = pl.col("prediction_time") + horizon
+    last_day = pl.col("day").cast(pl.Datetime("us")) + horizon
+    positive = pl.col("first_condition_time").is_not_null() & (pl.col("first_condition_time") <= horizon_end)
+    died = pl.col("death_time").is_not_null() & (pl.col("death_time") <= horizon_end)
+    reached = pl.col("last_event_time") >= last_day
+    death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
+    reason = (
+        pl.when(positive).then(pl.lit(POSITIVE))
+        .when(died).then(pl.lit(death_reason))
+        .when(reached).then(pl.lit(NEGATIVE))
+        .otherwise(pl.lit(CENSORED))
+    )
     value = (
         pl.when(pl.col("reason") == POSITIVE).then(True)
         .when(pl.col("reason").is_in([NEGATIVE, NEGATIVE_DEATH])).then(False)
         .otherwise(None)
     )
-    return labels.with_columns(boolean_value=value, task=pl.lit(task.name)).select(
+    return chosen.with_columns(reason=reason).with_columns(boolean_value=value, task=pl.lit(task.name)).select(
         [pl.col(name).cast(dtype) for name, dtype in LABEL_SCHEMA.items()]
     )
 
@@ -421,7 +429,9 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
     if task.follow_up.end_of_data == "auto":
         end_of_data = pl.scan_parquet(files).select(pl.col("time").max()).collect().item()
     seen: set[int] = set()
-    chosen_parts, reason_parts, n_eligible = [], [], 0
+    chosen_parts, reason_parts = [], []
+    per_horizon = {h: {"eligible_visits": 0, "subjects_past_end_of_data": 0} for h in task.horizons_days}
+    eligible_subjects = 0
     for path in tqdm(files, desc=f"label {task.name}", unit="shard", disable=not progress, file=sys.stderr):
         subjects, visits = _shard_tables(path, task)
         shard_ids = set(subjects["subject_id"].to_list())
@@ -429,19 +439,24 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
         if overlap:
             raise UserError(f"{path}: subject {min(overlap)} also appears in an earlier shard; MEDS shards must hold whole subjects")
         seen |= shard_ids
-        chosen, reasons, eligible = _shard_landmarks(subjects, visits, splits, task, end_of_data)
+        chosen, reasons, shard_horizons = _shard_landmarks(subjects, visits, splits, task, end_of_data)
         chosen_parts.append(chosen)
         reason_parts.append(reasons)
-        n_eligible += eligible
+        eligible_subjects += shard_horizons.pop("eligible_subjects")
+        for h, counts in shard_horizons.items():
+            for key, n in counts.items():
+                per_horizon[h][key] += n
     chosen = pl.concat(chosen_parts)
     reasons = pl.concat(reason_parts)
     labels = _follow_up(chosen, task).sort("subject_id", "prediction_time", "horizon_days")
-    counts = _counts(meds_dir, task, reasons, chosen, labels, n_eligible)
+    counts = _counts(meds_dir, task, reasons, labels, per_horizon)
+    # subjects with eligible visits, none of them with any horizon inside the data (step 4)
+    counts["subjects"]["excluded"][PAST_END] = eligible_subjects - counts["subjects"]["with_landmarks"]
     counts["end_of_data"] = end_of_data.isoformat() if end_of_data is not None else None
     return LabelResult(labels=labels, counts=counts)
 
 
-def _counts(meds_dir, task, reasons, chosen, labels, n_eligible) -> dict:
+def _counts(meds_dir, task, reasons, labels, per_horizon) -> dict:
     excluded = {r: 0 for r in SUBJECT_REASONS + CANDIDATE_REASONS}
     for reason, n in reasons.filter(pl.col("reason").is_not_null()).group_by("reason").len().iter_rows():
         excluded[reason] = n
@@ -455,6 +470,10 @@ def _counts(meds_dir, task, reasons, chosen, labels, n_eligible) -> dict:
         for split, reason, n in rows.group_by("split", "reason").len().sort("split", "reason").iter_rows():
             by_split.setdefault(split, {})[reason] = n
         horizons[str(horizon)] = {
+            "subjects": rows["subject_id"].n_unique(),
+            # eligible subjects none of whose eligible visits has this horizon inside the data
+            "subjects_past_end_of_data": per_horizon[horizon]["subjects_past_end_of_data"],
+            "eligible_visits": per_horizon[horizon]["eligible_visits"],
             "rows": rows.height,
             "labelled": int(rows["boolean_value"].is_not_null().sum()),
             "positive": int(rows["boolean_value"].fill_null(False).sum()),
@@ -467,11 +486,11 @@ def _counts(meds_dir, task, reasons, chosen, labels, n_eligible) -> dict:
         "meds_dir": str(meds_dir),
         "subjects": {
             "total": reasons.height,
-            "with_landmarks": chosen["subject_id"].n_unique(),
+            "with_landmarks": labels["subject_id"].n_unique(),
             "excluded": excluded,
         },
-        "landmarks": {"eligible_visits": n_eligible, "chosen": chosen.height,
-                      "max_per_subject": task.landmarks.max_per_subject},
+        "landmarks": {"chosen": labels.select("subject_id", "prediction_time").n_unique(),
+                      "max_per_subject_and_horizon": task.landmarks.max_per_subject},
         "horizons": horizons,
     }
 
@@ -480,13 +499,14 @@ def format_counts(counts: dict) -> str:
     """The counts as a short readable block (printed by ``nextvisit label``)."""
     s = counts["subjects"]
     lines = [
-        f"task {counts['task']}: {s['total']:,} subjects, {s['with_landmarks']:,} with landmarks; "
-        f"{counts['landmarks']['chosen']:,} landmarks chosen of {counts['landmarks']['eligible_visits']:,} eligible visits",
+        f"task {counts['task']}: {s['total']:,} subjects, {s['with_landmarks']:,} with landmarks, "
+        f"{counts['landmarks']['chosen']:,} landmarks (data end {counts.get('end_of_data') or 'not used'})",
         "subjects excluded: " + ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items()),
     ]
     for horizon, h in counts["horizons"].items():
         lines.append(
-            f"horizon {horizon} d: {h['labelled']:,} labelled ({h['positive']:,} positive), {h['censored']:,} censored; "
+            f"horizon {horizon} d: {h['subjects']:,} subjects ({h['subjects_past_end_of_data']:,} more only past the "
+            f"data end), {h['labelled']:,} labelled ({h['positive']:,} positive), {h['censored']:,} censored; "
             + ", ".join(f"{r} {n:,}" for r, n in h["by_reason"].items())
         )
     return "\n".join(lines)
