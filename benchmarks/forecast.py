@@ -10,7 +10,14 @@ visits of about 11 tokens (METHOD.md section 1), enough of them that the query r
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+# A script's own folder comes first on sys.path; benchmarks/tokenize.py would then shadow the standard
+# library's tokenize module that torch imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +31,7 @@ from nextvisit.store import SPECIAL_TOKENS, Subject
 
 @dataclass
 class BenchmarkConfig:
-    subjects: int = 256
+    subjects: int = 128
     batch_size: int = 64
     vocab_size: int = 4000  # a mid-size clinical vocabulary
     visits_per_subject: int = 60  # long enough that the 511-token window is full

@@ -17,11 +17,16 @@ paper's data (about 11 tokens per visit, ~40 visits per subject, codes drawn fro
 
 from __future__ import annotations
 
-import argparse
-import math
-import tempfile
-import time
+import sys
 from pathlib import Path
+
+# benchmarks/ holds scripts named like standard modules (tokenize.py): keep this folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np
 import torch

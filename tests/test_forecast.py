@@ -298,6 +298,10 @@ def test_occurrence_labels_and_prior_occurrence(world, tmp_path):
         assert rows["boolean_value"].to_list() == [next_day[day] == f03 for day in days]
         assert rows["prior_occurrence"].to_list() == [day >= f03 for day in days]
     assert p.filter(pl.col("prior_occurrence")).height > 0
+    # demographics from the store: sex from the first visit's GENDER token, age from the birth day
+    assert set(p["sex"].unique()) == {"F", "M"}
+    assert p["age_years"].is_between(45, 90).all()
+    assert (p.filter(pl.col("subject_id") == 1)["sex"] == "F").all() and (p.filter(pl.col("subject_id") == 2)["sex"] == "M").all()
     assert (p["prediction_time"].dt.time() == (datetime.min + END_OF_DAY).time()).all()
     recent = occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(mode="recent"), max_window=24,
                         model_name="test", progress=False).predictions
@@ -319,19 +323,31 @@ def test_cli_occurrence(world, tmp_path):
 
 
 def test_external_cohort_mimic_demo(world, tmp_path):
-    """A run fit on other data scores MIMIC-IV demo labels: codes it never saw become UNK, the query still
-    works, and the condition's tokens come from the run's vocabulary."""
+    """A run fit on other data scores MIMIC-IV demo labels through the command line: codes it never saw
+    become UNK, the 22nd-century shifted dates pass (the history is cut at each prediction time, so the
+    tokenizer's future-date guard is off), and the condition's tokens come from the run's vocabulary."""
     meds = DATA / "mimic-iv-demo-meds"
     if not meds.is_dir():
         pytest.skip(f"{meds} is absent (third-party test data lives in ../shared/data)")
     from nextvisit.tasks import load_task
 
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in world["run"].iterdir():
+        (run / path.name).write_bytes(path.read_bytes())
+    tokenizer_yaml = yaml.safe_load((run / "tokenizer.yaml").read_text())
+    tokenizer_yaml["tokenizer"]["max_time"] = "2026-01-01T00:00:00"  # as a store tokenized today records it
+    (run / "tokenizer.yaml").write_text(yaml.safe_dump(tokenizer_yaml))
     task = load_task("knee_oa")  # its ICD10CM//M17.1 prefix matches the run's ICD10CM//M17.11 token
-    labels = make_labels(meds, task, progress=False).labels
-    predictions = run_forecast(world, meds=meds, labels=labels, task=task, splits=("held_out", "tuning"))
-    expected = labels.filter(pl.col("boolean_value").is_not_null() & pl.col("split").is_in(["held_out", "tuning"]))
-    assert predictions.height == expected.height > 0
-    assert predictions[PROBABILITY].is_between(0, 1).all()
+    labels = make_labels(meds, task, progress=False)
+    write_labels(tmp_path / "labels", labels, task)
+    out = tmp_path / "pred"
+    assert main(["forecast", str(run), str(meds), str(tmp_path / "labels"), "--out", str(out), "--splits", "all",
+                 "--device", "cpu"]) == 0
+    predictions = pl.read_parquet(out / "predictions.parquet")
+    expected = labels.labels.filter(pl.col("boolean_value").is_not_null())
+    assert predictions.height == expected.height > 20
+    assert predictions[PROBABILITY].is_between(0, 1).all() and predictions[PROBABILITY].std() > 0
 
 
 # -- the simulator's oracle writes the same schema from these labels ---------------------------------------

@@ -200,6 +200,7 @@ def test_hazards_move_in_the_published_directions():
                 s.stage[:, COND[name]] = value
             else:
                 getattr(s, name)[:] = value
+        s.base_log_hazard = engine._base_log_hazard(s, cfg)
         return engine._onset_rates(s, np.full(2, age), cfg)[0, COND[condition]]
 
     assert rate("dementia", 85) > rate("dementia", 75) > rate("dementia", 65)
@@ -401,17 +402,14 @@ def _labels(meds_dir, task: str) -> pl.DataFrame:
         pl.lit("held_out").alias("split"), pl.lit(70.0).alias("age_years"), pl.lit("F").alias("sex"))
 
 
-def test_oracle_command_writes_predictions_for_labelled_rows(small_meds, tmp_path, monkeypatch):
-    from nextvisit.simulate import oracle
-
-    monkeypatch.setattr(oracle, "OracleConfig", lambda: OracleConfig(n_samples=8))
+def test_oracle_command_writes_predictions_for_labelled_rows(small_meds, tmp_path):
     meds_dir, _ = small_meds
     labels_dir = tmp_path / "labels"
     labels_dir.mkdir()
     labels = _labels(meds_dir, "knee_oa")
     labels.write_parquet(labels_dir / "labels.parquet")
     pred = tmp_path / "pred"
-    assert main(["oracle", str(meds_dir), str(labels_dir), "--out", str(pred)]) == 0
+    assert main(["oracle", str(meds_dir), str(labels_dir), "--out", str(pred), "--samples", "8"]) == 0
     predictions = pl.read_parquet(pred / "predictions.parquet")
     assert predictions.height == labels["boolean_value"].is_not_null().sum()
     assert predictions["predicted_boolean_probability"].dtype == pl.Float64

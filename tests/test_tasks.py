@@ -14,7 +14,7 @@ import yaml
 from nextvisit.cli import main
 from nextvisit.errors import UserError
 from nextvisit.tasks import (
-    END_OF_DAY, LABEL_SCHEMA, CodeSet, Task, builtin_tasks, load_task, make_labels, read_labels,
+    END_OF_DAY, LABEL_SCHEMA, Task, builtin_tasks, load_task, make_labels, read_labels,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -429,3 +429,34 @@ def test_synthea_tokenizes_with_demographics_on_first_visits(tmp_path):
     assert all(demographic[subject.visit(i)].sum() == 0 for i in range(1, subject.n_visits))
     assert "SNOMED//26929004" in store.vocab.index  # Alzheimer's disease
     assert all(c["balance_gap"] == 0 for c in manifest["splits"].values())
+
+
+def test_simulator_output_tokenizes_and_balances(tmp_path):
+    simulate = pytest.importorskip("nextvisit.simulate").simulate
+    simulate(60, tmp_path / "sim", seed=1, workers=1, progress=False)
+    manifest = tokenize_dataset(tmp_path / "sim", tmp_path / "store", TokenizerConfig(min_count=2), workers=1,
+                                progress=False)
+    store = TokenStore(tmp_path / "store")
+    assert all(c["balance_gap"] == 0 for c in manifest["splits"].values())
+    assert manifest["splits"]["train"]["dropped"]["birth_record"] == manifest["splits"]["train"]["subjects_in"]
+    kinds = set(store.vocab.kinds)
+    assert {"special", "age", "demographic", "code", "lab"} <= kinds
+    view = store.split("train")
+    assert np.all(np.diff(view.visit_days[view.subject_visits[0]:view.subject_visits[1]]) > 0)
+
+
+def test_vocab_from_config_overrides_the_reused_config_field_by_field(tmp_path):
+    from nextvisit.cli import main
+
+    frame, splits = cohort(n_subjects=10, seed=4)
+    tokenize_dataset(write_meds(tmp_path / "a", frame, splits), tmp_path / "store_a",
+                     config(exclude_prefixes=("RXNORM//",)), workers=1, progress=False)
+    late = pl.concat([frame, events([(1, "2031-01-01", "ICD10CM//I10", None)])])
+    (tmp_path / "late.yaml").write_text("max_time: '2030-06-01'\nfuture_events: drop\n")
+    assert main(["tokenize", str(write_meds(tmp_path / "b", late, splits)), "--out", str(tmp_path / "store_b"),
+                 "--vocab-from", str(tmp_path / "store_a"), "--config", str(tmp_path / "late.yaml"),
+                 "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "store_b" / "manifest.json").read_text())
+    dropped = {k: sum(c["dropped"][k] for c in manifest["splits"].values()) for k in ("after_max_time", "excluded_prefix")}
+    assert dropped["after_max_time"] == 1  # the override applies
+    assert dropped["excluded_prefix"] == late.filter(pl.col("code").str.starts_with("RXNORM//")).height  # kept

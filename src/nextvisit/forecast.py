@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -198,7 +198,6 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     plan = [(int(r), int(h), q) for r, h, hd in queries.iter_rows()
             for q in query_horizons(hd, config.multi_horizon, config.multi_horizon_step_days)]
     wanted = set(histories["subject_id"].to_list())
-    found: set[int] = set()
     device = _model_device(model)
     risk_sum = np.zeros(rows.height, np.float64)
     risk_n = np.zeros(rows.height, np.int64)
@@ -206,9 +205,16 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     for row, history, horizon in plan:
         plan_by_history.setdefault(history, []).append((row, horizon))
 
-    bar = tqdm(total=len(plan), desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
     ids = pl.Series(sorted(wanted), dtype=pl.Int64).implode()
-    for path in data_files(meds_dir):
+    files = data_files(meds_dir)
+    # fail before any work when labels name subjects the data does not hold (reads one column)
+    present = pl.scan_parquet(files).select("subject_id").filter(pl.col("subject_id").is_in(ids)).unique().collect()
+    missing = wanted - set(present["subject_id"].to_list())
+    if missing:
+        raise UserError(f"{meds_dir}: subject {min(missing)} of the labels is not in the data "
+                        f"({len(missing)} such subject(s)); give the MEDS dataset the labels were made from")
+    bar = tqdm(total=len(plan), desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
+    for path in files:
         events = (
             pl.scan_parquet(path).select("subject_id", "time", "code", "numeric_value")
             .filter(pl.col("subject_id").is_in(ids)).collect()
@@ -217,7 +223,6 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         if events.height == 0:
             continue
         shard_subjects = events["subject_id"].unique()
-        found |= set(shard_subjects.to_list())
         shard_histories = histories.filter(pl.col("subject_id").is_in(shard_subjects.implode()))
         event_subjects = events["subject_id"]
         for begin in range(0, shard_histories.height, config.histories_per_chunk):
@@ -226,7 +231,12 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
             first = event_subjects.search_sorted(chunk["subject_id"].min(), "left")
             last = event_subjects.search_sorted(chunk["subject_id"].max(), "right")
             known = history_events(events.slice(first, last - first), chunk, task.remove_from_inputs)
-            tokenized = {s.subject_id: s for s in tokenizer.subjects(known)}
+            try:
+                tokenized = {s.subject_id: s for s in tokenizer.subjects(known)}
+            except UserError as exc:
+                raise UserError(f"{path}: tokenizing the histories of subjects {chunk['subject_id'].min()}.."
+                                f"{chunk['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
+                                "number)") from None
             subjects, horizons, targets = [], [], []
             for history_id, subject_id, prediction_time in chunk.select("history_id", "subject_id", "prediction_time").iter_rows():
                 subject = tokenized.get(history_id)
@@ -242,10 +252,6 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
             np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
             np.add.at(risk_n, np.asarray(targets, np.int64), 1)
     bar.close()
-    missing = wanted - found
-    if missing:
-        raise UserError(f"{meds_dir}: subject {min(missing)} of the labels is not in the data "
-                        f"({len(missing)} such subject(s)); give the MEDS dataset the labels were made from")
     predictions = rows.select(PREDICTION_COLUMNS).with_columns(
         pl.Series(PROBABILITY, risk_sum / np.maximum(risk_n, 1), dtype=pl.Float64),
         pl.lit(model_name).alias("model"),
@@ -301,16 +307,17 @@ def run_cli(args) -> int:
 
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
-        splits=_splits_option(getattr(args, "splits", "tuning,held_out")),
+        splits=_splits_option(args.splits),
     ).validate()
     check_out(args.out, args.overwrite)
     labels = read_labels(args.labels)
     task = read_labels_task(args.labels)
     model, vocab, run_config = _load_run(args.run, _resolve_device(args.device))
-    tokenizer = Tokenizer.load(args.run)
-    if getattr(tokenizer, "vocab", None) is not None:
-        check_same_vocab(vocab, tokenizer.vocab, f"{args.run}/vocab.json", f"{args.run} tokenizer")
-    torch.manual_seed(0)
+    tokenizer = Tokenizer.load(args.run)  # the run's own vocab.json, lab statistics and tokenizer.yaml
+    # The history is already cut at each label's prediction time, so the tokenizer's guard against future
+    # (placeholder) dates has nothing left to guard, and it would refuse date-shifted external cohorts
+    # (MIMIC's records lie in the 22nd century).
+    tokenizer = Tokenizer(replace(tokenizer.config, max_time=None), tokenizer.vocab, tokenizer.lab_stats)
     name = Path(args.run).resolve().name
     if config.aggregator != "sum_logits" or config.multi_horizon:
         name += f"[{config.aggregator}{'+multi_horizon' if config.multi_horizon else ''}]"

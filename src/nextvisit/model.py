@@ -3,7 +3,7 @@ embeddings over day offsets, output head tied to the token embedding.
 
 Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP positions, V vocabulary.
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
-The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one boolean mask
+The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
 per batch (SDPA) or one block mask per batch (FlexAttention), shared by all layers.
 """
 
@@ -127,7 +127,14 @@ class NextVisitModel(nn.Module):
 
             B, T = att_days.shape
             return create_block_mask(mask_mod, B, None, T, T, device=att_days.device)
-        return attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
+        # SDPA turns a boolean mask into an additive one inside every call (every layer, forward and
+        # backward); converting once per batch, in the dtype the layers compute in, measured ~40% faster
+        # attention (docs/model.md).
+        device_type = att_days.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+            else self.embed.weight.dtype
+        allowed = attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def hidden_states(self, tokens, days, att_days, doc_ids) -> torch.Tensor:
         """Final-LayerNorm hidden states [B, T, D]."""

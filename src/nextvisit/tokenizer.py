@@ -93,7 +93,7 @@ class TokenizerConfig:
     always_include: tuple = (meds.DEATH_CODE,)  # codes in the vocabulary whatever their train count
     max_time: str | None = "now"  # events after this are in the future; "now", an ISO date, or null (no check)
     future_events: str = "error"  # "error" (stop and name the row) or "drop" (count as after_max_time)
-    chunk_rows: int = 1_000_000  # rows read at a time from a shard (bounds memory per worker)
+    chunk_rows: int = 250_000  # rows read at a time from a shard (bounds memory per worker)
 
     def validate(self) -> "TokenizerConfig":
         if self.min_count < 1:
@@ -159,15 +159,16 @@ class TokenizerConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "tokenizer config") -> "TokenizerConfig":
+    def from_dict(cls, data: dict, source: str = "tokenizer config", base: "TokenizerConfig | None" = None) -> "TokenizerConfig":
+        """``base`` (default: the defaults) with the fields of ``data`` applied; unknown fields are errors."""
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of tokenizer fields")
         data = dict(data.get("tokenizer", data))  # accept a file with or without a `tokenizer:` section
-        return _merge(cls(), data, source).validate()
+        return _merge(base or cls(), data, source).validate()
 
     @classmethod
-    def load(cls, path: Path) -> "TokenizerConfig":
-        return cls.from_dict(read_yaml(path), source=str(path))
+    def load(cls, path: Path, base: "TokenizerConfig | None" = None) -> "TokenizerConfig":
+        return cls.from_dict(read_yaml(path), source=str(path), base=base)
 
 
 # Fields that define what a token means; a store's vocabulary can only be reused with the same values.
@@ -304,12 +305,12 @@ def code_statistics(events: pl.DataFrame, config: TokenizerConfig, max_time: dat
     (``m2``) of the finite values, and whether it is a demographic. Mergeable with ``merge_statistics``."""
     kept = _annotate(events.lazy(), config, max_time)[0].filter(pl.col("reason") == 0)
     value = pl.col("numeric_value").cast(pl.Float64)
-    usable = value.is_not_null() & value.is_finite() & ~pl.col("demographic")
-    stats = kept.group_by("code").agg(
+    usable = pl.when(value.is_finite() & ~pl.col("demographic")).then(value)  # null otherwise
+    stats = kept.with_columns(usable=usable).group_by("code").agg(
         n_events=pl.len().cast(pl.Int64),
-        n_values=usable.sum().cast(pl.Int64),
-        mean=value.filter(usable).mean(),
-        m2=((value.filter(usable) - value.filter(usable).mean()) ** 2).sum(),
+        n_values=pl.col("usable").count().cast(pl.Int64),
+        mean=pl.col("usable").mean(),
+        m2=pl.col("usable").var(ddof=0) * pl.col("usable").count(),
         demographic=pl.col("demographic").any(),
     )
     return stats.collect().cast(_STAT_SCHEMA)
@@ -378,6 +379,14 @@ def fit_vocabulary(stats: pl.DataFrame, labs: pl.DataFrame, config: TokenizerCon
                 tokens.append(f"{code}|{label}")
                 kinds.append("lab")
     return Vocabulary(tokens=tokens, kinds=kinds)
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index of each of ``ids`` in ``sorted_ids`` (which holds them all); linear when ``ids`` is sorted, as
+    in a MEDS shard."""
+    if len(ids) and np.all(ids[1:] >= ids[:-1]):
+        return np.cumsum(np.concatenate([[0], ids[1:] != ids[:-1]])) + np.searchsorted(sorted_ids, ids[0])
+    return np.searchsorted(sorted_ids, ids)
 
 
 # -- the tokenizer ----------------------------------------------------------------------------------------
@@ -524,7 +533,7 @@ class Tokenizer:
 
         # kept events; a subject with no timed event left has no visit to hold its demographics
         kept = reason == 0
-        subject_row = np.searchsorted(subject_ids, frame.get_column("subject_id").to_numpy())
+        subject_row = _positions(subject_ids, frame.get_column("subject_id").to_numpy())
         has_visit = np.zeros(len(subject_ids), dtype=bool)
         has_visit[subject_row[kept & ~demographic]] = True
         orphan = kept & ~has_visit[subject_row]
@@ -564,9 +573,9 @@ class Tokenizer:
         counts["duplicates_collapsed"] = int(kept.sum()) - len(token)
 
         # demographics (day key 0) join their subject's first visit: the next clinical row's day
-        clinical_rows = np.flatnonzero(day_key > 0)
-        if len(clinical_rows) < len(day_key):
-            following = clinical_rows[np.searchsorted(clinical_rows, np.arange(len(day_key)))]
+        if not np.all(day_key > 0):
+            index = np.where(day_key > 0, np.arange(len(day_key)), len(day_key))
+            following = np.minimum.accumulate(index[::-1])[::-1]  # the next clinical row (same subject: sorted)
             day_key = day_key[following]
         visit_days = (day_key + first_day - 1).astype(np.int32)
         n = len(token)
@@ -656,7 +665,8 @@ def with_quantile_edges(labs: pl.DataFrame, histograms: list[np.ndarray], config
 
 
 # -- reading shards: validated chunks of whole subjects ---------------------------------------------------
-def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None = None) -> Iterator[pl.DataFrame]:
+def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None = None,
+                validate: bool = True) -> Iterator[pl.DataFrame]:
     """Validated, normalized frames of about ``chunk_rows`` rows from one shard, each holding whole subjects
     (a subject cut by a batch boundary is carried into the next frame). Each frame has an extra ``row``
     column: the row's 0-based position in the file, for error messages.
@@ -664,7 +674,8 @@ def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None 
     ``row_groups=(a, b)`` reads the subjects whose first row lies in row groups ``a..b-1``: rows continuing
     a subject that started before row group ``a`` are left to the previous range, and the last subject is
     followed into later row groups. Ranges that cover a file's row groups therefore split it into disjoint
-    sets of whole subjects that workers can read in parallel."""
+    sets of whole subjects that workers can read in parallel. ``validate=False`` skips the null and order
+    checks, for a second pass over rows an earlier pass has checked."""
     import pyarrow.parquet as pq
 
     source = str(path)
@@ -710,7 +721,7 @@ def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None 
                 raise UserError(f"{source}: rows are not sorted by subject_id: row {frame['row'][0]} (subject "
                                 f"{frame['subject_id'][0]}) comes after subject {previous_subject}; sort each shard "
                                 "by subject_id, time")
-            frame = frame.filter(pl.col("subject_id") != previous_subject)  # sorted: a leading block
+            frame = frame.slice(frame["subject_id"].search_sorted(previous_subject, "right"))  # sorted: a leading block
             skipping = frame.height == 0
             if frame.height and frame["row"][0] >= end_row:
                 return  # the range held nothing but the previous range's subject
@@ -719,20 +730,21 @@ def read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None 
             carry = None
         if frame.height == 0:
             continue
-        meds.check_events(frame, source, row_offset=int(frame["row"][0]))
-        rows = frame.get_column("row")
-        if rows[-1] >= end_row:
+        if validate:
+            meds.check_events(frame, source, row_offset=int(frame["row"][0]))  # sorted from here on
+        subjects = frame.get_column("subject_id")
+        first_row = int(frame["row"][0])
+        if first_row + frame.height > end_row:
             if owned_last is None:
-                owned_last = frame.filter(pl.col("row") == end_row - 1)["subject_id"][0]
-            foreign = (rows >= end_row) & (frame.get_column("subject_id") != owned_last)
-            if foreign.any():  # the range's last subject ends in this batch
-                yield frame.filter(~foreign)
+                owned_last = subjects[end_row - 1 - first_row]
+            cut = subjects.search_sorted(owned_last, "right")
+            if cut < frame.height:  # the range's last subject ends in this batch
+                yield frame.slice(0, cut)
                 return
-        last_subject = frame["subject_id"][-1]
-        complete = frame.filter(pl.col("subject_id") != last_subject)
-        carry = frame.filter(pl.col("subject_id") == last_subject)
-        if complete.height:
-            yield complete
+        cut = subjects.search_sorted(subjects[-1], "left")
+        carry = frame.slice(cut)
+        if cut:
+            yield frame.slice(0, cut)
     if carry is not None and carry.height:
         yield carry
 
@@ -801,14 +813,17 @@ def _tokenize_task(task: dict) -> dict:
     unassigned = {"events": 0, "subjects": 0}
     rows = 0
     first_subject = last_subject = None
-    for chunk in read_chunks(Path(task["path"]), tokenizer.config.chunk_rows, task["row_groups"]):
+    for chunk in read_chunks(Path(task["path"]), tokenizer.config.chunk_rows, task["row_groups"],
+                             validate=not task["validated"]):
         rows += chunk.height
         check_future(chunk, tokenizer.config, tokenizer.max_time, task["path"], row_column="row")
         chunk = chunk.join(splits, on="subject_id", how="left")
-        missing = chunk.filter(pl.col("split").is_null())
-        unassigned["events"] += missing.height
-        unassigned["subjects"] += missing.get_column("subject_id").n_unique()
-        for (split,), events in chunk.filter(pl.col("split").is_not_null()).partition_by("split", as_dict=True).items():
+        if chunk.get_column("split").null_count():
+            missing = chunk.filter(pl.col("split").is_null())
+            unassigned["events"] += missing.height
+            unassigned["subjects"] += missing.get_column("subject_id").n_unique()
+            chunk = chunk.filter(pl.col("split").is_not_null())
+        for (split,), events in chunk.partition_by("split", as_dict=True).items():
             batch = tokenizer.tokenize_frame(events.select(meds.CORE_COLUMNS))
             if split not in writers:
                 writers[split] = SplitWriter(part / split)
@@ -955,7 +970,7 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
         vocab_codes = pl.DataFrame({"code": sorted({tokenizer.vocab.code_of(i) for i in range(len(tokenizer.vocab))})})
         meds.read_code_descriptions(meds_dir).join(vocab_codes, on="code", how="semi").write_parquet(staging / "codes.parquet")
         parts = staging / "parts"
-        base = {"meds_dir": str(meds_dir), "tokenizer": str(staging)}
+        base = {"meds_dir": str(meds_dir), "tokenizer": str(staging), "validated": vocab_from is None}
         tasks = [dict(base, part=str(parts / f"{i:05d}"), **read) for i, read in enumerate(reads)]
         counts = {split: empty_counts() for split in SPLITS}
         unassigned = {"events": 0, "subjects": 0}
@@ -1016,7 +1031,11 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
 
 # -- command line ---------------------------------------------------------------------------------------------
 def run_cli(args) -> int:
-    config = TokenizerConfig.load(args.config) if args.config is not None else None
+    config = None
+    if args.config is not None:
+        # with --vocab-from, the file overrides the reused tokenizer's config, field by field
+        base = Tokenizer.load(args.vocab_from).config if args.vocab_from is not None else None
+        config = TokenizerConfig.load(args.config, base=base)
     manifest = tokenize_dataset(args.meds_dir, args.out, config=config, vocab_from=args.vocab_from,
                                 workers=args.workers, overwrite=args.overwrite, progress=True)
     print(f"token store written to {args.out} ({manifest['vocab_size']} tokens in the vocabulary)")

@@ -88,6 +88,7 @@ class PretrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     seed: int = 0
+    threads: int = 0  # torch CPU threads (0 = torch's default); 1 is best for tiny models on a busy machine
 
 
 @dataclass
@@ -106,14 +107,16 @@ class FinetuneConfig:
     positive_weight: float | None = None  # BCE weight of positives; None = 1 (calibrated probabilities)
     predict_batch_size: int = 128
     seed: int = 0
+    threads: int = 0  # torch CPU threads (0 = torch's default)
 
 
 PRESETS: dict[str, dict] = {
-    # CPU demo: trains something measurable in under a minute on 2 cores
+    # CPU demo: trains something measurable in under a minute on 2 cores. One thread: a model this small
+    # gains little from a second one, and on a busy machine two threads spin and cost several times the CPU.
     "tiny": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "context": 128, "dropout": 0.0},
-             "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "max_minutes": 0.75},
+             "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "max_minutes": 0.75, "threads": 1},
              "finetune": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 10, "max_minutes": 0.5,
-                          "eval_histories": 500}},
+                          "eval_every": 50, "eval_histories": 500, "threads": 1}},
     "small": {"model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 512},
               "pretrain": {"batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "max_steps": 50_000, "eval_every": 500},
               "finetune": {"batch_size": 64, "lr": 1e-4}},
@@ -381,6 +384,8 @@ def pretrain(store_path: Path, out: Path, preset: str = "tiny", config_path: Pat
     if max_minutes is not None:
         train_config.max_minutes = max_minutes
     model_config.vocab_size = len(store.vocab)
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
     out = common.prepare_out(out, overwrite)
     for name in TOKENIZER_FILES:
         if (Path(store_path) / name).exists():
@@ -574,6 +579,8 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
         finetune_config = _merge(finetune_config, extra.get("finetune", extra), str(config_path))
     if max_minutes is not None:
         finetune_config.max_minutes = max_minutes
+    if finetune_config.threads:
+        torch.set_num_threads(finetune_config.threads)
     model_config = model.config
     labelled, label_counts = common.load_labels(labels_dir)
     removed = common.removed_input_codes(labels_dir)
@@ -588,6 +595,10 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     torch.manual_seed(finetune_config.seed)
     rng = np.random.default_rng(finetune_config.seed)
     model.add_head(len(histories.outputs))
+    with torch.no_grad():  # start every output at its train prevalence, so early steps learn ranking, not the base rate
+        labelled_train = histories.labelled[train_ids]
+        prevalence = (histories.targets[train_ids] * labelled_train).sum(0) / np.maximum(labelled_train.sum(0), 1)
+        model.head.bias.copy_(torch.logit(torch.from_numpy(prevalence).clamp(1e-4, 1 - 1e-4)))
     model.to(dev)
     optimizer = _optimizer(model, finetune_config.lr, finetune_config.weight_decay)
     if finetune_config.eval_histories and len(tuning_ids) > finetune_config.eval_histories:
@@ -615,12 +626,14 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     eval_every = finetune_config.eval_every or steps_per_epoch
     total_steps = finetune_config.max_epochs * steps_per_epoch
     budget_s = None if finetune_config.max_minutes is None else 60 * finetune_config.max_minutes
+    predict_probabilities(model, tuning_windows[:8], finetune_config.predict_batch_size, dev)  # warm-up, untimed
     loop_started = time.monotonic()
     rows = [evaluate(0, math.nan)]  # the untuned head on the pretrained encoder
     # the budget covers the last evaluation and the final predictions too: reserve their time, estimated
     # from this evaluation; the learning-rate schedule runs over what is left
     eval_seconds = time.monotonic() - loop_started
     reserve = eval_seconds * (1 + len(score_ids) / max(1, len(tuning_ids)))
+    # (one more evaluation at the end, then the predictions of the tuning and held_out histories)
     train_started = time.monotonic()
     train_budget_s = None if budget_s is None else max(1e-9, budget_s - (train_started - started) - reserve)
     best, best_state, stale, step, stop_reason = rows[0], copy.deepcopy(model.state_dict()), 0, 0, "max_epochs"
@@ -668,8 +681,10 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
             best, best_state = rows[-1], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     train_seconds = time.monotonic() - loop_started
+    predict_started = time.monotonic()
 
     probabilities = predict_probabilities(model, [windows[i] for i in score_ids], finetune_config.predict_batch_size, dev)
+    predict_seconds = time.monotonic() - predict_started
     per_history = pl.DataFrame({"history_id": score_ids.astype(np.int64)}).with_columns(
         *[pl.Series(key, probabilities[:, k].astype(np.float64)) for k, key in enumerate(histories.outputs)])
     rows_out = (
@@ -690,7 +705,9 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     seconds = time.monotonic() - started
     summary = {"steps": step, "stop_reason": stop_reason, "best_step": best["step"], "untuned_tuning_auroc": rows[0]["tuning_auroc"],
                "best_tuning_auroc": best["tuning_auroc"], "train_histories": int(len(train_ids)),
-               "seconds": {"tokenize": round(tokenize_seconds, 1), "train": round(train_seconds, 1), "total": round(seconds, 1)}}
+               "seconds": {"tokenize": round(tokenize_seconds, 1), "train": round(train_seconds, 1),
+                           "first_evaluation": round(eval_seconds, 1), "reserved_for_predictions": round(reserve, 1),
+                           "predict": round(predict_seconds, 1), "total": round(seconds, 1)}}
     path = common.write_predictions(
         out, rows_out, model=f"masked-{run_config.get('preset', 'custom')}", kind="fine-tuned",
         config={"model": asdict(model_config), "finetune": asdict(finetune_config), "pretrained_run": str(run.resolve())},

@@ -1,7 +1,13 @@
-"""The embedded synthetic health system: ``simulate`` writes a MEDS dataset, ``oracle_risk`` gives the true
-risk of a first diagnosis that no model can beat (see docs/simulator.md)."""
+"""The embedded synthetic health system (docs/simulator.md).
+
+``simulate`` writes a MEDS 0.4 dataset; ``oracle_risk`` / ``oracle_risks`` give the simulator's true risk of a
+first diagnosis within a horizon (the ceiling no model can beat); ``write_oracle_predictions`` scores a labels
+folder in the predictions schema.
+"""
 
 from nextvisit.simulate.dataset import SIMULATOR_VERSION, WriteOptions, simulate, simulate_subjects
 from nextvisit.simulate.engine import SimulationConfig
+from nextvisit.simulate.oracle import OracleConfig, Simulator, oracle_risk, oracle_risks, write_oracle_predictions
 
-__all__ = ["simulate", "simulate_subjects", "SimulationConfig", "WriteOptions", "SIMULATOR_VERSION"]
+__all__ = ["simulate", "simulate_subjects", "SimulationConfig", "WriteOptions", "SIMULATOR_VERSION", "oracle_risk",
+           "oracle_risks", "OracleConfig", "Simulator", "write_oracle_predictions"]

@@ -18,7 +18,9 @@ def run(args) -> int:
 
 
 def oracle_run(args) -> int:
-    from nextvisit.simulate.oracle import write_oracle_predictions
+    from nextvisit.simulate.oracle import OracleConfig, write_oracle_predictions
 
-    write_oracle_predictions(args.meds_dir, args.labels, args.out, overwrite=args.overwrite)
+    config = OracleConfig(n_samples=getattr(args, "samples", OracleConfig.n_samples))
+    write_oracle_predictions(args.meds_dir, args.labels, args.out, overwrite=args.overwrite, config=config,
+                             workers=getattr(args, "workers", None))
     return 0

@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 
 from nextvisit.errors import UserError
 from nextvisit.simulate import engine
-from nextvisit.simulate.catalog import CONDITIONS
 from nextvisit.simulate.engine import TABLES, SimulationConfig
 
 SIMULATOR_VERSION = "1"  # bump whenever the same seed would give different records
 SIMULATOR_FILE = "simulator.json"  # metadata/ sibling of dataset.json: what the oracle needs to re-create subjects
 SPLIT_SHARES = (("train", 0.8), ("tuning", 0.1), ("held_out", 0.1))
 US_PER_DAY = 86_400_000_000
+NO_TIME = np.iinfo(np.int64).min  # the day of static rows (null time)
 DATA_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()),
                          ("numeric_value", pa.float32())])
 
@@ -50,7 +50,7 @@ def simulate_subjects(subject_ids: np.ndarray, seed: int, cfg: SimulationConfig)
     """Simulate subjects from entry to the end of their follow-up.
 
     Returns ``(events, state)``: events as numpy columns ``subject_id, day, code, value`` (``day`` is None-able:
-    static rows have ``day = NO_TIME``) in MEDS order, and the final state of every subject.
+    static rows have ``day == NO_TIME``) in MEDS order, and the final state of every subject.
     """
     st, gens = engine.new_subjects(np.asarray(subject_ids, dtype=np.int64), seed, cfg)
     n = len(st)
@@ -87,9 +87,6 @@ def simulate_subjects(subject_ids: np.ndarray, seed: int, cfg: SimulationConfig)
     return events, final
 
 
-NO_TIME = np.iinfo(np.int64).min  # static rows
-
-
 def events_table(events: dict) -> pa.Table:
     """The MEDS data table of simulated events."""
     day = events["day"]
@@ -120,7 +117,6 @@ def _chunk_stats(events: dict, final, cfg: SimulationConfig) -> dict:
              "timed_events": int(timed.sum())}
     # first visit day per subject, and incident diagnoses (first code after the first visit day)
     sid = events["subject_id"]
-    first_visit = {}
     vs = sid[is_visit]
     vd = events["day"][is_visit]
     uniq, first_idx = np.unique(vs, return_index=True)
@@ -287,4 +283,4 @@ def config_from_dict(data: dict) -> SimulationConfig:
 
 
 __all__ = ["simulate", "simulate_subjects", "events_table", "SIMULATOR_VERSION", "SIMULATOR_FILE", "WriteOptions",
-           "CONDITIONS", "config_from_dict", "split_of"]
+           "config_from_dict", "split_of"]

@@ -48,7 +48,7 @@ US_PER_DAY = 86_400_000_000
 
 @dataclass(frozen=True)
 class OracleConfig:
-    n_samples: int = 400  # Monte Carlo futures per (subject, prediction day)
+    n_samples: int = 256  # Monte Carlo futures per (subject, prediction day)
     rows_per_batch: int = 16_384  # futures rolled forward together (pairs x n_samples)
     subjects_per_batch: int = 1_000  # subjects re-simulated together
     min_pairs_per_worker: int = 200  # fewer pairs than this per worker: not worth starting processes
