@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder")
     p.add_argument("--out", type=Path, required=True, help="predictions folder")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--samples", type=_positive_int, default=256,
-                   help="Monte Carlo futures per prediction (default 256; standard error sqrt(p(1-p)/samples))")
+    p.add_argument("--samples", type=_positive_int, default=128,
+                   help="Monte Carlo futures per prediction (default 128; standard error sqrt(p(1-p)/samples))")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
     p.set_defaults(func=_handler("nextvisit.simulate.cli:oracle_run"))
 

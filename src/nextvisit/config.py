@@ -28,6 +28,10 @@ class ModelConfig:
     dropout: float = 0.0
     attention: str = "sdpa"  # "sdpa" (boolean mask built once per batch) or "flex" (FlexAttention block mask)
     init_std: float = 0.02
+    # A learned per-token logit offset, initialised by the trainer at the code-frequency baseline (the best
+    # constant logit per token). Not in the paper (no biases); it lets a small, briefly trained model start
+    # from the base rates instead of spending its first steps learning them (docs/model.md).
+    output_bias: bool = False
 
     def validate(self):
         if self.d_model % self.n_heads:

@@ -104,6 +104,7 @@ class NextVisitModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_final = nn.LayerNorm(config.d_model, bias=False)
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
         self.apply(self._init_weights)
         # residual projections scaled down with depth (GPT-2)
         for name, parameter in self.named_parameters():
@@ -150,7 +151,8 @@ class NextVisitModel(nn.Module):
     def forward(self, tokens, days, att_days, doc_ids, positions) -> torch.Tensor:
         hidden = self.hidden_states(tokens, days, att_days, doc_ids)
         at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
-        return at_seps @ self.embed.weight.T  # tied head: [N, V]
+        logits = at_seps @ self.embed.weight.T  # tied head: [N, V]
+        return logits + self.output_bias if self.output_bias is not None else logits
 
     def query_logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] at flat ``positions`` (default ``batch.positions``). The batch must be on the

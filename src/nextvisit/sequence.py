@@ -290,7 +290,8 @@ def subject_windows(subjects: Sequence[Subject], max_tokens: int) -> list[Window
 
 
 def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], supervised: np.ndarray,
-                  max_tokens: int, packed_rows: Sequence[Sequence[int]] | None = None) -> Batch:
+                  max_tokens: int, packed_rows: Sequence[Sequence[int]] | None = None,
+                  pad_multiple: int = PAD_MULTIPLE) -> Batch:
     """Batch of training-style windows with targets at every SEP. ``packed_rows`` groups window indices
     into rows (packing, EOW after each window); by default one window per row, no EOW.
     ``batch.sep_window`` indexes ``windows``; ``batch.sep_visit`` is the predicted visit's index in its subject.
@@ -305,7 +306,7 @@ def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], superv
             row.append(_window_arrays(subjects[w.subject], w.start, w.stop, max_tokens, supervised,
                                       close_with_eow=packed))
         rows.append(row)
-    batch = collate(rows, with_targets=True)
+    batch = collate(rows, with_targets=True, pad_multiple=pad_multiple)
     if packed:
         # collate numbered windows in row order; map back to the caller's window indices
         order = torch.tensor([i for group in groups for i in group], dtype=torch.int64)
@@ -351,8 +352,9 @@ class TrainingPlan:
     """
 
     def __init__(self, split, supervised: np.ndarray, context: int, pack: bool, max_window_fraction: float,
-                 seed: int):
+                 seed: int, pad_multiple: int = PAD_MULTIPLE):
         self.split = split
+        self.pad_multiple = pad_multiple  # the context itself for FlexAttention, which compiles per shape
         self.supervised = supervised
         self.context = context
         self.pack = pack
@@ -425,4 +427,4 @@ class TrainingPlan:
             rows.append(list(range(k, k + len(group))))
             k += len(group)
         return windows_batch([subjects[s] for s in subject_list], local, self.supervised, self.max_window,
-                             packed_rows=rows if self.pack else None)
+                             packed_rows=rows if self.pack else None, pad_multiple=self.pad_multiple)

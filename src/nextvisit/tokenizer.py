@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -489,12 +489,17 @@ class Tokenizer:
 
     def tokenize_frame(self, events: pl.DataFrame) -> TokenBatch:
         """Tokens of ``events`` (MEDS core columns, normalized dtypes, any row order; whole subjects)."""
-        counts = empty_counts()
-        counts["events_in"] = events.height
-        annotated, life = _annotate(events.lazy().select(meds.CORE_COLUMNS), self.config, self.max_time)
+        return self.tokenize_groups(events, np.zeros(events.height, dtype=np.int8), 1)[0]
+
+    def tokenize_groups(self, events: pl.DataFrame, groups: np.ndarray, n_groups: int) -> list[TokenBatch]:
+        """Tokens of ``events`` in one pass, returned as one ``TokenBatch`` (with its own counts) per group;
+        ``groups`` [rows] gives each row's group (e.g. its split; constant within a subject)."""
+        annotated, life = _annotate(
+            events.lazy().select(meds.CORE_COLUMNS).with_columns(group=pl.Series(groups, dtype=pl.Int8)),
+            self.config, self.max_time)
         frame, life = pl.collect_all([
             annotated.join(self._code_frame.lazy(), on="code", how="left").select(
-                "subject_id", "day", "demographic", "reason", "code_row",
+                "subject_id", "day", "demographic", "reason", "code_row", "group",
                 pl.col("numeric_value").is_null().alias("value_null"), "numeric_value"),
             life.sort("subject_id"),
         ])
@@ -534,17 +539,32 @@ class Tokenizer:
         # kept events; a subject with no timed event left has no visit to hold its demographics
         kept = reason == 0
         subject_row = _positions(subject_ids, frame.get_column("subject_id").to_numpy())
+        row_group = frame.get_column("group").to_numpy().astype(np.int64)
+        subject_group = np.zeros(len(subject_ids), dtype=np.int64)
+        subject_group[subject_row] = row_group
         has_visit = np.zeros(len(subject_ids), dtype=bool)
         has_visit[subject_row[kept & ~demographic]] = True
         orphan = kept & ~has_visit[subject_row]
-        reason_counts = np.bincount(reason, minlength=len(DROP_REASONS) + 1)
-        for name, index in _REASON_ID.items():
-            counts["dropped"][name] = int(reason_counts[index])
-        counts["dropped"]["subject_without_visits"] = int(orphan.sum())
+        reason = np.where(orphan, _REASON_ID["subject_without_visits"], reason)
         kept &= ~orphan
-        flags = replaced[kept]
+
+        def per_group(values: np.ndarray, weights=None) -> np.ndarray:
+            return np.bincount(values, weights=weights, minlength=n_groups).astype(np.int64)
+
+        counts = [empty_counts() for _ in range(n_groups)]
+        events_in = per_group(row_group)
+        reason_counts = np.bincount(row_group * (len(DROP_REASONS) + 1) + reason,
+                                    minlength=n_groups * (len(DROP_REASONS) + 1)).reshape(n_groups, -1)
+        flags, kept_group = replaced[kept], row_group[kept]
+        for g, c in enumerate(counts):
+            c["events_in"] = int(events_in[g])
+            for name, index in _REASON_ID.items():
+                c["dropped"][name] = int(reason_counts[g, index])
         for bit, name in enumerate(REPLACE_REASONS):
-            counts["replaced"][name] = int(((flags >> bit) & 1).sum())
+            flagged = per_group(kept_group[((flags >> bit) & 1).astype(bool)])
+            for g, c in enumerate(counts):
+                c["replaced"][name] = int(flagged[g])
+        kept_per_group = per_group(kept_group)
 
         # one sortable key per event: subject, day (demographics first, day 0), demographic-before-clinical, token
         row = subject_row[kept]
@@ -569,8 +589,6 @@ class Tokenizer:
             first = np.concatenate([[True], (row[1:] != row[:-1]) | (day_key[1:] != day_key[:-1])
                                     | (token[1:] != token[:-1]) | (is_clinical[1:] != is_clinical[:-1])]) if len(row) else row.astype(bool)
             row, day_key, token = row[first], day_key[first], token[first]
-        counts["tokens_from_events"] = len(token)
-        counts["duplicates_collapsed"] = int(kept.sum()) - len(token)
 
         # demographics (day key 0) join their subject's first visit: the next clinical row's day
         if not np.all(day_key > 0):
@@ -589,16 +607,33 @@ class Tokenizer:
         bucket = np.where(birth_known[visit_subject], bucket, len(self._age_edges))
         tokens = np.insert(token.astype(np.int32), starts, self._age_ids[bucket])
         visit_lengths = np.diff(np.concatenate([starts, [n]])).astype(np.int64) + 1
-        counts["age_tokens"] = len(starts)
-
         visit_counts = np.bincount(visit_subject, minlength=len(subject_ids)).astype(np.int64)
-        counts["tokens_out"] = len(tokens)
-        counts["visits"] = len(starts)
-        counts["subjects_in"] = len(subject_ids)
-        counts["subjects_out"] = int((visit_counts > 0).sum())
-        counts["subjects_without_visits"] = counts["subjects_in"] - counts["subjects_out"]
-        return TokenBatch(subject_ids.astype(np.int64), birth_days, visit_counts, visit_day.astype(np.int32),
-                          visit_lengths, tokens, counts)
+
+        # one batch per group; every array keeps subject order
+        tokens_from_events = per_group(subject_group[row])
+        visit_group = subject_group[visit_subject]
+        token_group = np.repeat(visit_group, visit_lengths)
+        batches = []
+        for g, c in enumerate(counts):
+            in_subjects, in_visits = subject_group == g, visit_group == g
+            c["tokens_from_events"] = int(tokens_from_events[g])
+            c["duplicates_collapsed"] = int(kept_per_group[g] - tokens_from_events[g])
+            c["age_tokens"] = c["visits"] = int(in_visits.sum())
+            c["subjects_in"] = int(in_subjects.sum())
+            c["subjects_out"] = int((in_subjects & (visit_counts > 0)).sum())
+            c["subjects_without_visits"] = c["subjects_in"] - c["subjects_out"]
+            if n_groups == 1:
+                group_tokens = tokens
+                group_visits = slice(None)
+            else:
+                group_tokens = tokens[token_group == g]
+                group_visits = in_visits
+            c["tokens_out"] = len(group_tokens)
+            batches.append(TokenBatch(
+                subject_ids[in_subjects].astype(np.int64), birth_days[in_subjects], visit_counts[in_subjects],
+                visit_day[group_visits].astype(np.int32), visit_lengths[group_visits], group_tokens, c,
+            ))
+        return batches
 
     # -- fitting
     @classmethod
@@ -769,25 +804,51 @@ def shard_ranges(path: Path, rows_per_task: int) -> list[tuple[int, int]]:
 _WORKER_CACHE: dict = {}
 
 
-def _split_table(meds_dir: str) -> pl.DataFrame:
+class SplitLookup:
+    """Split of each event's subject by binary search in the sorted subject ids of the splits file: cost per
+    chunk grows with the chunk, not with the number of subjects in the dataset."""
+
+    def __init__(self, splits: pl.DataFrame):
+        splits = splits.sort("subject_id")
+        self.subject_ids = splits.get_column("subject_id").to_numpy()
+        code = {name: i for i, name in enumerate(SPLITS)}
+        self.codes = splits.get_column("split").replace_strict(code, return_dtype=pl.Int8).to_numpy()
+
+    def of(self, subject_ids: np.ndarray) -> np.ndarray:
+        """Index into SPLITS per event, -1 for a subject without a split."""
+        if len(self.subject_ids) == 0:
+            return np.full(len(subject_ids), -1, dtype=np.int8)
+        position = np.minimum(np.searchsorted(self.subject_ids, subject_ids), len(self.subject_ids) - 1)
+        return np.where(self.subject_ids[position] == subject_ids, self.codes[position], -1).astype(np.int8)
+
+
+def _split_lookup(meds_dir: str) -> SplitLookup:
     key = ("splits", meds_dir)
     if key not in _WORKER_CACHE:
-        _WORKER_CACHE[key] = meds.read_splits_checked(Path(meds_dir))
+        _WORKER_CACHE[key] = SplitLookup(meds.read_splits_checked(Path(meds_dir)))
     return _WORKER_CACHE[key]
+
+
+def _chunk_splits(chunk: pl.DataFrame, lookup: SplitLookup) -> np.ndarray:
+    """Split index per row of a chunk sorted by subject: looked up once per subject."""
+    subjects = chunk.get_column("subject_id").to_numpy()
+    if len(subjects) == 0:
+        return np.zeros(0, dtype=np.int8)
+    starts = np.flatnonzero(np.concatenate([[True], subjects[1:] != subjects[:-1]]))
+    return np.repeat(lookup.of(subjects[starts]), np.diff(np.concatenate([starts, [len(subjects)]])))
 
 
 def _statistics_task(task: dict) -> dict:
     """Pass 1 over one shard: validate every row, and per-code statistics of the train split."""
     config = TokenizerConfig.from_dict(task["config"])
     max_time = config.max_time_value()
-    splits = _split_table(task["meds_dir"])
-    train = splits.filter(pl.col("split") == "train").select("subject_id")
+    lookup = _split_lookup(task["meds_dir"])
     labs = pl.DataFrame(task["labs"]) if task.get("labs") is not None else None
     parts, histograms, rows = [], [], 0
     for chunk in read_chunks(Path(task["path"]), config.chunk_rows, task["row_groups"]):
         rows += chunk.height
         check_future(chunk, config, max_time, task["path"], row_column="row")
-        chunk = chunk.join(train, on="subject_id", how="semi")
+        chunk = chunk.filter(pl.Series(_chunk_splits(chunk, lookup) == SPLITS.index("train")))
         if labs is None:
             parts.append(code_statistics(chunk, config, max_time))
         else:
@@ -806,25 +867,26 @@ def _tokenize_task(task: dict) -> dict:
     if key not in _WORKER_CACHE:
         _WORKER_CACHE[key] = Tokenizer.load(Path(task["tokenizer"]))
     tokenizer: Tokenizer = _WORKER_CACHE[key]
-    splits = _split_table(task["meds_dir"])
+    lookup = _split_lookup(task["meds_dir"])
     part = Path(task["part"])
     writers: dict[str, SplitWriter] = {}
     counts = {split: empty_counts() for split in SPLITS}
     unassigned = {"events": 0, "subjects": 0}
     rows = 0
-    first_subject = last_subject = None
     for chunk in read_chunks(Path(task["path"]), tokenizer.config.chunk_rows, task["row_groups"],
                              validate=not task["validated"]):
         rows += chunk.height
         check_future(chunk, tokenizer.config, tokenizer.max_time, task["path"], row_column="row")
-        chunk = chunk.join(splits, on="subject_id", how="left")
-        if chunk.get_column("split").null_count():
-            missing = chunk.filter(pl.col("split").is_null())
-            unassigned["events"] += missing.height
-            unassigned["subjects"] += missing.get_column("subject_id").n_unique()
-            chunk = chunk.filter(pl.col("split").is_not_null())
-        for (split,), events in chunk.partition_by("split", as_dict=True).items():
-            batch = tokenizer.tokenize_frame(events.select(meds.CORE_COLUMNS))
+        split_of_row = _chunk_splits(chunk, lookup)
+        chunk = chunk.select(meds.CORE_COLUMNS)
+        missing = split_of_row < 0
+        if missing.any():
+            unassigned["events"] += int(missing.sum())
+            unassigned["subjects"] += chunk.filter(pl.Series(missing)).get_column("subject_id").n_unique()
+            chunk, split_of_row = chunk.filter(pl.Series(~missing)), split_of_row[~missing]
+        for split, batch in zip(SPLITS, tokenizer.tokenize_groups(chunk, split_of_row, len(SPLITS))):
+            if batch.counts["events_in"] == 0:
+                continue
             if split not in writers:
                 writers[split] = SplitWriter(part / split)
             batch.write(writers[split])
@@ -1108,5 +1170,10 @@ def format_timeline(store: TokenStore, subject_id: int) -> str:
 
 
 def inspect_cli(args) -> int:
-    print(format_timeline(TokenStore(args.store), args.subject))
+    text = format_timeline(TokenStore(args.store), args.subject)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -32,7 +32,7 @@ from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
 from nextvisit.losses import ValidationTotals, band_names, best_constant_logits, frequency_bands, next_visit_loss
 from nextvisit.model import NextVisitModel
-from nextvisit.sequence import TrainingPlan, visit_cap
+from nextvisit.sequence import PAD_MULTIPLE, TrainingPlan, visit_cap
 from nextvisit.store import TokenStore, Vocabulary
 
 COPIED_FROM_STORE = ("vocab.json", "tokenizer.yaml", "lab_stats.parquet")
@@ -275,13 +275,17 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
     if len(train_split) == 0:
         raise UserError(f"{store.path}: the train split is empty")
     plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
-                        config.data.max_window_fraction, tc.seed)
+                        config.data.max_window_fraction, tc.seed, pad_multiple=_pad_multiple(config))
     contexts_per_epoch = plan.n_contexts(0)
     if contexts_per_epoch == 0:
         raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
 
     torch.manual_seed(tc.seed)
     model = NextVisitModel(config.model).to(device)
+    if model.output_bias is not None and not resume:
+        share = target_visit_share(train_split, len(vocab))
+        with torch.no_grad():
+            model.output_bias.copy_(torch.from_numpy(best_constant_logits(share, config.loss)).float())
     optimizer = make_optimizer(model, tc)
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume:
@@ -309,7 +313,9 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
     budget_s = max_minutes * 60 if max_minutes is not None else None
     previous_elapsed = state["elapsed_s"]
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not (progress and dist.main), desc="pretrain",
-               unit="step", file=sys.stderr, dynamic_ncols=True)
+               unit="step", file=sys.stderr, dynamic_ncols=True,
+               # the postfix carries the ETA, which also honours --max-minutes
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
     window_tokens, window_start = 0, time.monotonic()
     last = {}
     try:
@@ -407,6 +413,11 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
     return last
 
 
+def _pad_multiple(config: RunConfig) -> int:
+    """FlexAttention compiles once per shape: give it full contexts. SDPA takes any width."""
+    return config.data.context if config.model.attention == "flex" else PAD_MULTIPLE
+
+
 def _checkpoint_step(run_dir: Path):
     path = run_dir / CHECKPOINT / "state.json"
     return json.loads(path.read_text())["step"] if path.exists() else "none yet"
@@ -446,7 +457,8 @@ class _Validation:
             split = store.split("train")
             print(f"nextvisit pretrain: {store.path}/tuning is empty; validating on train contexts", file=sys.stderr)
         plan = TrainingPlan(split, supervised_np, config.data.context, config.data.pack,
-                            config.data.max_window_fraction, seed=config.train.seed + 1)
+                            config.data.max_window_fraction, seed=config.train.seed + 1,
+                            pad_multiple=_pad_multiple(config))
         n = plan.n_contexts(0)
         n = n if config.train.eval_contexts == 0 else min(n, config.train.eval_contexts)
         mb = config.train.micro_batch
@@ -512,6 +524,9 @@ def _csv_cell(cell: str) -> str:
 
 def run_cli(args) -> int:
     """`nextvisit pretrain STORE --out RUN [--preset P] [--config YAML] [--resume] [--max-minutes M]`."""
+    if args.resume and args.config is not None:
+        raise UserError(f"--config does not apply to --resume: the run continues with {args.out / 'config.yaml'} "
+                        f"(edit that file to change, e.g., train.max_steps)")
     config = resolve(args.preset, args.config) if not args.resume else RunConfig()
     train(args.store, args.out, config, resume=args.resume, max_minutes=args.max_minutes, device_name=args.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -90,8 +90,9 @@ def histories(labelled: pl.DataFrame) -> pl.DataFrame:
 def history_events(meds_dir: Path, history: pl.DataFrame, removed: CodeSet | None = None) -> tuple[pl.DataFrame, dict]:
     """The events each history may see, shard by shard through the forecast's own cut
     (``nextvisit.forecast.history_events``: static rows plus ``time <= prediction_time``, minus ``removed``).
-    Returns ``history_id, subject_id, prediction_time, time, code, numeric_value`` sorted by history and time
-    (static rows first), and counts of what was cut. A label subject missing from the data is an error."""
+    Returns ``history_id, subject_id, prediction_time, time, code, numeric_value`` (rows of one history in
+    time order, histories in shard order), and counts of what was cut. A label subject missing from the data
+    is an error."""
     from nextvisit.forecast import history_events as known_events
 
     removed = removed or CodeSet()
@@ -120,7 +121,6 @@ def history_events(meds_dir: Path, history: pl.DataFrame, removed: CodeSet | Non
         pl.concat(parts)
         .join(history, on="history_id")
         .select("history_id", "subject_id", "prediction_time", "time", "code", "numeric_value")
-        .sort("history_id", "time", nulls_last=False, maintain_order=True)
     )
     found_histories = kept.select(pl.col("history_id").n_unique()).item()
     counts.update(histories=history.height, histories_without_events=history.height - found_histories,

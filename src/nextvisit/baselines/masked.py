@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_model, save_model
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from nextvisit.baselines import common
@@ -541,20 +542,20 @@ def _windows(histories: Histories, config: MaskedModelConfig) -> list:
 
 
 def predict_probabilities(model: MaskedEncoder, windows: list, batch_size: int, device) -> np.ndarray:
-    """Sigmoid of the CLS head, [n, K]."""
+    """Sigmoid of the CLS head, [n, K]. Windows are batched by length (less padding), results in input order."""
     model.eval()
-    out = []
+    order = np.argsort([len(w[0]) for w in windows], kind="stable")
+    out = np.zeros((len(windows), model.head.out_features), np.float32)
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            tokens, days, types = (t.to(device) for t in collate(windows[i : i + batch_size]))
-            out.append(torch.sigmoid(model.classify(tokens, days, types)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+            chosen = order[i : i + batch_size]
+            tokens, days, types = (t.to(device) for t in collate([windows[j] for j in chosen]))
+            out[chosen] = torch.sigmoid(model.classify(tokens, days, types)).float().cpu().numpy()
+    return out
 
 
 def tuning_auroc(probabilities: np.ndarray, targets: np.ndarray, labelled: np.ndarray) -> float:
     """Mean AUROC over outputs whose tuning rows hold both classes (NaN when none does)."""
-    from sklearn.metrics import roc_auc_score
-
     values = []
     for k in range(targets.shape[1]):
         y = targets[labelled[:, k], k]
@@ -608,8 +609,12 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     tuning_targets, tuning_mask = histories.targets[tuning_ids], histories.labelled[tuning_ids]
     positive_weight = torch.tensor(finetune_config.positive_weight or 1.0)
 
+    timer = {"predict": 0.0}
+
     def evaluate(step: int, train_loss: float) -> dict:
+        predict_started = time.monotonic()
         probabilities = predict_probabilities(model, tuning_windows, finetune_config.predict_batch_size, dev)
+        timer["predict"] = time.monotonic() - predict_started
         model.train()
         logits = torch.logit(torch.from_numpy(probabilities).clamp(1e-6, 1 - 1e-6))
         loss = F.binary_cross_entropy_with_logits(logits[torch.from_numpy(tuning_mask)],
@@ -626,14 +631,14 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     eval_every = finetune_config.eval_every or steps_per_epoch
     total_steps = finetune_config.max_epochs * steps_per_epoch
     budget_s = None if finetune_config.max_minutes is None else 60 * finetune_config.max_minutes
-    predict_probabilities(model, tuning_windows[:8], finetune_config.predict_batch_size, dev)  # warm-up, untimed
     loop_started = time.monotonic()
     rows = [evaluate(0, math.nan)]  # the untuned head on the pretrained encoder
-    # the budget covers the last evaluation and the final predictions too: reserve their time, estimated
-    # from this evaluation; the learning-rate schedule runs over what is left
+    # The budget covers one more evaluation at the end and the final predictions: reserve their time,
+    # estimated from the throughput of this evaluation's forward passes; the learning-rate schedule runs
+    # over what is left.
     eval_seconds = time.monotonic() - loop_started
-    reserve = eval_seconds * (1 + len(score_ids) / max(1, len(tuning_ids)))
-    # (one more evaluation at the end, then the predictions of the tuning and held_out histories)
+    seconds_per_history = timer["predict"] / max(1, len(tuning_ids))
+    reserve = eval_seconds + seconds_per_history * len(score_ids)
     train_started = time.monotonic()
     train_budget_s = None if budget_s is None else max(1e-9, budget_s - (train_started - started) - reserve)
     best, best_state, stale, step, stop_reason = rows[0], copy.deepcopy(model.state_dict()), 0, 0, "max_epochs"

@@ -48,7 +48,7 @@ US_PER_DAY = 86_400_000_000
 
 @dataclass(frozen=True)
 class OracleConfig:
-    n_samples: int = 256  # Monte Carlo futures per (subject, prediction day)
+    n_samples: int = 128  # Monte Carlo futures per (subject, prediction day)
     rows_per_batch: int = 16_384  # futures rolled forward together (pairs x n_samples)
     subjects_per_batch: int = 1_000  # subjects re-simulated together
     min_pairs_per_worker: int = 200  # fewer pairs than this per worker: not worth starting processes
@@ -145,7 +145,7 @@ def oracle_risks(source, subject_ids, times, conditions, horizons_days, *, confi
         if coded[c]:
             prevalent[q] = True
             continue
-        risks[q] = np.mean(first[:, c] - days[q] <= horizons[q])
+        risks[q] = np.mean(first[:, CONDITIONS.index(conditions[q])] - days[q] <= horizons[q])
     return risks, prevalent
 
 
@@ -165,7 +165,7 @@ def _pair_job(job):
     """Snapshots of a batch of (subject, day) pairs, then their futures."""
     pair_idx, pairs, max_horizon, sim, cfg = job
     snapshots, dead_before = _snapshots(pairs, sim)
-    first = np.full((len(pairs), cfg.n_samples, engine.C), engine.NEVER, np.int64)
+    first = np.full((len(pairs), cfg.n_samples, len(CONDITIONS)), engine.NEVER, np.int64)
     coded = np.zeros((len(pairs), engine.C), bool)
     alive = np.nonzero(~dead_before)[0]
     for k in alive:
@@ -219,8 +219,8 @@ def _snapshots(pairs: np.ndarray, sim: Simulator):
 
 
 def _futures(snaps: list, pairs: np.ndarray, max_horizon: np.ndarray, sim: Simulator, cfg: OracleConfig) -> np.ndarray:
-    """[pairs, n_samples, C] day of the first record of each condition in each future (NEVER: none by the
-    horizon or death)."""
+    """[pairs, n_samples, len(CONDITIONS)] day of the first record of each oracle condition in each future
+    (NEVER: none by the horizon or death)."""
     n = cfg.n_samples
     state = engine.State.concat([s.take(np.zeros(n, np.int64)) for s in snaps])
     state.group = np.repeat(np.arange(len(snaps)), n)
@@ -241,7 +241,7 @@ def _futures(snaps: list, pairs: np.ndarray, max_horizon: np.ndarray, sim: Simul
         if done.any():
             state = state.take(~done)
             replica = replica[~done]
-    return first.reshape(len(snaps), n, engine.C)
+    return first[:, targets].reshape(len(snaps), n, len(targets))
 
 
 # -- predictions for a labels folder ------------------------------------------------------------------------
