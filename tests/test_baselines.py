@@ -125,9 +125,10 @@ def test_count_window_edges(tmp_path):
     assert got["all:AFTER"] == 0 and got["all:visits"] == 3
 
 
-def _signal_dataset(tmp_path, n_subjects=240, seed=0, later_events=False):
+def _signal_dataset(tmp_path, n_subjects=240, seed=0, later_events=False, at_time_events=False):
     """Subjects with code SIGNAL before the prediction time are positive 85% of the time, others 10%.
-    ``later_events`` adds a SIGNAL event after every prediction time and changes nothing else."""
+    ``later_events`` adds a SIGNAL event after every prediction time, ``at_time_events`` one at exactly the
+    prediction time; neither changes anything else."""
     rng = np.random.default_rng(seed)
     events, splits, rows = [], {}, []
     for s in range(1, n_subjects + 1):
@@ -145,6 +146,8 @@ def _signal_dataset(tmp_path, n_subjects=240, seed=0, later_events=False):
             events.append((s, T0 - timedelta(days=int(rng.integers(1, 300))), "SIGNAL", None))
         if later_events:
             events.append((s, T0 + timedelta(days=30), "SIGNAL", None))
+        if at_time_events:
+            events.append((s, T0, "SIGNAL", None))
         positive = rng.random() < (0.85 if has_signal else 0.1)
         rows.append({"subject_id": s, "prediction_time": T0, "boolean_value": bool(positive), "split": split,
                      "age_years": (T0 - birth).days / 365.25, "sex": "F" if s % 2 else "M"})
@@ -296,3 +299,23 @@ def test_finetuned_model_sees_no_event_after_prediction_time(masked_runs, tmp_pa
     p = written["predicted_boolean_probability"].to_numpy()
     np.testing.assert_allclose(again["predicted_boolean_probability"].to_numpy(), p, rtol=0, atol=1e-6)
     np.testing.assert_allclose(changed["predicted_boolean_probability"].to_numpy(), p, rtol=0, atol=1e-6)
+    # the same change at exactly the prediction time is known (MEDS rule), so it does move predictions
+    at_meds, at_labels = _signal_dataset(tmp_path / "at", at_time_events=True)
+    at_time = masked.predict(masked_runs["tuned"], at_meds, at_labels).sort("subject_id")
+    assert np.abs(at_time["predicted_boolean_probability"].to_numpy() - p).max() > 0.01
+
+
+def test_count_cli_writes_a_predictions_folder_and_reports_bad_input(tmp_path, capsys):
+    from nextvisit.cli import main
+
+    meds_dir, labels_dir = _hand_dataset(tmp_path)
+    config = tmp_path / "counts.yaml"
+    config.write_text("min_code_count: 1\nc_values: [1.0]\n")
+    out = tmp_path / "pred"
+    assert main(["baseline", "counts", str(meds_dir), str(labels_dir), "--out", str(out), "--config", str(config)]) == 0
+    predictions = pl.read_parquet(out / "predictions.parquet")
+    assert predictions["split"].to_list() == ["held_out"]  # the censored tuning row is not predicted
+    # a second run refuses to overwrite, and a missing labels folder is a one-line error naming it
+    assert main(["baseline", "counts", str(meds_dir), str(labels_dir), "--out", str(out)]) == 2
+    assert main(["baseline", "counts", str(meds_dir), str(tmp_path / "nolabels"), "--out", str(tmp_path / "p2")]) == 2
+    assert "nolabels" in capsys.readouterr().err

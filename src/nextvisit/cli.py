@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", type=Path, metavar="STORE")
     q.add_argument("--out", type=Path, required=True, help="run folder")
     q.add_argument("--preset", default="tiny", help="tiny, small or paper (12 x 768)")
-    q.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+    q.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes (default: the preset's; tiny 0.75)")
     q.add_argument("--device", default=None)
     q.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
     q.add_argument("labels", type=Path, metavar="LABELS")
     q.add_argument("--out", type=Path, required=True, help="fine-tuned run folder; predictions inside")
-    q.add_argument("--max-minutes", type=float, default=None, help="stop fine-tuning after this many minutes")
+    q.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget of the whole command (tokenize, train, predict); default: the run's preset")
     q.add_argument("--device", default=None)
     q.add_argument("--config", type=Path, default=None, help="YAML overriding fine-tuning fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -182,7 +182,7 @@ def _merge(base, overrides: dict, source: str, prefix: str = ""):
 # paper: 8 layers x 8 heads x 1024 wide, 512-token contexts, 65,536 tokens per optimizer step (paper).
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "model": {"d_model": 128, "n_layers": 3, "n_heads": 4},
+        "model": {"d_model": 128, "n_layers": 3, "n_heads": 4, "output_bias": True},
         # queries as long as the longest training window (128 tokens incl. its closing token)
         "data": {"context": 256, "query_max_tokens": 127},
         "train": {"batch_contexts": 16, "micro_batch": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30,

@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-import yaml
 from sklearn.metrics import roc_auc_score
 
 from nextvisit.baselines import common
@@ -46,6 +45,7 @@ class CountsConfig:
     model: str = "logistic"
     # logistic regression: C (inverse L2 strength) chosen on tuning AUROC among these values
     c_values: list = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    default_c: float = 1.0  # used when the tuning rows cannot rank (no rows, or one class only)
     class_weight: str | None = None  # None or "balanced"
     max_iter: int = 2000
     # gradient-boosted trees (sklearn HistGradientBoostingClassifier on the densified top features)
@@ -73,18 +73,15 @@ class CountsConfig:
 
     @classmethod
     def from_yaml(cls, path: Path | None, **overrides) -> "CountsConfig":
-        values = {}
+        """Defaults, then the YAML file's fields (unknown fields are errors), then non-None ``overrides``."""
+        config = cls()
         if path is not None:
-            path = Path(path)
-            if not path.exists():
-                raise UserError(f"{path}: no such config file")
-            values = yaml.safe_load(path.read_text()) or {}
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise UserError(f"{path}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+            from nextvisit.config import read_yaml
+
+            config = common.merge_config(config, read_yaml(path), str(path))
+        config = common.merge_config(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+        config.__post_init__()
+        return config
 
 
 def window_name(days: int | None) -> str:
@@ -207,8 +204,9 @@ def design_matrix(raw: sp.csr_matrix, rows: pl.DataFrame, train: np.ndarray, con
     return sp.hstack([counts, demographics], format="csr"), names
 
 
-def _auroc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else math.nan
+def _auroc(y: np.ndarray, model, x) -> float:
+    """Tuning AUROC, NaN when the tuning rows hold fewer than two classes."""
+    return float(roc_auc_score(y, model.predict_proba(x)[:, 1])) if len(np.unique(y)) == 2 else math.nan
 
 
 def fit_predict(x_train, y_train, x_tune, y_tune, x_score, config: CountsConfig) -> tuple[np.ndarray, dict]:
@@ -220,14 +218,15 @@ def fit_predict(x_train, y_train, x_tune, y_tune, x_score, config: CountsConfig)
     if config.model == "logistic":
         from sklearn.linear_model import LogisticRegression
 
-        best = None
-        for c in config.c_values:
-            model = LogisticRegression(C=c, class_weight=config.class_weight, max_iter=config.max_iter)
-            model.fit(x_train, y_train)
-            auroc = _auroc(y_tune, model.predict_proba(x_tune)[:, 1])
-            if best is None or (not math.isnan(auroc) and (math.isnan(best[0]) or auroc > best[0])):
-                best = (auroc, c, model)
-        auroc, c, model = best
+        def fit(c):
+            return LogisticRegression(C=c, class_weight=config.class_weight, max_iter=config.max_iter).fit(x_train, y_train)
+
+        if len(np.unique(y_tune)) == 2:
+            fits = [(_auroc(y_tune, model, x_tune), c, model) for c, model in ((c, fit(c)) for c in config.c_values)]
+            auroc, c, model = max(fits, key=lambda f: f[0])
+        else:
+            c, auroc = config.default_c, math.nan
+            model = fit(c)
         return model.predict_proba(x_score)[:, 1], {"C": c, "tuning_auroc": auroc}
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -240,7 +239,7 @@ def fit_predict(x_train, y_train, x_tune, y_tune, x_score, config: CountsConfig)
         random_state=config.seed,
     )
     model.fit(x_train[:, keep].toarray().astype(np.float32), y_train)
-    auroc = _auroc(y_tune, model.predict_proba(x_tune[:, keep].toarray().astype(np.float32))[:, 1])
+    auroc = _auroc(y_tune, model, x_tune[:, keep].toarray().astype(np.float32))
     score = model.predict_proba(x_score[:, keep].toarray().astype(np.float32))[:, 1]
     return score, {"features_used": int(len(keep)), "iterations": int(model.n_iter_), "tuning_auroc": auroc}
 

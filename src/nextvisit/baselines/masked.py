@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from nextvisit.baselines import common
 from nextvisit.errors import UserError
-from nextvisit.store import CLS, MASK, PAD, SEP, Subject, TokenStore, Vocabulary
+from nextvisit.store import CLS, MASK, PAD, SEP, Subject, TokenStore
 
 # files of a token store that make a run re-tokenizable with `Tokenizer.load(RUN)` (docs/interfaces.md §4)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.yaml", "lab_stats.parquet")
@@ -105,7 +104,11 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between tuning evaluations; 0 = once per epoch
     eval_histories: int = 2000  # tuning histories (a fixed random subset) scored at each evaluation; 0 = all
     patience: int = 3  # evaluations without a better tuning AUROC before stopping
-    positive_weight: float | None = None  # BCE weight of positives; None = 1 (calibrated probabilities)
+    # Share of training draws given to rows with a positive label (None = sample rows uniformly). Rare
+    # outcomes then reach the encoder more often; the head's bias is shifted back afterwards by each
+    # output's sampling odds, so probabilities stay calibrated (prior-shift correction: exact for one
+    # output, a marginal approximation when horizons share rows).
+    positive_share: float | None = None
     predict_batch_size: int = 128
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -116,8 +119,8 @@ PRESETS: dict[str, dict] = {
     # gains little from a second one, and on a busy machine two threads spin and cost several times the CPU.
     "tiny": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "context": 128, "dropout": 0.0},
              "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "max_minutes": 0.75, "threads": 1},
-             "finetune": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 10, "max_minutes": 0.5,
-                          "eval_every": 50, "eval_histories": 500, "threads": 1}},
+             "finetune": {"batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "max_minutes": 0.5,
+                          "eval_every": 50, "eval_histories": 500, "positive_share": 0.25, "threads": 1}},
     "small": {"model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 512},
               "pretrain": {"batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "max_steps": 50_000, "eval_every": 500},
               "finetune": {"batch_size": 64, "lr": 1e-4}},
@@ -127,15 +130,6 @@ PRESETS: dict[str, dict] = {
                            "eval_every": 2000, "eval_batches": 16},
               "finetune": {"batch_size": 32, "lr": 2e-5, "warmup_steps": 200}},
 }
-
-
-def _merge(config, values: dict, source: str):
-    """A copy of dataclass ``config`` with ``values``; unknown keys are an error naming ``source``."""
-    known = {f.name for f in fields(config)}
-    unknown = sorted(set(values or {}) - known)
-    if unknown:
-        raise UserError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return type(config)(**{**asdict(config), **(values or {})})
 
 
 def resolve_config(preset: str, config_path: Path | None = None):
@@ -154,9 +148,9 @@ def resolve_config(preset: str, config_path: Path | None = None):
         for section, fields_ in extra.items():
             values.setdefault(section, {}).update(fields_ or {})
     source = str(config_path or f"preset {preset}")
-    return (_merge(MaskedModelConfig(), values.get("model"), source),
-            _merge(PretrainConfig(), values.get("pretrain"), source),
-            _merge(FinetuneConfig(), values.get("finetune"), source))
+    return (common.merge_config(MaskedModelConfig(), values.get("model"), source),
+            common.merge_config(PretrainConfig(), values.get("pretrain"), source),
+            common.merge_config(FinetuneConfig(), values.get("finetune"), source))
 
 
 # -- the model --------------------------------------------------------------------------------------------------
@@ -554,6 +548,29 @@ def predict_probabilities(model: MaskedEncoder, windows: list, batch_size: int, 
     return out
 
 
+def positive_sampling(targets: np.ndarray, labelled: np.ndarray, positive_share: float | None):
+    """Draw probabilities over train rows that give rows with any positive label ``positive_share`` of the
+    draws, and per output the log odds by which this sampling inflates positives relative to negatives
+    (subtract from the logits to undo it). ``(None, zeros)`` when no oversampling is asked or needed."""
+    no_shift = np.zeros(targets.shape[1], np.float32)
+    if not positive_share:
+        return None, no_shift
+    positive_row = (targets * labelled).any(axis=1)
+    n_positive, n_negative = int(positive_row.sum()), int((~positive_row).sum())
+    if n_positive == 0 or n_negative == 0:
+        return None, no_shift
+    weight = positive_share * n_negative / ((1 - positive_share) * n_positive)
+    if weight <= 1:
+        return None, no_shift
+    row_weight = np.where(positive_row, weight, 1.0)
+    odds = np.zeros(targets.shape[1], np.float32)
+    for k in range(targets.shape[1]):
+        pos, neg = labelled[:, k] & (targets[:, k] == 1), labelled[:, k] & (targets[:, k] == 0)
+        if pos.any() and neg.any():
+            odds[k] = np.log(row_weight[pos].mean() / row_weight[neg].mean())
+    return row_weight / row_weight.sum(), odds
+
+
 def tuning_auroc(probabilities: np.ndarray, targets: np.ndarray, labelled: np.ndarray) -> float:
     """Mean AUROC over outputs whose tuning rows hold both classes (NaN when none does)."""
     values = []
@@ -572,12 +589,12 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     run = Path(run)
     dev = _device(device)
     model, run_config = load_run(run, dev)
-    finetune_config = FinetuneConfig(**run_config.get("finetune", {}))
-    if config_path is not None:
-        extra = yaml.safe_load(Path(config_path).read_text()) if Path(config_path).exists() else None
-        if extra is None:
-            raise UserError(f"{config_path}: no such config file (or empty)")
-        finetune_config = _merge(finetune_config, extra.get("finetune", extra), str(config_path))
+    finetune_config = common.merge_config(FinetuneConfig(), run_config.get("finetune"), f"{run}/config.yaml")
+    if config_path is not None:  # a YAML of FinetuneConfig fields, flat or under a `finetune:` section
+        from nextvisit.config import read_yaml
+
+        extra = read_yaml(config_path)
+        finetune_config = common.merge_config(finetune_config, extra.get("finetune", extra), str(config_path))
     if max_minutes is not None:
         finetune_config.max_minutes = max_minutes
     if finetune_config.threads:
@@ -607,7 +624,8 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     tuning_windows = [windows[i] for i in tuning_ids]
     score_ids = np.flatnonzero(np.isin(split, common.PREDICTION_SPLITS))
     tuning_targets, tuning_mask = histories.targets[tuning_ids], histories.labelled[tuning_ids]
-    positive_weight = torch.tensor(finetune_config.positive_weight or 1.0)
+    draw_weights, log_sampling_odds = positive_sampling(histories.targets[train_ids], histories.labelled[train_ids],
+                                                        finetune_config.positive_share)
 
     timer = {"predict": 0.0}
 
@@ -616,13 +634,18 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
         probabilities = predict_probabilities(model, tuning_windows, finetune_config.predict_batch_size, dev)
         timer["predict"] = time.monotonic() - predict_started
         model.train()
-        logits = torch.logit(torch.from_numpy(probabilities).clamp(1e-6, 1 - 1e-6))
+        logits = torch.logit(torch.from_numpy(probabilities).clamp(1e-6, 1 - 1e-6)) - torch.from_numpy(log_sampling_odds)
         loss = F.binary_cross_entropy_with_logits(logits[torch.from_numpy(tuning_mask)],
                                                   torch.from_numpy(tuning_targets)[torch.from_numpy(tuning_mask)]).item()
         return {"step": step, "seconds": round(time.monotonic() - started, 1), "train_loss": round(train_loss, 4),
                 "tuning_loss": round(loss, 4), "tuning_auroc": round(tuning_auroc(probabilities, tuning_targets, tuning_mask), 4)}
 
+    if len(tuning_ids) == 0:
+        sys.stderr.write(f"warning: {labels_dir} has no labelled tuning rows; no early stopping, the last weights are kept\n")
+
     def better(row: dict, best: dict) -> bool:
+        if len(tuning_ids) == 0:
+            return True
         if not math.isnan(row["tuning_auroc"]) and not math.isnan(best["tuning_auroc"]):
             return row["tuning_auroc"] > best["tuning_auroc"]
         return row["tuning_loss"] < best["tuning_loss"]
@@ -645,7 +668,10 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     model.train()
     progress_bar = tqdm(total=total_steps, desc="masked fine-tune", unit="step", mininterval=2)
     for _epoch in range(finetune_config.max_epochs):
-        order = rng.permutation(train_ids)
+        if draw_weights is None:
+            order = rng.permutation(train_ids)
+        else:
+            order = rng.choice(train_ids, size=len(train_ids), p=draw_weights)
         for i in range(0, len(order), finetune_config.batch_size):
             elapsed = time.monotonic() - train_started
             if train_budget_s is not None and elapsed >= train_budget_s and step >= finetune_config.min_steps:
@@ -659,7 +685,7 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
                 progress = max(step / total_steps, elapsed / train_budget_s if train_budget_s else 0.0)
                 group["lr"] = _schedule(step, progress, finetune_config.lr, finetune_config.warmup_steps, 0.1)
             logits = model.classify(tokens, days, types)
-            loss = F.binary_cross_entropy_with_logits(logits[mask], target[mask], pos_weight=positive_weight.to(dev))
+            loss = F.binary_cross_entropy_with_logits(logits[mask], target[mask])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), finetune_config.grad_clip)
@@ -685,6 +711,8 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
         if better(rows[-1], best):
             best, best_state = rows[-1], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
+    with torch.no_grad():  # undo the sampling odds of positives (no-op without positive_share)
+        model.head.bias -= torch.from_numpy(log_sampling_odds).to(model.head.bias.device)
     train_seconds = time.monotonic() - loop_started
     predict_started = time.monotonic()
 
