@@ -162,6 +162,7 @@ def time_training(model, batches, supervised, loss_config, step_fn, autocast, st
 def run_throughput(args):
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16)
+    peaks = [peak32]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
           f"fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
     print(f"{'preset':6} {'vocab':>6} {'impl':6} {'prec':4} {'ctx x B':>8} {'tok/s':>8} {'GFLOP/s':>8} "
@@ -173,35 +174,36 @@ def run_throughput(args):
             for name in args.presets:
                 config = preset(name)
                 config.model.vocab_size = vocab_size
+                config.model.output_bias = False  # the reference has none
                 contexts = args.contexts or config.train.micro_batch
                 plan = TrainingPlan(store.split("train"), store.vocab.supervised_mask(), config.data.context,
                                     True, config.data.max_window_fraction, seed=0)
                 batches = [plan.batch(0, range(i * contexts, (i + 1) * contexts)) for i in range(2)]
-                flops = model_flops(config.model, batches[0])
+                flops, n_tokens = model_flops(config.model, batches[0]), batches[0].n_tokens
                 rates = {}
-                for impl, step_fn in (("naive", naive_step), ("ours", fast_step)):
-                    for precision in args.precision:
-                        if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
-                            continue  # the reference runs in plain float32
-                        torch.manual_seed(0)
-                        model = NextVisitModel(config.model)
-                        autocast, used = autocast_for(precision, torch.device("cpu"))
-                        try:
-                            seconds, tokens = time_training(model, batches, supervised, config.loss, step_fn,
-                                                            autocast, args.steps)
-                        except RuntimeError as exc:  # the naive head can exhaust memory at 42k
-                            print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
-                            continue
-                        rates[(impl, used)] = tokens / seconds
-                        speed = ""
-                        if impl == "ours" and ("naive", "fp32") in rates:
-                            speed = f"{rates[(impl, used)] / rates[('naive', 'fp32')]:.1f}x"
-                        print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} {config.data.context:>4}x{contexts:<3} "
-                              f"{tokens / seconds:>8.0f} {flops / seconds / 1e9:>8.1f} "
-                              f"{flops / seconds / peak32:>7.0%} {speed:>7}", flush=True)
-                ours = [v for (impl, _), v in rates.items() if impl == "ours"]
-                if ours and ("naive", "fp32") in rates:
-                    print(f"{'':6} best ours / naive fp32 = {max(ours) / rates[('naive', 'fp32')]:.1f}x")
+                for round_ in range(args.rounds):  # interleaved rounds; the best of each survives the neighbours
+                    peaks.append(matmul_peak(torch.float32, repeats=3))
+                    for impl, step_fn in (("naive", naive_step), ("ours", fast_step)):
+                        for precision in args.precision:
+                            if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
+                                continue  # the reference runs in plain float32
+                            torch.manual_seed(0)
+                            model = NextVisitModel(config.model)
+                            autocast, used = autocast_for(precision, torch.device("cpu"))
+                            try:
+                                seconds, tokens = time_training(model, batches, supervised, config.loss, step_fn,
+                                                                autocast, args.steps)
+                            except RuntimeError as exc:  # the naive head can exhaust memory at 42k
+                                print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
+                                continue
+                            rates[(impl, used)] = max(rates.get((impl, used), 0.0), tokens / seconds)
+                peak = max(peaks)
+                for (impl, used), rate in rates.items():
+                    speed = f"{rate / rates[('naive', 'fp32')]:.1f}x" if ("naive", "fp32") in rates else ""
+                    print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} {config.data.context:>4}x{contexts:<3} "
+                          f"{rate:>8.0f} {flops / n_tokens * rate / 1e9:>8.1f} {flops / n_tokens * rate / peak:>7.0%} "
+                          f"{speed:>7}", flush=True)
+    print(f"best fp32 matmul peak over the run: {max(peaks) / 1e9:.1f} GFLOP/s (the % column divides by it)")
 
 
 def run_attention(args):
@@ -276,6 +278,7 @@ def main():
     parser.add_argument("--contexts", type=int, default=8,
                         help="contexts per batch (default 8: the naive head at 42k tokens needs ~3 GB at 16 x 256)")
     parser.add_argument("--subjects", type=int, default=400, help="synthetic subjects")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best kept)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attention", action="store_true", help="compare SDPA and FlexAttention instead")
     args = parser.parse_args()

@@ -190,6 +190,10 @@ def test_count_config_rejects_unknown_field(tmp_path):
     path.write_text("lookback_dayz: [30]\n")
     with pytest.raises(UserError, match="lookback_dayz"):
         counts.CountsConfig.from_yaml(path)
+    # YAML reads 1e-1 as text and null as None: both are what the user meant
+    path.write_text("default_c: 1e-1\nlookback_days: [30, null]\nclass_weight: null\n")
+    config = counts.CountsConfig.from_yaml(path, model="gbt")
+    assert config.default_c == 0.1 and config.lookback_days == [30, None] and config.model == "gbt"
 
 
 def test_missing_labels_is_a_user_error(tmp_path):

@@ -79,16 +79,22 @@ def merge_config(config, values: dict | None, source: str):
 
     if values is not None and not isinstance(values, dict):
         raise UserError(f"{source}: expected a mapping of fields, got {values!r}")
-    coerced = {}
+    coerced, nulls = {}, []
     for key, value in (values or {}).items():
         current = getattr(config, key, None)
+        if value is None and hasattr(config, key):
+            nulls.append(key)  # null switches an optional setting off (e.g. a time budget)
+            continue
         if isinstance(value, str) and (isinstance(current, float) or current is None):
             try:
                 value = float(value)
             except ValueError:
                 pass
         coerced[key] = value
-    return _merge(config, coerced, source)
+    merged = _merge(config, coerced, source)
+    for key in nulls:
+        setattr(merged, key, None)
+    return merged
 
 
 def code_set_json(code_set: CodeSet) -> dict:

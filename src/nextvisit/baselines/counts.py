@@ -6,7 +6,8 @@ Features of one history (a label row's subject cut at its prediction time, see `
 - for every lookback window (default the last 365 days and all history) and every code of the feature
   vocabulary: the number of visits (calendar days) in the window holding the code, an event at exactly the
   prediction time included; plus the number of visits in the window;
-- age at the prediction time (z-scored with train statistics) and sex (one-hot over the train values).
+- age at the prediction time (z-scored with train statistics, plus one-hot age buckets) and sex (one-hot
+  over the train values).
 
 The feature vocabulary is fit on train-split rows only: codes present in at least ``min_code_count``
 train histories. Codes listed in the task's ``remove_from_inputs`` never become features. One model per

@@ -413,11 +413,16 @@ def pretrain(store_path: Path, out: Path, preset: str = "tiny", config_path: Pat
 
     budget_s = None if train_config.max_minutes is None else 60 * train_config.max_minutes
     started = time.monotonic()
-    rows = []
+    step, last_loss = 0, math.nan
+
+    def log_row() -> dict:
+        return {"step": step, "seconds": round(time.monotonic() - started, 1), "train_loss": round(last_loss, 4),
+                "tuning_loss": round(evaluate(), 4)}
+
+    rows = [log_row()]  # before any update
     model.train()
     progress_bar = tqdm(total=train_config.max_steps, desc="masked pretrain", unit="step", mininterval=2)
-    step = 0
-    for step in range(train_config.max_steps):
+    while step < train_config.max_steps:
         elapsed = time.monotonic() - started
         if budget_s is not None and elapsed >= budget_s:
             break
@@ -425,23 +430,21 @@ def pretrain(store_path: Path, out: Path, preset: str = "tiny", config_path: Pat
         for group in optimizer.param_groups:
             group["lr"] = _schedule(step, progress, train_config.lr, train_config.warmup_steps, train_config.min_lr_fraction)
         tokens, days, types, targets = (t.to(dev) for t in train_batches.batch(rng))
-        hidden = model(tokens, days, types)
+        hidden = model(tokens, days, types)  # [B, T, D]
         chosen = targets != -100
         loss = F.cross_entropy(model.mlm_logits(hidden[chosen]), targets[chosen])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
         optimizer.step()
+        step, last_loss = step + 1, loss.item()
         progress_bar.update(1)
         if step % train_config.eval_every == 0:
-            rows.append({"step": step, "seconds": round(time.monotonic() - started, 1), "train_loss": round(loss.item(), 4),
-                         "tuning_loss": round(evaluate(), 4)})
-            progress_bar.set_postfix(loss=f"{loss.item():.3f}", tuning=rows[-1]["tuning_loss"])
-    else:
-        step += 1
+            rows.append(log_row())
+            progress_bar.set_postfix(loss=f"{last_loss:.3f}", tuning=rows[-1]["tuning_loss"])
     progress_bar.close()
-    rows.append({"step": step, "seconds": round(time.monotonic() - started, 1), "train_loss": round(loss.item(), 4),
-                 "tuning_loss": round(evaluate(), 4)})
+    if rows[-1]["step"] != step:
+        rows.append(log_row())
     save_model(model, str(out / "model.safetensors"))
     _write_metrics(out / "metrics.csv", rows)
     (out / "config.yaml").write_text(yaml.safe_dump({
