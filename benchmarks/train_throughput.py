@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from nextvisit.config import LossConfig, preset
 from nextvisit.losses import next_visit_loss
-from nextvisit.model import NextVisitModel, apply_rotary, rotary_tables
+from nextvisit.model import NextVisitModel, apply_rotary, attention_allowed, rotary_tables
 from nextvisit.sequence import TrainingPlan
 from nextvisit.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
 from nextvisit.train import autocast_for, make_optimizer
@@ -207,7 +207,8 @@ def run_throughput(args):
 
 
 def run_attention(args):
-    """SDPA with one boolean mask per batch vs compiled FlexAttention with one block mask per batch."""
+    """SDPA given the boolean mask in every layer, SDPA given one additive mask built per batch (ours), and
+    compiled FlexAttention with one block mask per batch."""
     with tempfile.TemporaryDirectory() as tmp:
         store = synthetic_store(Path(tmp) / "store", 2000, n_subjects=args.subjects)
         supervised = torch.from_numpy(store.vocab.supervised_mask())
@@ -218,14 +219,15 @@ def run_attention(args):
             contexts = args.contexts or config.train.micro_batch
             plan = TrainingPlan(store.split("train"), store.vocab.supervised_mask(), config.data.context, True,
                                 config.data.max_window_fraction, seed=0)
-            from nextvisit.sequence import PAD_MULTIPLE  # noqa: F401  (flex compiles per shape: pad to the context)
             batches = [plan.batch(0, range(i * contexts, (i + 1) * contexts)) for i in range(2)]
             batches = [_pad_to(b, config.data.context) for b in batches]
-            for attention in ("sdpa", "flex"):
+            for attention in ("sdpa-bool", "sdpa", "flex"):
                 for precision in args.precision:
-                    config.model.attention = attention
+                    config.model.attention = "sdpa" if attention == "sdpa-bool" else attention
                     torch.manual_seed(0)
                     model = NextVisitModel(config.model)
+                    if attention == "sdpa-bool":  # the boolean mask handed to every layer, converted by SDPA
+                        model.attention_mask = lambda att_days, doc_ids: attention_allowed(att_days, doc_ids)[:, None]
                     autocast, used = autocast_for(precision, torch.device("cpu"))
                     b = batches[0]
                     t = time.perf_counter()

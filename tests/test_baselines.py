@@ -99,7 +99,7 @@ def test_counts_match_hand_computation(tmp_path):
     assert inputs["removed_from_inputs"] == 2  # subject 1 at T0 and subject 2
     # the censored row is neither featurised nor hidden: it is counted
     assert 4 not in rows["subject_id"].to_list()
-    assert label_counts["toy@730"]["tuning"] == {"labelled": 0, "positive": 0, "censored_excluded": 1}
+    assert label_counts["toy@730"]["tuning"] == {"labelled": 0, "positive": 0, "negative": 0, "censored": 1}
 
 
 def test_count_window_edges(tmp_path):

@@ -375,4 +375,4 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
         assert oracle.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()).equals(
             expected.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()))
         # the task's code set and the simulator agree: no labelled landmark already has the condition
-        assert info["label_counts"]["prevalent_at_time"] == 0
+        assert info["rows"]["prevalent_at_time"] == 0

@@ -417,7 +417,8 @@ def test_oracle_command_writes_predictions_for_labelled_rows(small_meds, tmp_pat
     assert set(predictions["model"]) == {"oracle"}
     info = json.loads((pred / "info.json").read_text())
     assert info["kind"] == "oracle" and info["model"] == "oracle" and info["task"] == "knee_oa"
-    assert info["label_counts"]["censored"] == labels["boolean_value"].null_count()
+    censored = sum(split["censored"] for horizons in info["label_counts"].values() for split in horizons.values())
+    assert censored == labels["boolean_value"].null_count()
     # a non-empty --out is refused without --overwrite
     assert main(["oracle", str(meds_dir), str(labels_dir), "--out", str(pred)]) == 2
 

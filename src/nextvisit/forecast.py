@@ -27,7 +27,7 @@ from nextvisit.errors import UserError
 from nextvisit.meds import data_files
 from nextvisit.store import NO_DAY, Subject, TokenStore, Vocabulary
 from nextvisit.tasks import (
-    DAYS_PER_YEAR, END_OF_DAY, SEX_PREFIX, CodeSet, Task, atomic_folder, check_out, load_task, read_labels,
+    DAYS_PER_YEAR, END_OF_DAY, SEX_PREFIX, CodeSet, Task, atomic_folder, check_out, label_counts, load_task, read_labels,
     read_labels_task,
 )
 
@@ -257,22 +257,11 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         pl.lit(model_name).alias("model"),
     )
     info = {
-        "label_counts": _label_counts(predictions),
+        "label_counts": label_counts(labels),
         "rows_not_scored": skipped,
         "queries": len(plan),
     }
     return Forecast(predictions=predictions, info=info)
-
-
-def _label_counts(predictions: pl.DataFrame) -> dict:
-    counts = {}
-    for split, horizon, value, n in (
-        predictions.group_by("split", "horizon_days", "boolean_value").len()
-        .sort("split", "horizon_days", "boolean_value").iter_rows()
-    ):
-        entry = counts.setdefault(split, {}).setdefault(str(horizon), {"positive": 0, "negative": 0})
-        entry["positive" if value else "negative"] += n
-    return counts
 
 
 def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrite: bool) -> Path:

@@ -70,9 +70,6 @@ class Window:
     start: int
     stop: int
 
-    def as_tuple(self):
-        return (self.subject, self.start, self.stop)
-
 
 def window_cost(visit_lengths: np.ndarray) -> int:
     """Tokens a window of these visits occupies: its tokens, one SEP between visits, one closing token

@@ -15,7 +15,7 @@ import polars as pl
 
 from nextvisit import meds
 from nextvisit.errors import UserError
-from nextvisit.tasks import CodeSet, check_out, read_labels, read_labels_task
+from nextvisit.tasks import CodeSet, check_out, label_counts, read_labels, read_labels_task
 
 LABEL_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split", "age_years", "sex")
 PREDICTION_SPLITS = ("tuning", "held_out")
@@ -42,23 +42,7 @@ def load_labels(labels_dir: Path) -> tuple[pl.DataFrame, dict]:
     if bad_splits.height:
         row = bad_splits.row(0, named=True)
         raise UserError(f"{path}: subject {row['subject_id']} has split {row['split']!r}; expected train, tuning or held_out")
-    counts: dict = {}
-    summary = (
-        labels.group_by("task", "horizon_days", "split")
-        .agg(
-            pl.len().alias("rows"),
-            pl.col("boolean_value").is_null().sum().alias("censored"),
-            pl.col("boolean_value").sum().alias("positive"),
-        )
-        .sort("task", "horizon_days", "split")
-    )
-    for r in summary.iter_rows(named=True):
-        key = f"{r['task']}@{r['horizon_days']}"
-        counts.setdefault(key, {})[r["split"]] = {
-            "labelled": int(r["rows"] - r["censored"]),
-            "positive": int(r["positive"] or 0),
-            "censored_excluded": int(r["censored"]),
-        }
+    counts = label_counts(labels)
     labelled = labels.filter(pl.col("boolean_value").is_not_null()).with_row_index("row")
     if labelled.filter(pl.col("split") == "train").height == 0:
         raise UserError(f"{path}: no labelled train-split rows; a baseline needs train labels to fit")

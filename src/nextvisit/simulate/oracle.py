@@ -37,6 +37,7 @@ from nextvisit.errors import UserError
 from nextvisit.simulate import engine
 from nextvisit.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
 from nextvisit.simulate.engine import COND, SimulationConfig
+from nextvisit.tasks import label_counts
 
 ORACLE_STREAM = 7919  # keeps the futures' random numbers apart from the record's
 DAY_SHIFT = 1_000_000  # SeedSequence wants non-negative entropy; days before 1970 are negative
@@ -310,9 +311,9 @@ def write_oracle_predictions(meds_dir, labels_dir, out, *, overwrite: bool = Fal
         "config": {"method": "monte_carlo", "n_samples": cfg.n_samples, "seed": sim.seed,
                    "simulator_version": SIMULATOR_VERSION, "splits": list(splits),
                    "standard_error": "sqrt(p(1-p)/n_samples) per row"},
-        "label_counts": {"rows": total, "labelled": labelled.height, "censored": total - labelled.height,
-                         "scored": scored.height, "not_in_scored_splits": labelled.height - scored.height,
-                         "positive": int(scored["boolean_value"].sum()), "prevalent_at_time": int(prevalent.sum())},
+        "label_counts": label_counts(labels),
+        "rows": {"total": total, "labelled": labelled.height, "scored": scored.height,
+                 "not_in_scored_splits": labelled.height - scored.height, "prevalent_at_time": int(prevalent.sum())},
     }
     tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
     try:

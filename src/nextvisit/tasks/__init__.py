@@ -572,6 +572,36 @@ def read_labels(labels: Path) -> pl.DataFrame:
     return frame
 
 
+def label_counts(labels: pl.DataFrame) -> dict:
+    """Label rows per ``"task@horizon"`` and split: labelled, positive, negative and censored (null
+    ``boolean_value``). Every predictions folder records these in its info.json, so a report can show the
+    censored rows that no model scores.
+
+    >>> frame = pl.DataFrame({"task": ["t", "t", "t"], "horizon_days": [730, 730, 730], "split": ["held_out"] * 3,
+    ...                       "boolean_value": [True, False, None]})
+    >>> label_counts(frame)
+    {'t@730': {'held_out': {'labelled': 2, 'positive': 1, 'negative': 1, 'censored': 1}}}
+    """
+    counts: dict = {}
+    summary = (
+        labels.group_by("task", "horizon_days", "split")
+        .agg(
+            pl.col("boolean_value").is_null().sum().alias("censored"),
+            (pl.col("boolean_value") == True).sum().alias("positive"),  # noqa: E712 - null-aware comparison
+            (pl.col("boolean_value") == False).sum().alias("negative"),  # noqa: E712
+        )
+        .sort("task", "horizon_days", "split")
+    )
+    for r in summary.iter_rows(named=True):
+        counts.setdefault(f"{r['task']}@{r['horizon_days']}", {})[r["split"]] = {
+            "labelled": int(r["positive"] + r["negative"]),
+            "positive": int(r["positive"]),
+            "negative": int(r["negative"]),
+            "censored": int(r["censored"]),
+        }
+    return counts
+
+
 def read_labels_task(labels: Path) -> Task:
     """The task a labels folder was made with (its ``task.yaml``)."""
     labels = Path(labels)
