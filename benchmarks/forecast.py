@@ -4,7 +4,7 @@ Weights are random (speed does not depend on them). Each synthetic subject has a
 visits of about 11 tokens (METHOD.md section 1), enough of them that the query reads the full most recent
 ``query_max_tokens`` window, so the figure is the per-subject cost of one forward pass at full length.
 
-    .venv/bin/python benchmarks/forecast.py [--subjects 256] [--batch-size 64] [--presets tiny,small]
+    .venv/bin/python -m benchmarks.forecast [--subjects 256] [--batch-size 64] [--presets tiny,small]
 """
 
 from __future__ import annotations

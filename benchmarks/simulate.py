@@ -1,6 +1,6 @@
 """Throughput and peak memory of `nextvisit simulate`.
 
-    .venv/bin/python benchmarks/simulate.py [--sizes 10000 100000] [--workers N]
+    .venv/bin/python -m benchmarks.simulate [--sizes 10000 100000] [--workers N]
 
 Each size runs in a fresh process (so peak memory is that run's alone) and prints subjects per second and
 the peak resident memory of the main process and of the largest worker. Memory must not grow with N: the

@@ -1,8 +1,8 @@
 """Tokenizer throughput and peak memory at 10k and 100k simulated subjects, beside a straightforward pandas
 implementation of the same tokenization (the reference, written below).
 
-    .venv/bin/python benchmarks/tokenize.py --skip-pandas-above 50000   # 10k and 100k subjects
-    .venv/bin/python benchmarks/tokenize.py --subjects 10000 --workers 2
+    .venv/bin/python -m benchmarks.tokenize --skip-pandas-above 50000   # 10k and 100k subjects
+    .venv/bin/python -m benchmarks.tokenize --subjects 10000 --workers 2
 
 Data come from ``nextvisit simulate`` (cached under --data, default /tmp/nextvisit-bench). Each run is a fresh
 subprocess, so its peak resident memory (``ru_maxrss``) is its own: for nextvisit the main process and the

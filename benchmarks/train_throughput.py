@@ -1,8 +1,8 @@
 """Training throughput of the next-visit model against a naive reference, and the machine's matmul peak.
 
-    python benchmarks/train_throughput.py                      # tiny and small, vocab 42,343 and 2,000
-    python benchmarks/train_throughput.py --presets tiny --vocab 42343 --steps 5
-    python benchmarks/train_throughput.py --attention          # SDPA boolean mask vs FlexAttention
+    .venv/bin/python -m benchmarks.train_throughput                      # tiny and small, vocab 42,343 and 2,000
+    .venv/bin/python -m benchmarks.train_throughput --presets tiny --vocab 42343 --steps 5
+    .venv/bin/python -m benchmarks.train_throughput --attention          # SDPA boolean mask vs FlexAttention
 
 For each (preset, vocabulary) it prints training tokens/s (forward, loss, backward, AdamW step) and the
 achieved model FLOP/s (the same analytic count for both implementations: matmuls of the layers, attention
