@@ -234,3 +234,25 @@ def test_ddp_two_processes_match_one_process(store, tmp_path):
         results[world] = load_file(str(run / "model.safetensors"))
     for name, value in results[1].items():
         torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):
+    import nextvisit.train as train_module
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    train(store, run, tiny_config(max_steps=4), progress=False)
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+
+    monkeypatch.setattr(train_module, "next_visit_loss", exhausted)
+    with pytest.raises(UserError, match="out of memory.*lower train.micro_batch"):
+        train(store, tmp_path / "oom", tiny_config(), progress=False)
+    monkeypatch.undo()
+    # weights of another vocabulary size in a run folder
+    weights = load_file(str(run / "model.safetensors"))
+    weights["embed.weight"] = torch.zeros(weights["embed.weight"].shape[0] + 5, weights["embed.weight"].shape[1])
+    save_file(weights, str(run / "model.safetensors"))
+    with pytest.raises(UserError, match="another vocabulary"):
+        load_run(run, "cpu")

@@ -172,10 +172,13 @@ def target_visit_share(split, vocab_size: int) -> np.ndarray:
     visit_tokens = np.asarray(split.visit_tokens)
     subject_visits = np.asarray(split.subject_visits)
     tokens = np.asarray(split.tokens)
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
     first_visits = subject_visits[:-1][np.diff(subject_visits) > 0]
-    for v in first_visits:  # the first visit of each subject is never a target
-        counts -= np.bincount(tokens[visit_tokens[v] : visit_tokens[v + 1]], minlength=vocab_size)
+    # the first visit of each subject is never a target: mark its token range (+1 at start, -1 at end)
+    edges = np.zeros(len(tokens) + 1, np.int64)
+    np.add.at(edges, visit_tokens[first_visits], 1)
+    np.add.at(edges, visit_tokens[first_visits + 1], -1)
+    in_first_visit = np.cumsum(edges[:-1]) > 0
+    counts = np.bincount(tokens[~in_first_visit], minlength=vocab_size).astype(np.float64)
     n_target_visits = len(visit_tokens) - 1 - len(first_visits)
     return counts / max(n_target_visits, 1)
 
@@ -311,7 +314,7 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
               f"{precision}, {device}, "
               f"{dist.world} process(es)", file=sys.stderr)
 
-    budget_s = max_minutes * 60 if max_minutes is not None else None
+    budget_s = max_minutes * 60 if max_minutes is not None else None  # this invocation's time, setup included
     previous_elapsed = state["elapsed_s"]
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not (progress and dist.main), desc="pretrain",
                unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -321,8 +324,7 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
     last = {}
     try:
         while state["step"] < tc.max_steps:
-            elapsed = previous_elapsed + time.monotonic() - start_time
-            stop = budget_s is not None and elapsed >= budget_s
+            stop = budget_s is not None and time.monotonic() - start_time >= budget_s
             if dist.active:
                 stop = dist.all_sum(float(stop), device) > 0
             if stop:
@@ -380,7 +382,7 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
                        "elapsed_s": f"{state['elapsed_s']:.1f}"}
                 eta = (tc.max_steps - state["step"]) / max(bar.format_dict.get("rate") or 1e-9, 1e-9)
                 if budget_s is not None:
-                    eta = min(eta, budget_s - state["elapsed_s"])
+                    eta = min(eta, budget_s - (now - start_time))
                 bar.set_postfix_str(f"loss {step_loss:.4f} {rate:,.0f} tok/s eta {max(eta, 0) / 60:.1f} min")
             if state["step"] % tc.eval_every == 0 and dist.main:
                 row = row or {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"],
