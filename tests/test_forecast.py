@@ -211,6 +211,21 @@ def test_query_sees_the_horizon(world):
     assert len(set(np.round(risks, 12))) == 3
 
 
+def test_query_day_is_the_prediction_day_plus_h_when_that_day_left_no_visit(world):
+    """A landmark day that held only removed codes leaves the history's last visit earlier; the label still
+    counts onsets in (t, t + H], so the query stays at t + H, not at (last visit + H)."""
+    labels = read_labels(world["labels"]).filter(pl.col("boolean_value").is_not_null() & (pl.col("horizon_days") == 730))
+    row = labels.sort("subject_id", "prediction_time").head(1)
+    sid, t = row["subject_id"][0], row["prediction_time"][0]
+    later = t + timedelta(days=10)  # visits are at least 150 days apart: a day of its own
+    meds = with_extra_events(world, "removed_only_landmark", [(sid, later - END_OF_DAY + timedelta(hours=9), "ICD10CM//R41.1")])
+    moved = run_forecast(world, meds=meds, labels=row.with_columns(prediction_time=pl.lit(later, dtype=pl.Datetime("us"))))
+    same_day = run_forecast(world, meds=meds, labels=row)
+    longer = run_forecast(world, meds=meds, labels=row.with_columns(horizon_days=pl.lit(740, dtype=pl.Int32)))
+    assert moved[PROBABILITY][0] == pytest.approx(longer[PROBABILITY][0], rel=1e-9)
+    assert moved[PROBABILITY][0] != pytest.approx(same_day[PROBABILITY][0], rel=1e-9)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
@@ -317,6 +332,30 @@ def test_cli_occurrence(world, tmp_path):
     info = json.loads((out / "info.json").read_text())
     assert info["task"] == "dementia_test_next_visit" and "prior_occurrence" in p.columns
     assert p[PROBABILITY].is_between(0, 1).all()
+
+
+def test_occurrence_drops_removed_codes_as_the_forecast_histories_do(world, tmp_path):
+    """A visit that held only remove_from_inputs codes is no visit at all in a forecast history (the events are
+    dropped before tokenizing), so occurrence scoring drops it too, and the demographics of a removed first
+    visit move to the next one: a store with such visits scores exactly like one tokenized without the codes."""
+    removed = "ICD10CM//R41.1"
+
+    def first_visit(sid):
+        return min(r[1] for r in world["rows"] if r[0] == sid and r[1] is not None and r[2] != "MEDS_BIRTH")
+
+    extra = [(1, first_visit(1) - timedelta(days=40), removed), (1, first_visit(1) + timedelta(days=3), removed),
+             (4, first_visit(4) + timedelta(days=5), removed)]
+    with_codes = with_extra_events(world, "removed_only_visits", extra)
+    without = write_meds(world["root"] / "no_removed_codes", [[r for r in world["rows"] if r[2] != removed]], SPLITS)
+    scored = []
+    for name, meds in (("with", with_codes), ("without", without)):
+        store = TokenStore(write_store({**world, "meds": meds}, tmp_path / name))
+        scored.append(occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(), max_window=64,
+                                 model_name="test", progress=False))
+    assert scored[0].info["visits_left_empty_by_remove_from_inputs"] == 3
+    assert scored[1].info["visits_left_empty_by_remove_from_inputs"] == 0
+    assert scored[0].predictions.filter(pl.col("subject_id") == 1).height > 0
+    assert scored[0].predictions.equals(scored[1].predictions)
 
 
 # -- an external cohort ------------------------------------------------------------------------------------

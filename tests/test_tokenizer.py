@@ -247,6 +247,20 @@ def test_lab_statistics_and_vocabulary_ignore_held_out_data(tmp_path):
     assert vocab_a == json.loads((tmp_path / "store_b" / "vocab.json").read_text())
 
 
+def test_quantile_edges_ignore_held_out_values(tmp_path):
+    """The streaming quantile pass reads train values only: held-out values moved by one SD (still inside the
+    z range, so they would land in the histogram) leave the bin edges unchanged."""
+    frame, splits = cohort(seed=3)
+    shifted, _ = cohort(seed=3, held_out_value_shift=15.0)
+    stats = []
+    for name, data in (("a", frame), ("b", shifted)):
+        tokenize_dataset(write_meds(tmp_path / name, data, splits), tmp_path / f"store_{name}",
+                         config(lab_binning="quantile"), workers=1, progress=False)
+        stats.append(pl.read_parquet(tmp_path / f"store_{name}" / "lab_stats.parquet"))
+    assert stats[0]["edges"].list.len().to_list() == [6]
+    assert stats[0].equals(stats[1])
+
+
 def test_min_count_sends_rare_train_codes_to_unk():
     frame = events([(1, f"2020-01-{d:02d}", "COMMON", None) for d in range(1, 6)] + [(1, "2020-02-01", "RARE", None)])
     tokenizer = Tokenizer.fit(frame, config(min_count=2))

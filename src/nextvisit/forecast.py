@@ -3,8 +3,9 @@
 ``nextvisit forecast`` (METHOD.md section 5): for each label row, the subject's MEDS events known at the
 prediction time (``time <= prediction_time``, static rows included; the same rule as ``nextvisit label``),
 minus the task's ``remove_from_inputs`` codes, are tokenized with the run's vocabulary; the model reads the
-most recent history and one query SEP at (last visit day + H); the risk is an aggregate of the logits of
-the condition's tokens at that SEP. One forward pass per (history, horizon), no sampling.
+most recent history and one query SEP at (last visit day + H; for a prediction time after the last known
+visit, prediction day + H); the risk is an aggregate of the logits of the condition's tokens at that SEP.
+One forward pass per (history, horizon), no sampling.
 
 ``nextvisit occurrence`` (the inflation analysis, docs/interfaces.md section 6): at every visit boundary of
 a token store split, P(any condition token in the next visit), the observed answer, and whether the subject
@@ -238,14 +239,19 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
                                 f"{chunk['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
                                 "number)") from None
             subjects, horizons, targets = [], [], []
-            for history_id, subject_id, prediction_time in chunk.select("history_id", "subject_id", "prediction_time").iter_rows():
+            for history_id, subject_id, prediction_time, prediction_day in chunk.select(
+                    "history_id", "subject_id", "prediction_time",
+                    pl.col("prediction_time").dt.date().cast(pl.Int32).alias("prediction_day")).iter_rows():
                 subject = tokenized.get(history_id)
                 if subject is None or subject.n_visits == 0:
                     raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
                                     "time, so there is no history to forecast from; check the labels' prediction_time")
+                # The label counts onsets in (t, t + H]. When the last known visit is before the prediction day
+                # (every event of that day was removed from the inputs or dropped), the query stays at t + H.
+                gap = int(prediction_day) - int(subject.visit_days[-1])
                 for row, horizon in plan_by_history.get(history_id, []):
                     subjects.append(subject)
-                    horizons.append(horizon)
+                    horizons.append(horizon + gap)
                     targets.append(row)
             risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
                                   config.batch_size, device, progress=bar)
@@ -354,18 +360,30 @@ def _visit_of_token(subject: Subject) -> np.ndarray:
     return np.repeat(np.arange(subject.n_visits), np.diff(subject.visit_offsets))
 
 
-def _drop_tokens(subject: Subject, drop: np.ndarray) -> Subject:
-    """The subject without tokens flagged in ``drop`` [V]; visits left empty are removed."""
+def _drop_tokens(subject: Subject, drop: np.ndarray, is_age: np.ndarray, is_demographic: np.ndarray) -> Subject:
+    """The subject without tokens flagged in ``drop`` [V], as the tokenizer makes it from events without them
+    (the forecast's histories): a visit left with no event token (only its age token, and a first visit's
+    demographics) is removed, and demographics move to the first visit left, after its age token."""
     keep = ~drop[subject.tokens]
     if keep.all():
         return subject
-    lengths = np.bincount(_visit_of_token(subject)[keep], minlength=subject.n_visits)
-    nonempty = lengths > 0
+    visit_of = _visit_of_token(subject)
+    age, demographic = is_age[subject.tokens], is_demographic[subject.tokens]
+    has_event = np.bincount(visit_of[keep & ~age & ~demographic], minlength=subject.n_visits) > 0
+    kept_visits = np.flatnonzero(has_event)
+    moved = keep & demographic & ~has_event[visit_of]
+    keep &= has_event[visit_of] | (moved & (len(kept_visits) > 0))
+    visit_of = np.where(moved, kept_visits[0] if len(kept_visits) else 0, visit_of)
+    order = np.flatnonzero(keep)
+    if moved.any():  # the tokenizer's order within a visit: age token, demographics, then the rest, by id
+        rank = np.where(age, 0, np.where(demographic, 1, 2))[order]
+        order = order[np.lexsort((subject.tokens[order], rank, visit_of[order]))]
+    lengths = np.bincount(visit_of[order], minlength=subject.n_visits)[kept_visits]
     return Subject(
         subject_id=subject.subject_id, birth_day=subject.birth_day,
-        visit_days=subject.visit_days[nonempty],
-        visit_offsets=np.concatenate([[0], np.cumsum(lengths[nonempty])]).astype(np.int64),
-        tokens=subject.tokens[keep],
+        visit_days=subject.visit_days[kept_visits],
+        visit_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        tokens=subject.tokens[order],
     )
 
 
@@ -394,6 +412,8 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     drop = np.zeros(len(vocab), bool)
     drop[task.remove_from_inputs.token_ids(vocab, kinds=tuple(set(vocab.kinds)))] = True
     drop &= ~is_condition
+    kinds = np.array(vocab.kinds)
+    is_age, is_demographic = kinds == "age", kinds == "demographic"
     supervised = vocab.supervised_mask()
     device = _model_device(model)
     parts = []
@@ -407,7 +427,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
             subjects = []
             for i in range(begin, min(begin + config.subjects_per_chunk, len(split))):
                 original = split.subject(i)
-                subject = _drop_tokens(original, drop)
+                subject = _drop_tokens(original, drop, is_age, is_demographic)
                 removed_empty_visits += original.n_visits - subject.n_visits
                 subjects.append(subject)
             without_boundary += sum(1 for subject in subjects if subject.n_visits < 2)
