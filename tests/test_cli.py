@@ -49,3 +49,23 @@ def test_top_level_help_lists_every_verb():
     help_text = build_parser().format_help()
     for verb in {v[0] for v in VERBS}:
         assert verb in help_text
+
+
+DEVICE_VERBS = [
+    ["pretrain", "STORE", "--out", "RUN"], ["forecast", "RUN", "MEDS", "LABELS", "--out", "PRED"],
+    ["occurrence", "RUN", "STORE", "dementia", "--out", "PRED"], ["baseline", "masked", "pretrain", "STORE", "--out", "RUN"],
+    ["baseline", "masked", "finetune", "RUN", "MEDS", "LABELS", "--out", "RUN2"],
+]
+
+
+@pytest.mark.parametrize("verb", DEVICE_VERBS, ids=lambda v: " ".join(v[:3]))
+def test_unknown_or_unavailable_device_is_one_line(verb, capsys):
+    import torch
+
+    bad = ["gpu", "cuda:x", "cpu:0"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*verb, "--device", device])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--device" in err and "Traceback" not in err, err

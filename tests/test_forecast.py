@@ -35,7 +35,7 @@ TASK = Task.from_dict({
     "condition": {"code_prefixes": ["ICD10CM//F03", "ICD10CM//G30"]},
     "remove_from_inputs": {"code_prefixes": ["ICD10CM//R41.1"]},
     "horizons_days": [730, 1825],
-    "landmarks": {"min_history_days": 365, "min_age_years": 50, "max_per_subject": 2, "seed": 0},
+    "landmarks": {"min_history_days": 365, "min_age_years": 50, "max_per_subject": 2, "sample_probability": 1.0, "seed": 0},
 })
 N_SUBJECTS = 24
 

@@ -179,3 +179,22 @@ def test_in_memory_frames_are_normalized():
     assert normalized["time"][2] == dt.datetime(2019, 12, 31, 23, 0)  # converted to UTC
     with pytest.raises(UserError, match="events: column 'code' has dtype Int32, expected string"):
         meds.normalize_events(data.with_columns(code=pl.lit(1)), "events")
+
+
+def test_cli_refuses_a_file_as_out_even_with_overwrite_and_reports_subjects_without_events(tmp_path, capsys):
+    root = dataset(tmp_path / "m", splits={1: "train", 2: "train", 3: "held_out"})
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(["tokenize", str(root), "--out", str(blocker), "--workers", "1", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+    assert main(["tokenize", str(root), "--out", str(tmp_path / "store"), "--workers", "1",
+                 "--config", str(_min_count_one(tmp_path))]) == 0
+    assert "subjects in subject_splits.parquet without any event: 1" in capsys.readouterr().out
+
+
+def _min_count_one(tmp_path: Path) -> Path:
+    path = tmp_path / "min_count.yaml"
+    path.write_text("tokenizer:\n  min_count: 1\n")
+    return path

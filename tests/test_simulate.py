@@ -434,4 +434,7 @@ def test_oracle_refuses_unknown_tasks_and_foreign_datasets(small_meds, tmp_path,
     (foreign / "metadata").mkdir(parents=True)
     assert main(["oracle", str(foreign), str(labels_dir), "--out", str(tmp_path / "p")]) == 2
     assert "nextvisit simulate" in capsys.readouterr().err
+    (labels_dir / "labels.parquet").write_bytes(b"damaged")
+    assert main(["oracle", str(meds_dir), str(labels_dir), "--out", str(tmp_path / "p")]) == 2
+    assert "labels.parquet: not a readable parquet file" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()

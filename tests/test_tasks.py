@@ -56,7 +56,7 @@ def person(sid: int, birth: str | None, visits: list[str], extra: list[tuple] = 
 
 
 def simple_task(end_of_data=None, **landmarks) -> Task:
-    rule = {"min_history_days": 365, "min_age_years": 50, "max_per_subject": 100, "seed": 0}
+    rule = {"min_history_days": 365, "min_age_years": 50, "max_per_subject": 100, "sample_probability": 1.0, "seed": 0}
     rule.update(landmarks)
     return Task.from_dict({
         "name": "dementia_test",
@@ -237,14 +237,34 @@ def test_landmark_choice_is_seeded_and_shard_independent(tmp_path):
     splits = {i: "held_out" for i in range(1, 7)}
     one = write_meds(tmp_path / "one", [sum(subjects, [])], splits)
     three = write_meds(tmp_path / "three", [sum(subjects[:2], []), sum(subjects[2:5], []), subjects[5]], splits)
-    task = simple_task(max_per_subject=2)
+    task = simple_task(max_per_subject=2, sample_probability=0.5)
     a = make_labels(one, task, progress=False)
     b = make_labels(three, task, progress=False)
     assert a.labels.equals(b.labels)
     assert a.labels.group_by("subject_id").len()["len"].to_list() == [2] * 6
     assert a.counts["landmarks"]["chosen"] == 12
-    other_seed = make_labels(one, simple_task(max_per_subject=2, seed=1), progress=False)
+    other_seed = make_labels(one, simple_task(max_per_subject=2, sample_probability=0.5, seed=1), progress=False)
     assert not other_seed.labels["prediction_time"].equals(a.labels["prediction_time"])
+
+
+def test_landmark_choice_never_looks_ahead(tmp_path):
+    """Whether a visit becomes a landmark depends on its past only: a record extended by later visits and an
+    onset keeps every landmark it had before. (A cap chosen over all of a subject's eligible visits would
+    re-draw them, and tie short histories to onsets.)"""
+    early = [f"{2000 + y}-0{m}-01" for y in range(6) for m in (1, 5, 9)]
+    later = [f"{2006 + y}-0{m}-01" for y in range(6) for m in (1, 5, 9)]
+    splits = {i: "held_out" for i in range(1, 9)}
+    short = write_meds(tmp_path / "short", [sum((person(i, "1930-01-01", early) for i in range(1, 9)), [])], splits)
+    extended = write_meds(tmp_path / "long", [sum((person(i, "1930-01-01", early + later, [("2011-06-01", "ICD10CM//F03.90")])
+                                                   for i in range(1, 9)), [])], splits)
+    task = simple_task(max_per_subject=3, sample_probability=0.3)
+    before = make_labels(short, task, progress=False).labels
+    after = make_labels(extended, task, progress=False).labels
+    cutoff = pl.datetime(2006, 1, 1)
+    kept_before = before.select("subject_id", "prediction_time").sort(pl.all())
+    kept_after = after.filter(pl.col("prediction_time") < cutoff).select("subject_id", "prediction_time").sort(pl.all())
+    assert kept_before.height > 0
+    assert kept_after.equals(kept_before)
 
 
 def test_subject_split_across_shards_is_an_error(tmp_path):
@@ -315,7 +335,12 @@ def test_label_cli_writes_labels_counts_and_task(cohort, tmp_path, capsys):
     task_file.write_text(yaml.safe_dump(simple_task().to_dict()))
     assert main(["label", str(cohort), str(task_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prevalent 1" in printed and "censored_lost_to_followup 3" in printed
+    assert "prevalent 1" in printed
+    # one table row per horizon, under a header naming each reason
+    header = next(line.split() for line in printed.splitlines() if line.strip().startswith("horizon "))
+    row = next(line.split() for line in printed.splitlines() if line.strip().startswith("730 d"))
+    cells = dict(zip(header, [" ".join(row[:2]), *row[2:]]))
+    assert cells["censored_lost_to_followup"] == "3" and cells["positive"] == "1"
     labels = read_labels(out)
     assert labels.height == 6
     counts = json.loads((out / "counts.json").read_text())
@@ -371,3 +396,29 @@ def test_mimic_demo_icd_tasks():
     # or positive somewhere, not invisible
     assert dementia.counts["subjects"]["excluded"]["prevalent"] + dementia.counts["horizons"]["1825"]["positive"] > 0
     assert knee.counts["horizons"]["730"]["positive"] > 0
+
+
+def test_label_cli_bad_meds_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    good = [person(1, "1940-03-01", ["2010-01-01", "2011-01-01", "2014-01-01"])]
+    cases = {
+        "corrupt shard": (lambda m: (m / "data" / "0.parquet").write_bytes(b"not parquet"), "not a readable parquet"),
+        "wrong dtype": (lambda m: pl.read_parquet(m / "data" / "0.parquet").with_columns(pl.col("subject_id").cast(pl.String))
+                        .write_parquet(m / "data" / "0.parquet"), "column 'subject_id' has type"),
+        "unknown split": (lambda m: pl.DataFrame({"subject_id": [1], "split": ["test"]})
+                          .write_parquet(m / "metadata" / "subject_splits.parquet"), "split 'test'"),
+        "empty dataset": (lambda m: pl.read_parquet(m / "data" / "0.parquet").head(0)
+                          .write_parquet(m / "data" / "0.parquet"), "the dataset is empty"),
+    }
+    for i, (damage, expected) in enumerate(cases.values()):
+        meds = write_meds(tmp_path / f"meds{i}", [sum(good, [])], {1: "held_out"})
+        damage(meds)
+        out = tmp_path / f"labels{i}"
+        assert main(["label", str(meds), "dementia", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+        assert not out.exists()
+    # a damaged labels file is named, not a traceback
+    (tmp_path / "bad_labels").mkdir()
+    (tmp_path / "bad_labels" / "labels.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="labels.parquet: not a readable parquet file"):
+        read_labels(tmp_path / "bad_labels")

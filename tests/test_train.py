@@ -165,6 +165,14 @@ def test_bad_inputs_are_user_errors(store, tmp_path):
         train(store, run, RunConfig(), resume=True, progress=False)
 
 
+def test_store_without_train_subjects_leaves_no_run_folder(tmp_path):
+    empty_train = make_store(tmp_path / "empty_train", n_subjects=(0, 2, 1))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="train split is empty"):
+        train(empty_train, run, tiny_config(), progress=False)
+    assert not run.exists()  # no half-made run that a retry would refuse as "not empty"
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     run = tmp_path / "run"
     import nextvisit.train as train_module

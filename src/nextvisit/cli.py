@@ -29,6 +29,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """A torch device name this machine has: cpu, cuda or cuda:N (torch is imported only when given)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+    return text
+
+
 def _handler(target: str):
     """`module:function` resolved at call time."""
 
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields")
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_handler("nextvisit.train:run_cli"))
 
     # -- label ------------------------------------------------------------------------------------------
@@ -152,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass")
     p.add_argument("--splits", default="tuning,held_out",
                    help="comma-separated label splits to score, or 'all' (e.g. for an external cohort)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
 
@@ -177,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows: every visit boundary once, windows cut as in training; "
                         "recent: only the boundaries in each subject's most recent window")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
 
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="a dataset written by `nextvisit simulate`")
     p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder")
     p.add_argument("--out", type=Path, required=True, help="predictions folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--samples", type=_positive_int, default=128,
                    help="Monte Carlo futures per prediction (default 128; standard error sqrt(p(1-p)/samples))")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
@@ -203,29 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     masked = baselines.add_parser("masked", help="BERT-style masked transformer: pretrain, then fine-tune per task")
     masked_verbs = masked.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser, required=True)
     q = masked_verbs.add_parser("pretrain", help="masked-token pretraining on a token store")
-    q.add_argument("store", type=Path, metavar="STORE")
+    q.add_argument("store", type=Path, metavar="STORE", help="token store folder")
     q.add_argument("--out", type=Path, required=True, help="run folder")
     q.add_argument("--preset", default="tiny", help="tiny, small or paper (12 x 768)")
     q.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes (default: the preset's; tiny 0.75)")
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.masked:pretrain_cli"))
     q = masked_verbs.add_parser("finetune", help="fine-tune on train labels, early-stop on tuning, predict held_out")
     q.add_argument("run", type=Path, metavar="RUN", help="masked pretraining run")
-    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
-    q.add_argument("labels", type=Path, metavar="LABELS")
+    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset the labels refer to")
+    q.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
     q.add_argument("--out", type=Path, required=True, help="fine-tuned run folder; predictions inside")
     q.add_argument("--max-minutes", type=float, default=None,
                    help="time budget of the whole command (tokenize, train, predict); default: the run's preset")
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding fine-tuning fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.masked:finetune_cli"))
     q = baselines.add_parser("counts", help="bag-of-codes counts in lookback windows + age/sex, logistic regression")
-    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR")
-    q.add_argument("labels", type=Path, metavar="LABELS")
+    q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset the labels refer to")
+    q.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
     q.add_argument("--out", type=Path, required=True, help="predictions folder")
     q.add_argument("--model", default="logistic", choices=["logistic", "gbt"], help="classifier")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding count-model fields (docs/baselines.md)")
@@ -244,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", type=Path, nargs="+", metavar="PREDICTIONS", help="prediction folders or files")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0); the same seed gives the same numbers")
     p.set_defaults(func=_handler("nextvisit.evaluate:run_cli"))
 
     # -- demo -------------------------------------------------------------------------------------------
@@ -255,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("nextvisit-demo"), help="working folder (default ./nextvisit-demo)")
     p.add_argument("--subjects", type=_positive_int, default=None, help="cohort size (default: the demo's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the bootstrap (default 0)")
     p.add_argument("--quick", action="store_true", help="a much smaller, faster run (for smoke tests)")
     p.set_defaults(func=_handler("nextvisit.demo:run_cli"))
     return parser

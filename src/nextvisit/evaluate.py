@@ -1032,6 +1032,15 @@ def headline_table(metrics: dict) -> str:
             cells.append(f"{r['counts']['positives']}/{r['counts']['negatives']}")
             table.append(cells)
         lines += _text_table(table)
+        for r in group["rows"]:  # why each n/a is n/a, one line per model
+            reasons: dict[str, list[str]] = {}
+            for title, key in HEADLINE_COLUMNS[2:-1]:
+                m = r.get(key)
+                if not (key == "oracle_share" and r["is_oracle"]) and isinstance(m, dict) and m.get("value") is None:
+                    reasons.setdefault(m.get("reason") or "undefined", []).append(title.split(" [")[0])
+            if reasons:
+                lines.append(f"  n/a for {r['model']}: "
+                             + "; ".join(f"{', '.join(titles)}: {reason}" for reason, titles in reasons.items()))
         lines.append("")
     for block in metrics["inflation"]:
         lines.append(f"Inflation: {block['task']} (AUROC, all occurrences vs new onsets)")

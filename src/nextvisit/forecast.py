@@ -330,7 +330,8 @@ def run_cli(args) -> int:
     }
     write_predictions(args.out, result.predictions, info, args.overwrite)
     print(f"scored {result.predictions.height:,} label rows ({info['queries']:,} queries) of task {task.name} "
-          f"with {name}; not scored: {result.info['rows_not_scored']}")
+          f"with {name}; not scored: "
+          + (", ".join(f"{reason} {n:,}" for reason, n in result.info["rows_not_scored"].items()) or "none"))
     print(f"wrote {Path(args.out) / 'predictions.parquet'}")
     return 0
 

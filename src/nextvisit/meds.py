@@ -14,13 +14,16 @@ DEATH_CODE = "MEDS_DEATH"
 
 
 def data_files(meds_dir: Path) -> list[Path]:
-    """The dataset's data shards (``data/**/*.parquet``), sorted; a clear error when there are none."""
+    """The dataset's data shards (``data/**/*.parquet``), sorted; a clear error when there are none, or when
+    a shard is unreadable or lacks a MEDS core column (``check_shard_schema``: footers only, cheap)."""
     meds_dir = Path(meds_dir)
     if not meds_dir.is_dir():
         raise UserError(f"{meds_dir}: no such folder; expected a MEDS dataset with data/ and metadata/")
     files = sorted((meds_dir / "data").rglob("*.parquet"))
     if not files:
         raise UserError(f"{meds_dir}: not a MEDS dataset (no data/*.parquet shards found)")
+    for path in files:
+        check_shard_schema(path)
     return files
 
 
@@ -91,7 +94,7 @@ def check_shard_schema(path: Path) -> int:
         kind = _arrow_kind(schema.field(column).type)
         if kind not in _ALLOWED_KINDS[column]:
             raise UserError(f"{path}: column {column!r} has type {schema.field(column).type}, expected "
-                            f"{_EXPECTED[column]}; convert the column before tokenizing")
+                            f"{_EXPECTED[column]}; convert the column to that type")
     return metadata.num_rows
 
 

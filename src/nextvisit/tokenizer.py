@@ -974,7 +974,9 @@ def fit_statistics(meds_dir: Path, reads: list[dict], config: TokenizerConfig, p
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; give a folder path for --out")
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -1104,7 +1106,7 @@ def run_cli(args) -> int:
     print(f"{'split':<10}{'subjects':>10}{'visits':>12}{'tokens':>14}{'events in':>14}{'dropped':>12}{'UNK share':>11}")
     for split, c in manifest["splits"].items():
         print(f"{split:<10}{c['subjects_out']:>10,}{c['visits']:>12,}{c['tokens_out']:>14,}{c['events_in']:>14,}"
-              f"{sum(c['dropped'].values()):>12,}{c['unk_share']:>10.2%}")
+              f"{sum(c['dropped'].values()):>12,}{c['unk_share']:>11.2%}")
     dropped = {}
     for c in manifest["splits"].values():
         add_counts(dropped, {"dropped": c["dropped"], "replaced": c["replaced"], "duplicates": c["duplicates_collapsed"]})
@@ -1112,6 +1114,11 @@ def run_cli(args) -> int:
     print(f"dropped by reason: {reasons or 'none'}; duplicates collapsed within a visit: {dropped['duplicates']:,}")
     replaced = ", ".join(f"{k} {v:,}" for k, v in dropped["replaced"].items() if v)
     print(f"replaced: {replaced or 'none'}")
+    without_events = sum(c["subjects_without_events"] for c in manifest["splits"].values())
+    without_visits = sum(c.get("subjects_without_visits", 0) for c in manifest["splits"].values())
+    if without_events or without_visits:
+        print(f"subjects in subject_splits.parquet without any event: {without_events:,}; "
+              f"subjects with only static rows (no visit): {without_visits:,}")
     if manifest["unassigned"]["events"]:
         print(f"events of subjects without a split (dropped): {manifest['unassigned']['events']:,} "
               f"({manifest['unassigned']['subjects']:,} subjects)")

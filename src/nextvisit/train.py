@@ -273,16 +273,21 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         torch.set_num_threads(tc.threads)
     vocab = store.vocab
     supervised_np = vocab.supervised_mask()
-    if not supervised_np.any():
-        raise UserError(f"{store.path}/vocab.json: no code or lab tokens to predict")
-    train_split = store.split("train")
-    if len(train_split) == 0:
-        raise UserError(f"{store.path}: the train split is empty")
-    plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
-                        config.data.max_window_fraction, tc.seed, pad_multiple=_pad_multiple(config))
-    contexts_per_epoch = plan.n_contexts(0)
-    if contexts_per_epoch == 0:
-        raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
+    try:
+        if not supervised_np.any():
+            raise UserError(f"{store.path}/vocab.json: no code or lab tokens to predict")
+        train_split = store.split("train")
+        if len(train_split) == 0:
+            raise UserError(f"{store.path}: the train split is empty")
+        plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
+                            config.data.max_window_fraction, tc.seed, pad_multiple=_pad_multiple(config))
+        contexts_per_epoch = plan.n_contexts(0)
+        if contexts_per_epoch == 0:
+            raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
+    except UserError:
+        if dist.main and not resume:  # the folder was empty or absent: leave no half-made run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     torch.manual_seed(tc.seed)
     model = NextVisitModel(config.model).to(device)

@@ -286,7 +286,11 @@ def write_oracle_predictions(meds_dir, labels_dir, out, *, overwrite: bool = Fal
         raise UserError(f"{labels_path}: missing; give a labels folder written by `nextvisit label`")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
-    labels = pl.read_parquet(labels_path)
+    try:
+        labels = pl.read_parquet(labels_path)
+    except Exception as exc:  # polars raises several types for a damaged file
+        raise UserError(f"{labels_path}: not a readable parquet file ({type(exc).__name__}); write the labels again "
+                        "with `nextvisit label`") from None
     missing = [c for c in PREDICTION_COLUMNS if c not in labels.columns]
     if missing:
         raise UserError(f"{labels_path}: missing column(s) {', '.join(missing)}; write labels with `nextvisit label`")

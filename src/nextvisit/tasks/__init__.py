@@ -19,9 +19,12 @@ The landmark rule, in order (a subject excluded at a step is counted under that 
    ``follow_up.end_of_data``, by default the dataset's latest event; subjects left without one are counted
    per horizon as ``subjects_past_end_of_data``). Past the end of the data only events (onsets, deaths)
    could be labelled, never plain negatives, so such rows would enrich the labels with events.
-5. of those, at most ``max_per_subject`` per horizon are kept, chosen by a seeded hash of (seed,
-   subject_id, day): reproducible, independent of sharding, and shared between horizons wherever their
-   eligible visits overlap.
+5. each candidate is sampled with probability ``sample_probability`` by a seeded hash of (seed,
+   subject_id, day), and per horizon the first ``max_per_subject`` sampled visits in time order are kept.
+   Whether a visit is kept depends only on its own hash and on earlier visits, never on how many eligible
+   visits the subject has later (an onset ends a subject's eligible visits, so a rule that looked at the
+   whole list would over-sample the visits just before onsets). Reproducible, independent of sharding, and
+   shared between horizons wherever their eligible visits overlap.
 
 Follow-up, per horizon H (day-level, like visits): positive if the first condition code falls in
 (t, t + H]; otherwise negative if the record reaches the horizon's last day (its last event is on day d + H
@@ -47,7 +50,7 @@ import polars as pl
 import yaml
 
 from nextvisit.errors import UserError
-from nextvisit.meds import BIRTH_CODE, DEATH_CODE, data_files, read_splits
+from nextvisit.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
 from nextvisit.store import SUPERVISED_KINDS, Vocabulary
 
 TASK_DIR = Path(__file__).resolve().parent
@@ -67,6 +70,7 @@ LABEL_REASONS = (POSITIVE, NEGATIVE, NEGATIVE_DEATH, CENSORED, CENSORED_DEATH)
 SUBJECT_REASONS = ("not_in_subject_splits", "no_birth_date", "no_visits")
 CANDIDATE_REASONS = ("insufficient_history", "too_young", "no_visit_before_death", "prevalent")
 PAST_END = "horizon_past_end_of_data"
+NOT_SAMPLED = "no_visit_sampled"
 
 LABEL_SCHEMA = {
     "subject_id": pl.Int64,
@@ -125,7 +129,8 @@ class LandmarkRule:
 
     min_history_days: int = 365
     min_age_years: float = 50.0
-    max_per_subject: int = 3
+    max_per_subject: int = 20
+    sample_probability: float = 0.1  # chance that an eligible visit is sampled (module docstring, step 5)
     seed: int = 0
 
 
@@ -201,6 +206,7 @@ class Task:
             min_history_days=_number(lm, "min_history_days", LandmarkRule.min_history_days, source, "landmarks.", int, 0),
             min_age_years=float(_number(lm, "min_age_years", LandmarkRule.min_age_years, source, "landmarks.", float, 0)),
             max_per_subject=_number(lm, "max_per_subject", LandmarkRule.max_per_subject, source, "landmarks.", int, 1),
+            sample_probability=_probability(lm, "sample_probability", LandmarkRule.sample_probability, source),
             seed=_number(lm, "seed", LandmarkRule.seed, source, "landmarks.", int, None),
         )
         fu = data.get("follow_up", {})
@@ -286,6 +292,13 @@ def load_task(name_or_path) -> Task:
 # -- labelling ---------------------------------------------------------------------------------------------
 
 
+def _probability(data: dict, key: str, default: float, source: str) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise UserError(f"{source}: field 'landmarks.{key}' must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def _landmark_keys(seed: int, subject_ids: np.ndarray, days: np.ndarray) -> np.ndarray:
     """A deterministic pseudo-random uint64 per (seed, subject, day): the SplitMix64 finalizer."""
     with np.errstate(over="ignore"):
@@ -365,7 +378,9 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
 
     eligible = candidates.filter(pl.col(f"pass_{len(steps) - 1}"))
     keys = _landmark_keys(rule.seed, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy())
-    eligible = eligible.with_columns(key=pl.Series(keys, dtype=pl.UInt64))
+    sampled = keys.astype(np.float64) < rule.sample_probability * 2.0**64
+    n_before_sampling = eligible["subject_id"].n_unique()
+    eligible = eligible.filter(pl.Series(sampled)).sort("subject_id", "day")
     n_subjects = eligible["subject_id"].n_unique()
     chosen, per_horizon = [], {}
     for horizon in task.horizons_days:
@@ -376,7 +391,7 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
         per_horizon[horizon] = {"eligible_visits": inside.height,
                                 "subjects_past_end_of_data": n_subjects - inside["subject_id"].n_unique()}
         chosen.append(
-            inside.filter(pl.col("key").rank("ordinal").over("subject_id") <= rule.max_per_subject)
+            inside.filter(pl.col("day").rank("ordinal").over("subject_id") <= rule.max_per_subject)
             .with_columns(horizon_days=pl.lit(horizon, dtype=pl.Int32))
             .select(
                 "subject_id", "prediction_time", "day", "horizon_days", "split", "age_years", "sex",
@@ -384,6 +399,7 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
             )
         )
     per_horizon["eligible_subjects"] = n_subjects
+    per_horizon["subjects_not_sampled"] = n_before_sampling - n_subjects
     return pl.concat(chosen), subjects.select("subject_id", "reason"), per_horizon
 
 
@@ -424,14 +440,16 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
 
     meds_dir = Path(meds_dir)
     files = data_files(meds_dir)
-    splits = read_splits(meds_dir).with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+    if sum(check_shard_schema(path) for path in files) == 0:
+        raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows)")
+    splits = read_splits_checked(meds_dir)
     end_of_data = task.follow_up.end_of_data_value()
     if task.follow_up.end_of_data == "auto":
         end_of_data = pl.scan_parquet(files).select(pl.col("time").max()).collect().item()
     seen: set[int] = set()
     chosen_parts, reason_parts = [], []
     per_horizon = {h: {"eligible_visits": 0, "subjects_past_end_of_data": 0} for h in task.horizons_days}
-    eligible_subjects = 0
+    eligible_subjects = not_sampled = 0
     for path in tqdm(files, desc=f"label {task.name}", unit="shard", disable=not progress, file=sys.stderr):
         subjects, visits = _shard_tables(path, task)
         shard_ids = set(subjects["subject_id"].to_list())
@@ -443,6 +461,7 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
         chosen_parts.append(chosen)
         reason_parts.append(reasons)
         eligible_subjects += shard_horizons.pop("eligible_subjects")
+        not_sampled += shard_horizons.pop("subjects_not_sampled")
         for h, counts in shard_horizons.items():
             for key, n in counts.items():
                 per_horizon[h][key] += n
@@ -452,6 +471,8 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
     counts = _counts(meds_dir, task, reasons, labels, per_horizon)
     # subjects with eligible visits, none of them with any horizon inside the data (step 4)
     counts["subjects"]["excluded"][PAST_END] = eligible_subjects - counts["subjects"]["with_landmarks"]
+    # subjects with eligible visits of which none was sampled (step 5)
+    counts["subjects"]["excluded"][NOT_SAMPLED] = not_sampled
     counts["end_of_data"] = end_of_data.isoformat() if end_of_data is not None else None
     return LabelResult(labels=labels, counts=counts)
 
@@ -498,17 +519,21 @@ def _counts(meds_dir, task, reasons, labels, per_horizon) -> dict:
 def format_counts(counts: dict) -> str:
     """The counts as a short readable block (printed by ``nextvisit label``)."""
     s = counts["subjects"]
+    end = (counts.get("end_of_data") or "not used").replace("T", " ")
+    excluded = ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items() if n) or "none"
     lines = [
         f"task {counts['task']}: {s['total']:,} subjects, {s['with_landmarks']:,} with landmarks, "
-        f"{counts['landmarks']['chosen']:,} landmarks (data end {counts.get('end_of_data') or 'not used'})",
-        "subjects excluded: " + ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items()),
+        f"{counts['landmarks']['chosen']:,} landmarks (data end {end})",
+        f"subjects excluded: {excluded}",
+        "label rows per horizon (only_past_end: subjects whose eligible visits all lie within H days of the data end):",
     ]
+    reasons = list(next(iter(counts["horizons"].values()), {}).get("by_reason", {}))
+    table = [["horizon", "subjects", "only_past_end", "labelled", *reasons]]
     for horizon, h in counts["horizons"].items():
-        lines.append(
-            f"horizon {horizon} d: {h['subjects']:,} subjects ({h['subjects_past_end_of_data']:,} more only past the "
-            f"data end), {h['labelled']:,} labelled ({h['positive']:,} positive), {h['censored']:,} censored; "
-            + ", ".join(f"{r} {n:,}" for r, n in h["by_reason"].items())
-        )
+        table.append([f"{horizon} d", f"{h['subjects']:,}", f"{h['subjects_past_end_of_data']:,}", f"{h['labelled']:,}",
+                      *(f"{h['by_reason'].get(r, 0):,}" for r in reasons)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
     return "\n".join(lines)
 
 
@@ -560,7 +585,11 @@ def read_labels(labels: Path) -> pl.DataFrame:
     path = labels_path(labels)
     if not path.is_file():
         raise UserError(f"{path}: no labels here; create them with `nextvisit label MEDS_DIR TASK --out LABELS`")
-    frame = pl.read_parquet(path)
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for a damaged file
+        raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__}); write the labels again with "
+                        "`nextvisit label`") from None
     for name, dtype in LABEL_SCHEMA.items():
         if name not in frame.columns:
             raise UserError(f"{path}: column '{name}' is missing; labels need {', '.join(LABEL_SCHEMA)}")
