@@ -323,3 +323,16 @@ def test_count_cli_writes_a_predictions_folder_and_reports_bad_input(tmp_path, c
     assert main(["baseline", "counts", str(meds_dir), str(labels_dir), "--out", str(out)]) == 2
     assert main(["baseline", "counts", str(meds_dir), str(tmp_path / "nolabels"), "--out", str(tmp_path / "p2")]) == 2
     assert "nolabels" in capsys.readouterr().err
+
+
+def test_count_model_from_config_file_unless_given_on_the_command_line(tmp_path):
+    from nextvisit.cli import build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: gbt\n")
+    base = ["baseline", "counts", "MEDS", "LABELS", "--out", "PRED", "--config", str(path)]
+    for extra, expected in (([], "gbt"), (["--model", "logistic"], "logistic")):
+        args = build_parser().parse_args(base + extra)
+        assert counts.CountsConfig.from_yaml(args.config, model=args.model).model == expected
+    args = build_parser().parse_args(base[:-2])
+    assert counts.CountsConfig.from_yaml(args.config, model=args.model).model == "logistic"

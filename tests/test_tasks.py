@@ -422,3 +422,15 @@ def test_label_cli_bad_meds_input_is_one_line_and_writes_nothing(tmp_path, capsy
     (tmp_path / "bad_labels" / "labels.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="labels.parquet: not a readable parquet file"):
         read_labels(tmp_path / "bad_labels")
+
+
+def test_label_cli_warns_when_the_condition_never_occurs(cohort, tmp_path, capsys):
+    task = simple_task().to_dict()
+    task["condition"] = {"code_prefixes": ["SNOMED//26929004"]}  # a coding the ICD-10 cohort does not use
+    task_file = tmp_path / "snomed.yaml"
+    task_file.write_text(yaml.safe_dump(task))
+    assert main(["label", str(cohort), str(task_file), "--out", str(tmp_path / "l1")]) == 0
+    assert "0 prevalent, 0 positive" in capsys.readouterr().err
+    task_file.write_text(yaml.safe_dump(simple_task().to_dict()))
+    assert main(["label", str(cohort), str(task_file), "--out", str(tmp_path / "l2")]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="worker processes (default: CPU count, at most one per 1,000 subjects)")
     p.set_defaults(func=_handler("nextvisit.simulate.cli:run"))
 
     # -- tokenize ---------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset folder (data/ and metadata/)")
     p.add_argument("--out", type=Path, required=True, help="token store folder to write")
-    p.add_argument("--config", type=Path, default=None, help="tokenizer config YAML (defaults documented in docs/)")
+    p.add_argument("--config", type=Path, default=None, help="tokenizer config YAML (fields and defaults: docs/tokenizer.md)")
     p.add_argument("--vocab-from", type=Path, default=None, metavar="STORE_OR_RUN",
                    help="reuse the vocabulary and lab statistics of an existing token store or model run")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
     p.add_argument("--out", type=Path, required=True, help="model run folder (checkpoints, metrics, config)")
     p.add_argument("--preset", default="tiny", help="model/training preset: tiny, small or paper (default tiny)")
-    p.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields")
+    p.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/model.md)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -159,12 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
     p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
     p.add_argument("--aggregator", default="sum_logits",
-                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator")
+                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator (default sum_logits)")
     p.add_argument("--multi-horizon", action="store_true",
                    help="average the query over yearly intermediate horizons up to the horizon")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass (default 64)")
     p.add_argument("--splits", default="tuning,held_out",
-                   help="comma-separated label splits to score, or 'all' (e.g. for an external cohort)")
+                   help="comma-separated label splits to score (default tuning,held_out), or 'all' "
+                        "(e.g. for an external cohort)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
@@ -183,13 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path, metavar="STORE", help="token store (tokenized with the run's vocabulary)")
     p.add_argument("task", metavar="TASK", help="built-in task name or task YAML (its code set is used)")
     p.add_argument("--out", type=Path, required=True, help="predictions folder")
-    p.add_argument("--splits", default="tuning,held_out", help="comma-separated splits to score, or 'all'")
+    p.add_argument("--splits", default="tuning,held_out",
+                   help="comma-separated splits to score, or 'all' (default tuning,held_out)")
     p.add_argument("--aggregator", default="sum_logits",
-                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator")
+                   choices=["sum_logits", "noisy_or", "max", "logsumexp"], help="risk aggregator (default sum_logits)")
     p.add_argument("--mode", default="windows", choices=["windows", "recent"],
                    help="windows: every visit boundary once, windows cut as in training; "
                         "recent: only the boundaries in each subject's most recent window")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
@@ -206,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--samples", type=_positive_int, default=128,
                    help="Monte Carlo futures per prediction (default 128; standard error sqrt(p(1-p)/samples))")
-    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="worker processes (default: CPU count, at most one per 200 subject-times to score)")
     p.set_defaults(func=_handler("nextvisit.simulate.cli:oracle_run"))
 
     # -- baseline ---------------------------------------------------------------------------------------
@@ -240,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset the labels refer to")
     q.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
     q.add_argument("--out", type=Path, required=True, help="predictions folder")
-    q.add_argument("--model", default="logistic", choices=["logistic", "gbt"], help="classifier")
+    q.add_argument("--model", default=None, choices=["logistic", "gbt"],
+                   help="classifier (default: the --config file's model, else logistic)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding count-model fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.counts:run_cli"))
@@ -257,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", type=Path, nargs="+", metavar="PREDICTIONS", help="prediction folders or files")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0); the same seed gives the same numbers")
+    p.add_argument("--seed", type=int, default=0,
+                   help="bootstrap seed (default 0); the same seed gives the same numbers")
     p.set_defaults(func=_handler("nextvisit.evaluate:run_cli"))
 
     # -- demo -------------------------------------------------------------------------------------------
@@ -267,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate, tokenize, pretrain (tiny), label, forecast, baselines, evaluate; print the headline table.",
     )
     p.add_argument("--out", type=Path, default=Path("nextvisit-demo"), help="working folder (default ./nextvisit-demo)")
-    p.add_argument("--subjects", type=_positive_int, default=None, help="cohort size (default: the demo's own)")
+    p.add_argument("--subjects", type=_positive_int, default=None,
+                   help="cohort size (default 20,000; 1,500 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the bootstrap (default 0)")
     p.add_argument("--quick", action="store_true", help="a much smaller, faster run (for smoke tests)")
     p.set_defaults(func=_handler("nextvisit.demo:run_cli"))

@@ -471,7 +471,8 @@ def load_run(run: Path, device="cpu") -> tuple[MaskedEncoder, dict]:
                         "create one with `nextvisit baseline masked pretrain STORE --out RUN`")
     config = yaml.safe_load((run / "config.yaml").read_text())
     if config.get("kind") != "masked-transformer":
-        raise UserError(f"{run}/config.yaml: kind is {config.get('kind')!r}, expected 'masked-transformer'")
+        raise UserError(f"{run}/config.yaml: kind is {config.get('kind')!r}, expected 'masked-transformer'; give a run "
+                        "written by `nextvisit baseline masked pretrain` (a next-visit run goes to `nextvisit forecast`)")
     model = MaskedEncoder(MaskedModelConfig(**config["model"]))
     if config.get("outputs"):
         model.add_head(len(config["outputs"]))

@@ -650,4 +650,10 @@ def label_cli(args) -> int:
     write_labels(args.out, result, task, overwrite=args.overwrite)
     print(format_counts(result.counts))
     print(f"wrote {result.labels.height:,} label rows to {labels_path(args.out)}")
+    counts = result.counts
+    if (result.labels.height and not counts["subjects"]["excluded"].get("prevalent")
+            and not any(h["positive"] for h in counts["horizons"].values())):
+        sys.stderr.write(f"warning: task {task.name}'s condition codes never occur in the candidate subjects "
+                         "(0 prevalent, 0 positive); check that its code set matches the dataset's coding (built-in tasks: "
+                         f"{', '.join(builtin_tasks())})\n")
     return 0
