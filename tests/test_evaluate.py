@@ -414,3 +414,18 @@ def test_censored_count_shapes():
         6, "all splits, every task and horizon of the file")
     value, reason = ev.censored_count({}, "dementia", 730, "held_out")
     assert value is None and "label_counts" in reason
+
+
+def test_wilson_interval_holds_the_observed_rate_at_the_extremes():
+    """Calibration bins with no (or only) positives are common; their interval must hold 0 (or 1) exactly,
+    or the calibration plot's error bars would be negative."""
+    from nextvisit.evaluate import wilson_interval
+
+    for n in range(1, 3000):
+        low, high = wilson_interval(0, n)
+        assert low == 0.0 and 0 < high < 1
+        low, high = wilson_interval(n, n)
+        assert high == 1.0 and 0 < low < 1
+        k = n // 3
+        low, high = wilson_interval(k, n)
+        assert low <= k / n <= high

@@ -301,7 +301,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     rate = successes / n
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds the observed rate (at 0 or 1 rounding could put a bound past it)
+    return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -154,8 +154,9 @@ def _draw_calibration(curves: list[dict], title: str, path: Path) -> None:
             continue
         x = [b["mean_predicted"] for b in bins]
         y = [b["observed_rate"] for b in bins]
-        low = [b["observed_rate"] - b["observed_ci"][0] for b in bins]
-        high = [b["observed_ci"][1] - b["observed_rate"] for b in bins]
+        # Wilson bounds at a rate of exactly 0 or 1 can land a rounding error on the wrong side of the rate
+        low = [max(0.0, b["observed_rate"] - b["observed_ci"][0]) for b in bins]
+        high = [max(0.0, b["observed_ci"][1] - b["observed_rate"]) for b in bins]
         ax.errorbar(x, y, yerr=[low, high], marker="o", markersize=3, capsize=2, label=c["model"])
         top = max(top, max(x), max(y))
     if top == 0:
