@@ -26,10 +26,10 @@ class DemoConfig:
     subjects: int = 20_000
     seed: int = 0
     # Both next-visit models (with and without repeat regularization) train for the same number of steps,
-    # so the demo's figures do not depend on how busy the machine is; about 80 s each on 2 quiet cores.
+    # so the demo's figures do not depend on how busy the machine is; about 90 s each on 2 quiet cores.
     # The cosine learning-rate decay spans the run (the preset's longer schedule suits longer runs).
-    pretrain_steps: int = 450
-    decay_steps: int = 400
+    pretrain_steps: int = 600
+    decay_steps: int = 550
     pretrain_minutes: float = 3.0  # a safety limit per model on a slow machine, not the planned length
     masked_pretrain_minutes: float = 0.75
     masked_finetune_minutes: float = 0.5  # per task, whole command; both baselines stay within 3 minutes
