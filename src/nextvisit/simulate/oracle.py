@@ -37,7 +37,7 @@ from nextvisit.errors import UserError
 from nextvisit.simulate import engine
 from nextvisit.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
 from nextvisit.simulate.engine import COND, SimulationConfig
-from nextvisit.tasks import label_counts
+from nextvisit.tasks import label_counts, read_labels
 
 ORACLE_STREAM = 7919  # keeps the futures' random numbers apart from the record's
 DAY_SHIFT = 1_000_000  # SeedSequence wants non-negative entropy; days before 1970 are negative
@@ -281,19 +281,9 @@ def write_oracle_predictions(meds_dir, labels_dir, out, *, overwrite: bool = Fal
     cfg = config or OracleConfig()
     meds_dir, labels_dir, out = Path(meds_dir), Path(labels_dir), Path(out)
     sim = Simulator.from_meds(meds_dir)
-    labels_path = labels_dir / "labels.parquet" if labels_dir.is_dir() else labels_dir
-    if not labels_path.exists():
-        raise UserError(f"{labels_path}: missing; give a labels folder written by `nextvisit label`")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
-    try:
-        labels = pl.read_parquet(labels_path)
-    except Exception as exc:  # polars raises several types for a damaged file
-        raise UserError(f"{labels_path}: not a readable parquet file ({type(exc).__name__}); write the labels again "
-                        "with `nextvisit label`") from None
-    missing = [c for c in PREDICTION_COLUMNS if c not in labels.columns]
-    if missing:
-        raise UserError(f"{labels_path}: missing column(s) {', '.join(missing)}; write labels with `nextvisit label`")
+    labels = read_labels(labels_dir)  # validated against the label schema, errors name the file
     total = labels.height
     labelled = labels.filter(pl.col("boolean_value").is_not_null())
     scored = labelled.filter(pl.col("split").is_in(list(splits)))
