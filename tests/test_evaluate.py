@@ -59,8 +59,8 @@ def write_predictions(folder: Path, model: str, kind: str = "zero-shot", task: s
     pl.concat(frames).write_parquet(folder / "predictions.parquet")
     info = {"model": model, "kind": kind, "task": task, "config": config or {"aggregator": "sum_logits"},
             "label_counts": label_counts if label_counts is not None else {
-                f"{task}@{h}": {"held_out": {"labelled": n_rows, "positive": 1, "censored_excluded": 17 + h % 7},
-                                "tuning": {"censored_excluded": 3}} for h in horizons}}
+                f"{task}@{h}": {"held_out": {"labelled": n_rows, "positive": 1, "censored": 17 + h % 7},
+                                "tuning": {"censored": 3}} for h in horizons}}
     info.update(info_overrides or {})
     (folder / "info.json").write_text(json.dumps(info))
     return folder
@@ -402,16 +402,17 @@ def test_a_parent_folder_expands_to_every_predictions_folder_below(folders, tmp_
     assert sorted(r["model"] for r in metrics["tasks"][0]["rows"]) == ["counts", "nextvisit", "oracle"]
 
 
-def test_censored_count_shapes():
-    assert ev.censored_count({"dementia@730": {"held_out": {"censored_excluded": 4}}}, "dementia", 730, "held_out") == (4, "held_out")
-    assert ev.censored_count({"730": {"censored": 9, "censored_lost_to_followup": 9}}, "dementia", 730, "held_out") == (9, "all splits")
-    assert ev.censored_count({"730": {"censored_lost_to_followup": 2, "censored_other": 3}}, "x", 730, "held_out") == (5, "all splits")
-    # nextvisit forecast: split then horizon, no censoring recorded
-    value, reason = ev.censored_count({"held_out": {"730": {"positive": 3, "negative": 9}}}, "dementia", 730, "held_out")
+def test_censored_count_reads_the_shape_every_writer_records():
+    from nextvisit.tasks import label_counts
+
+    labels = pl.DataFrame({"task": ["dementia"] * 4, "horizon_days": [730] * 4,
+                           "split": ["held_out", "held_out", "held_out", "tuning"],
+                           "boolean_value": [True, None, None, None]})
+    counts = label_counts(labels)
+    assert ev.censored_count(counts, "dementia", 730, "held_out") == (2, "held_out")
+    assert ev.censored_count(counts, "dementia", 730, "tuning") == (1, "tuning")
+    value, reason = ev.censored_count(counts, "dementia", 1825, "held_out")
     assert value is None and "no censored count" in reason
-    # nextvisit oracle: one total for the whole file
-    assert ev.censored_count({"rows": 20, "censored": 6}, "dementia", 730, "held_out") == (
-        6, "all splits, every task and horizon of the file")
     value, reason = ev.censored_count({}, "dementia", 730, "held_out")
     assert value is None and "label_counts" in reason
 

@@ -426,49 +426,15 @@ def _flatten(node, prefix: str = ""):
 
 
 def censored_count(label_counts: dict, task: str, horizon: int, split: str) -> tuple[int | None, str]:
-    """Censored label rows for (task, horizon) from an info.json ``label_counts``: (count, scope) where scope
-    says which rows it covers, or (None, reason) when it records none. Accepted shapes nest a horizon level
-    (``"task@H"``, ``"H"``, ...) and a split level in either order, or neither; at the leaves any key
-    containing 'censor' counts (a key named exactly 'censored' wins over per-reason keys)."""
+    """Censored label rows for (task, horizon, split) from an info.json ``label_counts`` in the shape every
+    predictions writer records (``nextvisit.tasks.label_counts``: ``{"task@H": {split: {"censored": n}}}``):
+    (count, split), or (None, reason) when it records none."""
     if not isinstance(label_counts, dict) or not label_counts:
         return None, "info.json has no label_counts"
-    horizon_keys = (f"{task}@{horizon}", f"{task}/{horizon}", f"{task}:{horizon}", str(horizon), f"horizon_{horizon}")
-    node, found_horizon, found_split = label_counts, False, False
-    for _ in range(3):
-        if not found_horizon:
-            key = next((k for k in horizon_keys if isinstance(node.get(k), dict)), None)
-            if key is None and isinstance(node.get(task), dict) and isinstance(node[task].get(str(horizon)), dict):
-                node, found_horizon = node[task][str(horizon)], True
-                continue
-            if key is not None:
-                node, found_horizon = node[key], True
-                continue
-        if not found_split and isinstance(node.get(split), dict):
-            node, found_split = node[split], True
-            continue
-        break
-    total = _censor_leaves(node)
-    if total is None:
-        return None, "info.json label_counts records no censored count for this task and horizon"
-    scope = split if found_split else "all splits"
-    return total, scope if found_horizon else f"{scope}, every task and horizon of the file"
-
-
-def _censor_leaves(node) -> int | None:
-    if not isinstance(node, dict):
-        return None
-    if isinstance(node.get("censored"), (int, float)):
-        return int(node["censored"])
-    total, seen = 0, False
-    for key, value in node.items():
-        if "censor" in str(key).lower():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                total, seen = total + int(value), True
-            elif isinstance(value, dict):
-                numbers = [v for _, v in _flatten(value) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-                if numbers:
-                    total, seen = total + int(sum(numbers)), True
-    return total if seen else None
+    node = label_counts.get(f"{task}@{horizon}", {}).get(split, {})
+    if not isinstance(node, dict) or not isinstance(node.get("censored"), int):
+        return None, "info.json label_counts records no censored count for this task, horizon and split"
+    return int(node["censored"]), split
 
 
 # --------------------------------------------------------------------------------------------------------
