@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from nextvisit.config import LossConfig
@@ -60,22 +61,38 @@ def test_bce_option_equals_torch_bce():
     torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
 
 
-def test_fused_gradient_matches_the_plain_formula():
+@pytest.mark.parametrize("kind,gamma", [("focal", 2.0), ("focal", 1.5), ("focal", 0.0), ("bce", 2.0)])
+def test_fused_gradient_matches_the_plain_formula(kind, gamma):
     torch.manual_seed(1)
-    logits = (torch.randn(6, 9) * 3).requires_grad_()
+    logits = (torch.randn(6, 9, dtype=torch.float64) * 3).requires_grad_()
     supervised = torch.tensor([False, False] + [True] * 7)
     rows, tokens, repeats = torch.tensor([0, 1, 1, 5]), torch.tensor([2, 3, 8, 2]), torch.tensor([0, 1, 3, 0])
-    config = LossConfig()
-    next_visit_loss(logits, rows, tokens, repeats, supervised, config).backward()
+    config = LossConfig(kind=kind, gamma=gamma)
+    # a scaled incoming gradient, as gradient accumulation divides the loss
+    (next_visit_loss(logits, rows, tokens, repeats, supervised, config) * 0.25).backward()
     fused = logits.grad.clone()
     x = logits.detach().clone().requires_grad_()
-    target = torch.zeros(6, 9)
-    weight = torch.ones(6, 9)
+    target = torch.zeros(6, 9, dtype=torch.float64)
+    weight = torch.ones(6, 9, dtype=torch.float64)
     target[rows, tokens] = 1
-    weight[rows, tokens] = repeat_weight(repeats, 0.5, 0.1)
-    plain = torch.where(target > 0, positive_term(x, "focal", 2, 0.995), negative_term(x, "focal", 2, 0.995))
-    (config.scale * (plain * weight * supervised).sum() / (6 * 7)).backward()
-    torch.testing.assert_close(fused, x.grad, rtol=1e-5, atol=1e-8)
+    weight[rows, tokens] = repeat_weight(repeats, 0.5, 0.1).double()
+    plain = torch.where(target > 0, positive_term(x, kind, gamma, config.alpha),
+                        negative_term(x, kind, gamma, config.alpha))
+    (0.25 * config.scale * (plain * weight * supervised).sum() / (6 * 7)).backward()
+    torch.testing.assert_close(fused, x.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_loss_without_gradient_gives_the_same_value():
+    torch.manual_seed(2)
+    logits = torch.randn(5, 11) * 4
+    supervised = torch.ones(11, dtype=torch.bool)
+    empty = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        frozen = next_visit_loss(logits, empty, empty, empty, supervised, LossConfig())
+    tracked = next_visit_loss(logits.clone().requires_grad_(), empty, empty, empty, supervised, LossConfig())
+    torch.testing.assert_close(frozen, tracked.detach())
+    expected = LossConfig().scale * negative_term(logits, "focal", 2, 0.995).sum() / 55
+    torch.testing.assert_close(frozen, expected)
 
 
 def test_loss_from_built_targets_downweights_a_chronic_code():

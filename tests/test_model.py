@@ -11,7 +11,7 @@ import torch
 
 from nextvisit.config import ModelConfig
 from nextvisit.errors import UserError
-from nextvisit.model import NextVisitModel, attention_allowed
+from nextvisit.model import NextVisitModel, attention_allowed, attention_kernel
 from nextvisit.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
 from nextvisit.store import EOW, PAD, SEP, Subject
 
@@ -78,9 +78,14 @@ def test_attention_rule_case_by_case():
     assert allowed[pad, pad] and allowed[pad].sum() == 1
 
 
-def test_packed_subjects_do_not_attend_each_other_and_padding_is_inert():
+# the two attention kernels that train on CPU: fused SDPA and explicit matmuls (chosen for bf16 on CPU)
+KERNELS = ["sdpa", "matmul"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_subjects_do_not_attend_each_other_and_padding_is_inert(kernel):
     other = subject([[20, 21], [22], [20, 23, 24]], [50, 90, 400], subject_id=2)
-    m = model()
+    m = model(attention=kernel)
     alone = [logits(m, windows_batch([s], [Window(0, 0, s.n_visits)], SUPERVISED, 64)) for s in (S, other)]
     packed = windows_batch([S, other], [Window(0, 0, 3), Window(1, 0, 3)], SUPERVISED, 64, packed_rows=[[0, 1]])
     assert packed.tokens[0].tolist().count(EOW) == 2
@@ -99,8 +104,9 @@ def test_packed_subjects_do_not_attend_each_other_and_padding_is_inert():
     torch.testing.assert_close(logits(m, padded), alone[0], atol=1e-6, rtol=1e-6)
 
 
-def test_no_leak_from_the_predicted_visit_or_later():
-    m = model()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_leak_from_the_predicted_visit_or_later(kernel):
+    m = model(attention=kernel)
     base = logits(m, windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64))
     changed = subject([[10, 11], [30, 31], [32, 33, 34, 35]], [100, 105, 106])
     out = logits(m, windows_batch([changed], [Window(0, 0, 3)], SUPERVISED, 64))
@@ -108,8 +114,9 @@ def test_no_leak_from_the_predicted_visit_or_later():
     assert not torch.allclose(out[1], base[1])  # SEP 1 does
 
 
-def test_shifting_every_day_changes_no_output():
-    m = model()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shifting_every_day_changes_no_output(kernel):
+    m = model(attention=kernel)
     b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
     base = logits(m, b)
     shifted_subject = subject([[10, 11], [12, 13, 14], [10, 15]], [100 + 3650, 105 + 3650, 106 + 3650])
@@ -121,6 +128,44 @@ def test_shifting_every_day_changes_no_output():
     # while a change of a gap does change the output
     moved = subject([[10, 11], [12, 13, 14], [10, 15]], [100, 140, 141])
     assert not torch.allclose(logits(m, windows_batch([moved], [Window(0, 0, 3)], SUPERVISED, 64)), base)
+
+
+def test_matmul_attention_equals_sdpa():
+    other = subject([[20, 21], [22], [20, 23, 24]], [50, 90, 400], subject_id=2)
+    packed = windows_batch([S, other], [Window(0, 0, 3), Window(1, 0, 3)], SUPERVISED, 64, packed_rows=[[0, 1]])
+    torch.testing.assert_close(logits(model(attention="matmul"), packed), logits(model(attention="sdpa"), packed),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_auto_attention_uses_matmuls_for_bf16_on_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel("auto", torch.bfloat16, cpu) == "matmul"
+    assert attention_kernel("auto", torch.float32, cpu) == "sdpa"
+    assert attention_kernel("auto", torch.bfloat16, cuda) == "sdpa"
+    assert attention_kernel("sdpa", torch.bfloat16, cpu) == "sdpa"  # an explicit choice is kept
+    with pytest.raises(UserError, match="model.attention is 'dense'; expected one of auto, sdpa, matmul, flex"):
+        ModelConfig(vocab_size=V, attention="dense").validate()
+
+
+def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):
+    """Under bf16 autocast the default kernel is the explicit matmul one; the predicted visit still cannot
+    leak into its SEP, and the logits stay close to float32."""
+    import nextvisit.model as model_module
+
+    calls = []
+    real = model_module.matmul_attention
+    monkeypatch.setattr(model_module, "matmul_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = model()
+    assert m.config.attention == "auto"
+    changed = subject([[10, 11], [30, 31], [32, 33, 34, 35]], [100, 105, 106])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = logits(m, windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64))
+        out = logits(m, windows_batch([changed], [Window(0, 0, 3)], SUPERVISED, 64))
+    assert len(calls) == 2 * m.config.n_layers
+    assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])
+    full = logits(m, windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64))
+    assert len(calls) == 2 * m.config.n_layers  # float32 runs SDPA
+    torch.testing.assert_close(base.float(), full, atol=0.05, rtol=0.05)
 
 
 def test_query_equals_the_sep_of_a_next_visit_on_that_day():

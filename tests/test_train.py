@@ -264,3 +264,42 @@ def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monk
     save_file(weights, str(run / "model.safetensors"))
     with pytest.raises(UserError, match="another vocabulary"):
         load_run(run, "cpu")
+
+
+ALLOCATION_PROBE = r"""
+import ctypes, sys, torch
+from nextvisit.train import keep_large_buffers_in_the_heap
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_large_buffers_in_the_heap() if sys.argv[1] == "on" else False
+before = libc.mallinfo2().hblkhd
+x = torch.empty(6_000_000)  # 24 MB, like the [N, V] logits of a tiny step at 42k tokens
+print(applied, libc.mallinfo2().hblkhd - before)
+"""
+
+
+def _glibc_version() -> tuple[int, ...]:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):
+        return ()
+    return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
+
+
+@pytest.mark.skipif(_glibc_version() < (2, 33), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_large_training_buffers_come_from_the_heap_not_fresh_mappings():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    applied, mapped = probe("on")
+    assert applied and mapped == 0
+    applied, mapped = probe("off")  # glibc's default: a fresh mapping of at least the tensor's size
+    assert not applied and mapped >= 24_000_000

@@ -17,6 +17,9 @@ import yaml
 from nextvisit.errors import UserError
 
 
+ATTENTION_KINDS = ("auto", "sdpa", "matmul", "flex")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # filled from the token store's vocabulary
@@ -26,7 +29,10 @@ class ModelConfig:
     mlp_ratio: int = 4  # paper: GELU MLP 4x
     rope_base: float = 10_000.0  # rotary base over day offsets; slowest wavelength ~ 2*pi*base days
     dropout: float = 0.0
-    attention: str = "sdpa"  # "sdpa" (boolean mask built once per batch) or "flex" (FlexAttention block mask)
+    # "auto": explicit matmul attention for bfloat16 on CPU, SDPA otherwise (measured, docs/model.md);
+    # "sdpa" (one additive mask per batch), "matmul" (the same mask, scores and softmax as plain matmuls),
+    # "flex" (FlexAttention block mask; GPU)
+    attention: str = "auto"
     init_std: float = 0.02
     # A learned per-token logit offset, initialised by the trainer at the code-frequency baseline (the best
     # constant logit per token). Not in the paper (no biases); it lets a small, briefly trained model start
@@ -38,8 +44,8 @@ class ModelConfig:
             raise UserError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise UserError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
-        if self.attention not in ("sdpa", "flex"):
-            raise UserError(f"model.attention is {self.attention!r}; expected 'sdpa' or 'flex'")
+        if self.attention not in ATTENTION_KINDS:
+            raise UserError(f"model.attention is {self.attention!r}; expected one of {', '.join(ATTENTION_KINDS)}")
 
 
 @dataclass

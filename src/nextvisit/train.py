@@ -256,11 +256,40 @@ def _prepare_run_dir(run_dir: Path, store: TokenStore, config: RunConfig, resume
     return config
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_large_buffers_in_the_heap() -> bool:
+    """On glibc, serve allocations up to 32 MiB from the heap instead of fresh ``mmap`` pages.
+
+    A training step on CPU allocates and frees the same few tensors of 1-30 MiB every step (the [N, V] logits
+    and their gradient, activations); above glibc's default threshold each one is a new mapping whose pages
+    are faulted in and zeroed again, which showed as system time in the profile. With the threshold raised
+    (32 MiB is glibc's maximum) and a higher trim threshold the freed blocks are reused. Measured on 2 cores:
+    ``tiny`` at 42,343 tokens, 9.4k -> 11.2k tokens/s (docs/model.md). Returns whether the setting was applied
+    (False on other C libraries; nothing changes there).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024))
+
+
 def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = False, max_minutes: float | None = None,
           device_name: str | None = None, progress: bool = True) -> dict:
     """Train (or continue) a run. Returns the final metrics row."""
     start_time = time.monotonic()
     dist, device = _init_distributed(device_name)
+    if device.type == "cpu":
+        keep_large_buffers_in_the_heap()
     store = TokenStore(store_path)
     run_dir = Path(run_dir)
     if dist.main:
