@@ -7,8 +7,9 @@
 For each (preset, vocabulary) it prints training tokens/s (forward, loss, backward, AdamW step) and the
 achieved model FLOP/s (the same analytic count for both implementations: matmuls of the layers, attention
 scores and values over the real context, and the output head where the loss lives), next to the measured
-float32 and bfloat16 matmul peaks of this machine in the same run. Tokens/s are medians over interleaved rounds
-(each round runs every implementation once), so a neighbour's load touches all of them alike. The naive reference is written here on purpose: a dense
+float32 and bfloat16 matmul peaks of this machine in the same run. Tokens/s are medians over all timed steps;
+the implementations take turns step by step (each with its own model and optimizer), so the machine's state
+(clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written here on purpose: a dense
 float mask rebuilt in every layer, unfused attention (explicit softmax), and the head, sigmoid and focal loss
 at every position (batch x positions x vocabulary), masked to SEP positions afterwards.
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nextvisit.config import LossConfig, preset
-from nextvisit.losses import next_visit_loss
+from nextvisit.losses import next_visit_loss_from_hidden
 from nextvisit.model import NextVisitModel, apply_rotary, attention_allowed, rotary_tables
 from nextvisit.sequence import TrainingPlan
 from nextvisit.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
@@ -137,9 +138,10 @@ def naive_step(model: NextVisitModel, batch, supervised: torch.Tensor, loss_conf
 
 
 def fast_step(model, batch, supervised, loss_config):
-    logits = model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions)
-    return next_visit_loss(logits, batch.target_rows, batch.target_tokens, batch.target_repeats, supervised,
-                           loss_config)
+    """The trainer's step: hidden states at SEP positions, then the tied head fused into the loss."""
+    hidden = model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions, head=False)
+    return next_visit_loss_from_hidden(hidden, model.embed.weight, model.output_bias, batch.target_rows,
+                                       batch.target_tokens, batch.target_repeats, supervised, loss_config)
 
 
 def time_training(model, batches, supervised, loss_config, step_fn, autocast, steps: int) -> tuple[list[float], float]:
@@ -160,6 +162,24 @@ def time_training(model, batches, supervised, loss_config, step_fn, autocast, st
     return times, float(batch.n_tokens)
 
 
+class Runner:
+    """One implementation in one precision with its own model and optimizer; ``step`` trains one step and
+    returns its seconds."""
+
+    def __init__(self, impl, precision, model, optimizer, step_fn, autocast):
+        self.impl, self.precision, self.model, self.optimizer = impl, precision, model, optimizer
+        self.step_fn, self.autocast = step_fn, autocast
+
+    def step(self, batch, supervised, loss_config) -> float:
+        t = time.perf_counter()
+        with self.autocast():
+            loss = self.step_fn(self.model, batch, supervised, loss_config)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+
 def run_throughput(args):
     # the trainer does this on CPU; both implementations run under the same allocator setting
     heap = keep_large_buffers_in_the_heap()
@@ -169,7 +189,8 @@ def run_throughput(args):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
           f"fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; "
           f"large buffers kept in the heap: {'yes' if heap else 'no'}")
-    print(f"tokens/s: median over {args.rounds} interleaved rounds x {args.steps} steps; %fp32pk: share of the fp32 "
+    print(f"tokens/s: median over {args.rounds} rounds x {args.steps} steps, the implementations taking turns step by "
+          f"step; %fp32pk: share of the fp32 "
           f"matmul peak, %ownpk: of the peak in the row's precision; ceiling: the speedup over naive if the row ran "
           f"at 100% of its precision's peak")
     print(f"{'preset':6} {'vocab':>6} {'impl':6} {'prec':4} {'ctx x B':>8} {'tok/s':>8} {'GFLOP/s':>8} "
@@ -187,24 +208,34 @@ def run_throughput(args):
                                     True, config.data.max_window_fraction, seed=0)
                 batches = [plan.batch(0, range(i * contexts, (i + 1) * contexts)) for i in range(2)]
                 flops, n_tokens = model_flops(config.model, batches[0]), batches[0].n_tokens
+                # one model and optimizer per implementation, warmed up, then timed one step at a time in turn:
+                # the CPU's clock falls under sustained load (compute-bound steps slowed by up to a third after a
+                # minute here while memory-bound ones did not), so every implementation is measured side by side
+                runners = []
+                for impl, step_fn in (("naive", naive_step), ("ours", fast_step)):
+                    for precision in args.precision:
+                        if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
+                            continue  # the reference runs in plain float32
+                        torch.manual_seed(0)
+                        model = NextVisitModel(config.model)
+                        autocast, used = autocast_for(precision, torch.device("cpu"))
+                        runner = Runner(impl, used, model, make_optimizer(model, preset("tiny").train), step_fn,
+                                        autocast)
+                        try:
+                            runner.step(batches[0], supervised, config.loss)  # warm-up
+                        except RuntimeError as exc:  # the naive head can exhaust memory at 42k
+                            print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
+                            continue
+                        runners.append(runner)
                 step_times = {}
-                for round_ in range(args.rounds):  # interleaved: each round runs every implementation once
+                for round_ in range(args.rounds):
                     peaks["fp32"].append(matmul_peak(torch.float32, repeats=3))
                     peaks["bf16"].append(matmul_peak(torch.bfloat16, repeats=3))
-                    for impl, step_fn in (("naive", naive_step), ("ours", fast_step)):
-                        for precision in args.precision:
-                            if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
-                                continue  # the reference runs in plain float32
-                            torch.manual_seed(0)
-                            model = NextVisitModel(config.model)
-                            autocast, used = autocast_for(precision, torch.device("cpu"))
-                            try:
-                                times, tokens = time_training(model, batches, supervised, config.loss, step_fn,
-                                                              autocast, args.steps)
-                            except RuntimeError as exc:  # the naive head can exhaust memory at 42k
-                                print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
-                                continue
-                            step_times.setdefault((impl, used), []).extend(times)
+                    for _ in range(args.steps):
+                        for runner in runners:
+                            step_times.setdefault((runner.impl, runner.precision), []).append(
+                                runner.step(batches[0], supervised, config.loss))
+                del runners
                 rates = {key: n_tokens / float(np.median(times)) for key, times in step_times.items()}
                 naive = rates.get(("naive", "fp32"))
                 for (impl, used), rate in rates.items():
@@ -295,7 +326,8 @@ def main():
                         help="contexts per batch (default 8: the naive head at 42k tokens needs ~3 GB at 16 x 256)")
     parser.add_argument("--subjects", type=int, default=400, help="synthetic subjects")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved measurement rounds; tokens/s is the median over all rounds' steps")
+                        help="measurement rounds (the peaks are measured again in each); tokens/s is the median over "
+                             "all steps")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attention", action="store_true", help="compare SDPA and FlexAttention instead")
     args = parser.parse_args()

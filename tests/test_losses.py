@@ -10,7 +10,7 @@ import torch
 
 from nextvisit.config import LossConfig
 from nextvisit.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
-                              next_visit_loss, positive_term, repeat_weight)
+                              next_visit_loss, next_visit_loss_from_hidden, positive_term, repeat_weight)
 from nextvisit.sequence import Window, windows_batch
 from nextvisit.store import Subject
 
@@ -144,3 +144,63 @@ def test_best_constant_logits_minimise_the_expected_focal_loss():
                 (1 - r) * float(negative_term(torch.tensor(z), "focal", 2, 0.995))
         assert expected(x) <= min(expected(x - 0.05), expected(x + 0.05))
     assert best[1] > math.log(0.05 / 0.95)  # alpha = 0.995 favours positives: above the calibrated logit
+
+
+def _head_case(seed=3, N=7, D=6, V=23):
+    torch.manual_seed(seed)
+    hidden = torch.randn(N, D, dtype=torch.float64)
+    weight = torch.randn(V, D, dtype=torch.float64)
+    bias = torch.randn(V, dtype=torch.float64)
+    supervised = torch.ones(V, dtype=torch.bool)
+    supervised[:3] = False
+    rows = torch.tensor([0, 0, 2, 3, 3, 3, 6, 6])
+    tokens = torch.tensor([5, 22, 3, 4, 11, 12, 0, 17])  # token 0 is unsupervised: carries no loss
+    repeats = torch.tensor([0, 2, 1, 0, 5, 0, 0, 3])
+    return hidden, weight, bias, supervised, rows, tokens, repeats
+
+
+@pytest.mark.parametrize("kind,gamma,with_bias,chunk", [("focal", 2.0, True, 4), ("focal", 2.0, False, 23),
+                                                         ("focal", 1.5, True, 5), ("bce", 2.0, True, 6)])
+def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_bias, chunk):
+    """The training path (head fused into the loss, chunked over the vocabulary) gives the loss and the
+    gradients of hidden states, weight and bias of the plain path: logits = hidden @ weight.T + bias, then
+    ``next_visit_loss``. Small chunks put positives on chunk edges."""
+    import nextvisit.losses as losses_module
+
+    monkeypatch.setattr(losses_module, "head_chunk_columns", lambda n, v, device: chunk)
+    hidden, weight, bias, supervised, rows, tokens, repeats = _head_case()
+    config = LossConfig(kind=kind, gamma=gamma)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    b = leaves[2] if with_bias else None
+    fused = losses_module.next_visit_loss_from_hidden(leaves[0], leaves[1], b, rows, tokens, repeats, supervised,
+                                                      config)
+    (fused * 0.5).backward()
+    plain_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = plain_leaves[0] @ plain_leaves[1].T + (plain_leaves[2] if with_bias else 0)
+    plain = next_visit_loss(logits, rows, tokens, repeats, supervised, config)
+    (plain * 0.5).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    for f, p in zip(leaves[:3 if with_bias else 2], plain_leaves):
+        torch.testing.assert_close(f.grad, p.grad, rtol=1e-9, atol=1e-12)
+    if not with_bias:
+        assert leaves[2].grad is None
+
+
+def test_fused_head_loss_under_bf16_autocast_stays_near_float32():
+    hidden, weight, bias, supervised, rows, tokens, repeats = (t.float() if t.is_floating_point() else t
+                                                                for t in _head_case(N=40, D=32, V=300))
+    config = LossConfig()
+    exact = next_visit_loss_from_hidden(hidden, weight, bias, rows, tokens, repeats, supervised, config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = next_visit_loss_from_hidden(hidden, weight, bias, rows, tokens, repeats, supervised, config)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=2e-2, atol=0)
+
+
+def test_fused_head_loss_without_positives_is_the_dense_sum():
+    hidden, weight, bias, supervised, *_ = _head_case()
+    empty = torch.zeros(0, dtype=torch.long)
+    config = LossConfig()
+    fused = next_visit_loss_from_hidden(hidden, weight, bias, empty, empty, empty, supervised, config)
+    plain = next_visit_loss(hidden @ weight.T + bias, empty, empty, empty, supervised, config)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=0)

@@ -177,7 +177,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypa
     run = tmp_path / "run"
     import nextvisit.train as train_module
 
-    real = train_module.next_visit_loss
+    real = train_module.next_visit_loss_from_hidden
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -185,7 +185,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypa
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 12 else loss  # step 7 onwards (2 micro-batches per step)
 
-    monkeypatch.setattr(train_module, "next_visit_loss", poisoned)
+    monkeypatch.setattr(train_module, "next_visit_loss_from_hidden", poisoned)
     with pytest.raises(UserError, match="nan at step 6.*step 4"):
         train(store, run, tiny_config(), progress=False)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
@@ -254,7 +254,7 @@ def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monk
     def exhausted(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
 
-    monkeypatch.setattr(train_module, "next_visit_loss", exhausted)
+    monkeypatch.setattr(train_module, "next_visit_loss_from_hidden", exhausted)
     with pytest.raises(UserError, match="out of memory.*lower train.micro_batch"):
         train(store, tmp_path / "oom", tiny_config(), progress=False)
     monkeypatch.undo()

@@ -172,9 +172,13 @@ class NextVisitModel(nn.Module):
             x = block(x, cos, sin, mask, flex)
         return self.ln_final(x)
 
-    def forward(self, tokens, days, att_days, doc_ids, positions) -> torch.Tensor:
+    def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True) -> torch.Tensor:
+        """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
+        the trainer, which applies the tied head inside the loss (``losses.next_visit_loss_from_hidden``)."""
         hidden = self.hidden_states(tokens, days, att_days, doc_ids)
         at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        if not head:
+            return at_seps
         logits = at_seps @ self.embed.weight.T  # tied head: [N, V]
         return logits + self.output_bias if self.output_bias is not None else logits
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
-from nextvisit.losses import ValidationTotals, band_names, best_constant_logits, frequency_bands, next_visit_loss
+from nextvisit.losses import (ValidationTotals, band_names, best_constant_logits, frequency_bands,
+                              next_visit_loss_from_hidden)
 from nextvisit.model import NextVisitModel
 from nextvisit.sequence import PAD_MULTIPLE, TrainingPlan, visit_cap
 from nextvisit.store import TokenStore, Vocabulary
@@ -379,9 +380,12 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
                     context = ddp_model.no_sync() if (dist.active and not sync) else nullcontext()
                     with context:
                         with autocast():
-                            logits = ddp_model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions)
-                        loss = next_visit_loss(logits, batch.target_rows, batch.target_tokens, batch.target_repeats,
-                                               supervised, config.loss, normalizer=max(normalizer, 1.0))
+                            hidden = ddp_model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions,
+                                               head=False)
+                            # the tied head runs inside the loss, chunk by chunk over the vocabulary
+                            loss = next_visit_loss_from_hidden(
+                                hidden, model.embed.weight, model.output_bias, batch.target_rows, batch.target_tokens,
+                                batch.target_repeats, supervised, config.loss, normalizer=max(normalizer, 1.0))
                         loss.backward()
                     loss_sum += float(loss.detach())
                     tokens += batch.n_tokens
