@@ -4,7 +4,8 @@ embeddings over day offsets, output head tied to the token embedding.
 Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP positions, V vocabulary.
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
 The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
-per batch (SDPA) or one block mask per batch (FlexAttention), shared by all layers.
+per batch (SDPA, or plain matmuls for bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by
+all layers. In training the head is applied inside the loss (``forward(..., head=False)``).
 """
 
 from __future__ import annotations
