@@ -186,15 +186,33 @@ def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_
         assert leaves[2].grad is None
 
 
-def test_fused_head_loss_under_bf16_autocast_stays_near_float32():
-    hidden, weight, bias, supervised, rows, tokens, repeats = (t.float() if t.is_floating_point() else t
-                                                                for t in _head_case(N=40, D=32, V=300))
+def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_path():
+    """Under bf16 autocast the fused head runs its matmuls in bf16 (so the result is not the float32 one) and
+    agrees with the unfused path under the same autocast (logits from a bf16 matmul, loss in float32), in the
+    loss and in all three gradients."""
+    case = [t.float() if t.is_floating_point() else t for t in _head_case(N=40, D=32, V=300)]
+    hidden, weight, bias, supervised, rows, tokens, repeats = case
     config = LossConfig()
-    exact = next_visit_loss_from_hidden(hidden, weight, bias, rows, tokens, repeats, supervised, config)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = next_visit_loss_from_hidden(hidden, weight, bias, rows, tokens, repeats, supervised, config)
-    assert low.dtype == torch.float32
-    torch.testing.assert_close(low, exact, rtol=2e-2, atol=0)
+
+    def run(fused: bool, autocast: bool):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        if fused:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = next_visit_loss_from_hidden(*leaves, rows, tokens, repeats, supervised, config)
+        else:  # logits under autocast, the loss outside it
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = leaves[0] @ leaves[1].T + leaves[2]
+            loss = next_visit_loss(logits, rows, tokens, repeats, supervised, config)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    exact, fused_bf16, plain_bf16 = run(True, False), run(True, True), run(False, True)
+    assert fused_bf16[0].dtype == torch.float32
+    assert not torch.equal(fused_bf16[0], exact[0])  # the head really ran in bf16
+    torch.testing.assert_close(fused_bf16[0], plain_bf16[0], rtol=1e-4, atol=0)
+    for fused_grad, plain_grad in zip(fused_bf16[1:], plain_bf16[1:]):
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-2, atol=1e-2 * float(plain_grad.abs().max()))
+    torch.testing.assert_close(fused_bf16[0], exact[0], rtol=2e-2, atol=0)
 
 
 def test_fused_head_loss_without_positives_is_the_dense_sum():
@@ -204,3 +222,13 @@ def test_fused_head_loss_without_positives_is_the_dense_sum():
     fused = next_visit_loss_from_hidden(hidden, weight, bias, empty, empty, empty, supervised, config)
     plain = next_visit_loss(hidden @ weight.T + bias, empty, empty, empty, supervised, config)
     torch.testing.assert_close(fused, plain, rtol=1e-10, atol=0)
+
+
+def test_unfused_loss_inside_autocast_still_sums_in_float32():
+    hidden, weight, bias, supervised, rows, tokens, repeats = (t.float() if t.is_floating_point() else t
+                                                                for t in _head_case(N=40, D=32, V=300))
+    logits = hidden @ weight.T + bias
+    outside = next_visit_loss(logits, rows, tokens, repeats, supervised, LossConfig())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = next_visit_loss(logits, rows, tokens, repeats, supervised, LossConfig())
+    torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)

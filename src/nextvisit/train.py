@@ -261,14 +261,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def keep_large_buffers_in_the_heap() -> bool:
-    """On glibc, serve allocations up to 32 MiB from the heap instead of fresh ``mmap`` pages.
+    """On glibc, serve allocations up to 32 MiB from the heap and keep up to 512 MiB of freed heap memory.
 
-    A training step on CPU allocates and frees the same few tensors of 1-30 MiB every step (the [N, V] logits
-    and their gradient, activations); above glibc's default threshold each one is a new mapping whose pages
-    are faulted in and zeroed again, which showed as system time in the profile. With the threshold raised
-    (32 MiB is glibc's maximum) and a higher trim threshold the freed blocks are reused. Measured on 2 cores:
-    ``tiny`` at 42,343 tokens, 9.4k -> 11.2k tokens/s (docs/model.md). Returns whether the setting was applied
-    (False on other C libraries; nothing changes there).
+    A training step on CPU allocates and frees the same tensors of 1-30 MiB every step (activations, the
+    embedding gradient, the head's chunks). By default glibc maps the first of them with ``mmap`` and, as its
+    thresholds adapt, trims freed memory at the top of the heap back to the system, so pages are faulted in
+    and zeroed again step after step; that showed as system time in the profile. A fixed mmap threshold of
+    32 MiB (glibc's maximum) and a 512 MiB trim threshold keep the blocks for reuse, at the price of up to
+    512 MiB of freed memory the process keeps. Measured on 2 cores: ``tiny`` at 42,343 tokens, 9.4k -> 11.2k
+    tokens/s (before the fused head; docs/model.md). Returns whether the setting was applied (False on other
+    C libraries; nothing changes there).
     """
     if not sys.platform.startswith("linux"):
         return False
