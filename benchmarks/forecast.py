@@ -1,4 +1,5 @@
-"""Subjects per second of the zero-shot horizon query on CPU, for the `tiny` and `small` presets.
+"""Subjects per second of the zero-shot horizon query on CPU, for the `tiny` and `small` presets, in float32
+and in `forecast`'s default precision (bfloat16 autocast where the CPU supports it).
 
 Weights are random (speed does not depend on them). Each synthetic subject has a paper-like history:
 visits of about 11 tokens (METHOD.md section 1), enough of them that the query reads the full most recent
@@ -27,6 +28,7 @@ from nextvisit.config import preset
 from nextvisit.forecast import score_queries
 from nextvisit.model import NextVisitModel
 from nextvisit.store import SPECIAL_TOKENS, Subject
+from nextvisit.train import autocast_for
 
 
 @dataclass
@@ -56,7 +58,7 @@ def synthetic_subjects(config: BenchmarkConfig) -> list[Subject]:
     return subjects
 
 
-def run(preset_name: str, config: BenchmarkConfig) -> dict:
+def run(preset_name: str, config: BenchmarkConfig, precision: str = "fp32") -> dict:
     run_config = preset(preset_name)
     run_config.model.vocab_size = config.vocab_size
     torch.manual_seed(config.seed)
@@ -65,14 +67,17 @@ def run(preset_name: str, config: BenchmarkConfig) -> dict:
     condition = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + config.condition_tokens)
     horizons = [config.horizon_days] * len(subjects)
     max_tokens = run_config.data.query_max_tokens
+    autocast, used = autocast_for(precision, torch.device("cpu"))
     # warm-up on one batch (allocator, kernels), then the timed pass
     score_queries(model, subjects[: config.batch_size], horizons[: config.batch_size], condition, "sum_logits",
-                  max_tokens, config.batch_size, "cpu")
+                  max_tokens, config.batch_size, "cpu", autocast=autocast)
     start = time.perf_counter()
-    score_queries(model, subjects, horizons, condition, "sum_logits", max_tokens, config.batch_size, "cpu")
+    score_queries(model, subjects, horizons, condition, "sum_logits", max_tokens, config.batch_size, "cpu",
+                  autocast=autocast)
     seconds = time.perf_counter() - start
-    return {"preset": preset_name, "parameters": model.n_parameters(), "query_tokens": max_tokens + 1,
-            "subjects": len(subjects), "seconds": seconds, "subjects_per_second": len(subjects) / seconds}
+    return {"preset": preset_name, "precision": used, "parameters": model.n_parameters(),
+            "query_tokens": max_tokens + 1, "subjects": len(subjects), "seconds": seconds,
+            "subjects_per_second": len(subjects) / seconds}
 
 
 def main() -> None:
@@ -87,11 +92,16 @@ def main() -> None:
         torch.set_num_threads(config.threads)
     print(f"horizon query on CPU ({torch.get_num_threads()} threads), batch {config.batch_size}, "
           f"vocabulary {config.vocab_size}, random-init weights")
-    print(f"{'preset':<8} {'parameters':>12} {'tokens':>7} {'subjects':>9} {'seconds':>8} {'subjects/s':>11}")
+    print(f"{'preset':<8} {'precision':<9} {'parameters':>12} {'tokens':>7} {'subjects':>9} {'seconds':>8} "
+          f"{'subjects/s':>11} {'vs fp32':>7}")
     for name in args.presets.split(","):
-        r = run(name.strip(), config)
-        print(f"{r['preset']:<8} {r['parameters']:>12,} {r['query_tokens']:>7} {r['subjects']:>9} "
-              f"{r['seconds']:>8.2f} {r['subjects_per_second']:>11.1f}")
+        base = None
+        for precision in ("fp32", "auto"):  # auto: bf16 where the CPU supports it (forecast's default)
+            r = run(name.strip(), config, precision)
+            base = base or r["subjects_per_second"]
+            print(f"{r['preset']:<8} {r['precision']:<9} {r['parameters']:>12,} {r['query_tokens']:>7} "
+                  f"{r['subjects']:>9} {r['seconds']:>8.2f} {r['subjects_per_second']:>11.1f} "
+                  f"{r['subjects_per_second'] / base:>6.2f}x")
 
 
 if __name__ == "__main__":

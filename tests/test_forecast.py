@@ -415,3 +415,18 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
             expected.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()))
         # the task's code set and the simulator agree: no labelled landmark already has the condition
         assert info["rows"]["prevalent_at_time"] == 0
+
+
+def test_precision_auto_runs_bf16_where_supported_and_stays_near_float32(world):
+    from nextvisit.train import bf16_supported
+
+    exact = run_forecast(world, precision="fp32")
+    fast = run_forecast(world, precision="auto")
+    a, b = exact[PROBABILITY].to_numpy(), fast[PROBABILITY].to_numpy()
+    if bf16_supported(torch.device("cpu")):
+        assert not np.array_equal(a, b)  # the queries really ran in bf16
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=1e-3)
+    ranks = np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]
+    assert ranks > 0.99
+    with pytest.raises(UserError, match="precision 'half' is unknown"):
+        run_forecast(world, precision="half")

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated label splits to score (default tuning,held_out), or 'all' "
                         "(e.g. for an external cohort)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bfloat16 autocast where the device supports it, as in training, else "
+                        "float32; risks are aggregated in float32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
 
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recent: only the boundaries in each subject's most recent window")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bfloat16 autocast where the device supports it, as in training, else "
+                        "float32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +38,12 @@ PREDICTION_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", 
                       "age_years", "sex")
 PROBABILITY = "predicted_boolean_probability"
 OCCURRENCE_MODES = ("windows", "recent")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -47,10 +54,14 @@ class ForecastConfig:
     batch_size: int = 64  # queries per forward pass
     splits: tuple[str, ...] = ("tuning", "held_out")  # label splits to score (zero-shot needs no train rows)
     histories_per_chunk: int = 2048  # label histories tokenized at once (bounds memory)
+    # "auto": bfloat16 autocast where the device supports it, as in training (1.5-1.7x the float32 queries/s on
+    # CPU, docs/model.md); "fp32"; "bf16". The risks are aggregated in float32 either way.
+    precision: str = "auto"
 
     def validate(self) -> "ForecastConfig":
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
+        _check_precision(self.precision)
         if self.multi_horizon_step_days < 1 or self.batch_size < 1 or self.histories_per_chunk < 1:
             raise UserError("multi_horizon_step_days, batch_size and histories_per_chunk must be at least 1")
         return self
@@ -144,19 +155,29 @@ def condition_token_ids(task: Task, vocab: Vocabulary, source: str) -> torch.Ten
 
 @torch.no_grad()
 def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], token_ids: torch.Tensor,
-                  aggregator: str, max_tokens: int, batch_size: int, device, progress=None) -> np.ndarray:
-    """Risk [len(subjects)] of the horizon query for each (subject history, horizon), in batches."""
+                  aggregator: str, max_tokens: int, batch_size: int, device, progress=None,
+                  autocast=nullcontext) -> np.ndarray:
+    """Risk [len(subjects)] of the horizon query for each (subject history, horizon), in batches. The model
+    runs under ``autocast()``; the logits are aggregated in float32."""
     from nextvisit.sequence import query_batch
 
     risks = np.empty(len(subjects), np.float64)
     for begin in range(0, len(subjects), batch_size):
         end = min(begin + batch_size, len(subjects))
         batch = query_batch(subjects[begin:end], np.asarray(horizons[begin:end], np.int64), max_tokens=max_tokens)
-        logits = model.query_logits(batch.to(device))  # [n, V]
+        with autocast():
+            logits = model.query_logits(batch.to(device)).float()  # [n, V]
         risks[begin:end] = aggregate(logits, token_ids, aggregator).cpu().numpy()
         if progress is not None:
             progress.update(end - begin)
     return risks
+
+
+def _autocast(precision: str, device: torch.device):
+    """(context factory, precision used) for inference, by the training rule (``train.autocast_for``)."""
+    from nextvisit.train import autocast_for
+
+    return autocast_for(precision, device)
 
 
 def _model_device(model) -> torch.device:
@@ -200,6 +221,7 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
             for q in query_horizons(hd, config.multi_horizon, config.multi_horizon_step_days)]
     wanted = set(histories["subject_id"].to_list())
     device = _model_device(model)
+    autocast, precision = _autocast(config.precision, device)
     risk_sum = np.zeros(rows.height, np.float64)
     risk_n = np.zeros(rows.height, np.int64)
     plan_by_history: dict[int, list[tuple[int, int]]] = {}
@@ -254,7 +276,7 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
                     horizons.append(horizon + gap)
                     targets.append(row)
             risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
-                                  config.batch_size, device, progress=bar)
+                                  config.batch_size, device, progress=bar, autocast=autocast)
             np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
             np.add.at(risk_n, np.asarray(targets, np.int64), 1)
     bar.close()
@@ -266,6 +288,7 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         "label_counts": label_counts(labels),
         "rows_not_scored": skipped,
         "queries": len(plan),
+        "precision": precision,
     }
     return Forecast(predictions=predictions, info=info)
 
@@ -302,7 +325,7 @@ def run_cli(args) -> int:
 
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
-        splits=_splits_option(args.splits),
+        splits=_splits_option(args.splits), precision=getattr(args, "precision", "auto"),
     ).validate()
     check_out(args.out, args.overwrite)
     labels = read_labels(args.labels)
@@ -348,10 +371,12 @@ class OccurrenceConfig:
     mode: str = "windows"
     batch_size: int = 32  # windows per forward pass
     subjects_per_chunk: int = 512
+    precision: str = "auto"  # as ForecastConfig.precision
 
     def validate(self) -> "OccurrenceConfig":
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
+        _check_precision(self.precision)
         if self.mode not in OCCURRENCE_MODES:
             raise UserError(f"mode {self.mode!r} is unknown; choose one of {', '.join(OCCURRENCE_MODES)}")
         return self
@@ -417,6 +442,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     is_age, is_demographic = kinds == "age", kinds == "demographic"
     supervised = vocab.supervised_mask()
     device = _model_device(model)
+    autocast, precision = _autocast(config.precision, device)
     parts = []
     removed_empty_visits = 0
     without_boundary = 0  # subjects with fewer than two visits: no visit boundary to score
@@ -441,7 +467,8 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
             for w0 in range(0, len(windows), config.batch_size):
                 chunk = windows[w0 : w0 + config.batch_size]
                 batch = windows_batch(subjects, chunk, supervised, max_window)
-                logits = model.query_logits(batch.to(device))
+                with autocast():
+                    logits = model.query_logits(batch.to(device)).float()
                 risk = aggregate(logits, token_ids, config.aggregator).cpu().numpy()
                 window_of = batch.sep_window.numpy()
                 visit = batch.sep_visit.numpy()
@@ -457,6 +484,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
         "label_counts": _occurrence_counts(predictions),
         "visits_left_empty_by_remove_from_inputs": removed_empty_visits,
         "subjects_without_visit_boundary": without_boundary,
+        "precision": precision,
     }
     return Forecast(predictions=predictions, info=info)
 
@@ -514,6 +542,7 @@ def occurrence_cli(args) -> int:
     config = OccurrenceConfig(
         aggregator=getattr(args, "aggregator", "sum_logits"), splits=_splits_option(args.splits),
         mode=getattr(args, "mode", "windows"), batch_size=getattr(args, "batch_size", None) or OccurrenceConfig.batch_size,
+        precision=getattr(args, "precision", "auto"),
     ).validate()
     check_out(args.out, args.overwrite)
     task = load_task(args.task)
