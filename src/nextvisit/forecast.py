@@ -54,8 +54,8 @@ class ForecastConfig:
     batch_size: int = 64  # queries per forward pass
     splits: tuple[str, ...] = ("tuning", "held_out")  # label splits to score (zero-shot needs no train rows)
     histories_per_chunk: int = 2048  # label histories tokenized at once (bounds memory)
-    # "auto": bfloat16 autocast where the device supports it, as in training (1.5-1.7x the float32 queries/s on
-    # CPU, docs/model.md); "fp32"; "bf16". The risks are aggregated in float32 either way.
+    # "auto": bfloat16 autocast where the device supports it, as in training (1.4-1.8x the float32 queries/s on
+    # this CPU, docs/tasks.md); "fp32"; "bf16". The risks are aggregated in float32 either way.
     precision: str = "auto"
 
     def validate(self) -> "ForecastConfig":

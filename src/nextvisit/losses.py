@@ -160,15 +160,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                 s = torch.sigmoid(logits)
                 if kind == "bce":
                     total += (F.softplus(logits) @ column_weight[start:stop]).sum()
-                    grad = s
+                    grad = s.mul_(column_weight[start:stop])  # d softplus(x) / dx = s
                 else:
                     s_gamma = s * s if gamma == 2 else s.pow(gamma)
                     term = F.softplus(logits).mul_(s_gamma)
                     total += (1 - alpha) * (term @ column_weight[start:stop]).sum()
                     grad = torch.addcmul(term, s, term, value=-1).mul_(gamma).addcmul_(s, s_gamma)
                     grad.mul_(column_weight[start:stop] * (1 - alpha))
-                if kind == "bce":
-                    grad.mul_(column_weight[start:stop])
                 grad_c = grad.to(compute_dtype)
                 if grad_c.dtype == loss_dtype:
                     grad_hidden.addmm_(grad_c, w_chunk)
@@ -184,7 +182,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             # the positive pairs: their negative term (in the dense sum) replaced by the weighted positive term
             with torch.enable_grad():
                 x = pos_logits.requires_grad_()
-                correction = (pos_weight * positive_term(x, kind, gamma, alpha) - negative_term(x, kind, gamma, alpha)).sum()
+                correction = (pos_weight * positive_term(x, kind, gamma, alpha)
+                              - negative_term(x, kind, gamma, alpha)).sum()
                 (grad_x,) = torch.autograd.grad(correction, x)
             total += correction.detach()
             grad_hidden.index_add_(0, pos_rows, grad_x[:, None] * w_all[pos_tokens].to(loss_dtype))
