@@ -9,9 +9,10 @@ achieved model FLOP/s (the same analytic count for both implementations: matmuls
 scores and values over the real context, and the output head where the loss lives), next to the measured
 float32 and bfloat16 matmul peaks of this machine in the same run. Tokens/s are medians over all timed steps;
 the implementations take turns step by step (each with its own model and optimizer), so the machine's state
-(clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written here on purpose: a dense
-float mask rebuilt in every layer, unfused attention (explicit softmax), and the head, sigmoid and focal loss
-at every position (batch x positions x vocabulary), masked to SEP positions afterwards.
+(clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written
+here on purpose: a dense float mask rebuilt in every layer, unfused attention (explicit softmax), and the
+head, sigmoid and focal loss at every position (batch x positions x vocabulary), masked to SEP positions
+afterwards. "ours" is the trainer's step (hidden states at SEP positions, the head fused into the loss).
 
 Batches are real packed contexts (``nextvisit.sequence.TrainingPlan``) of a synthetic store shaped like the
 paper's data (about 11 tokens per visit, ~40 visits per subject, codes drawn from a Zipf law).
@@ -144,7 +145,8 @@ def fast_step(model, batch, supervised, loss_config):
                                        batch.target_tokens, batch.target_repeats, supervised, loss_config)
 
 
-def time_training(model, batches, supervised, loss_config, step_fn, autocast, steps: int) -> tuple[list[float], float]:
+def time_training(model, batches, supervised, loss_config, step_fn, autocast,
+                  steps: int) -> tuple[list[float], float]:
     """(seconds of each timed step, tokens per step) after one warm-up step, always on the same batch so every
     step does the same work."""
     optimizer = make_optimizer(model, preset("tiny").train)
@@ -189,10 +191,9 @@ def run_throughput(args):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
           f"fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; "
           f"large buffers kept in the heap: {'yes' if heap else 'no'}")
-    print(f"tokens/s: median over {args.rounds} rounds x {args.steps} steps, the implementations taking turns step by "
-          f"step; %fp32pk: share of the fp32 "
-          f"matmul peak, %ownpk: of the peak in the row's precision; ceiling: the speedup over naive if the row ran "
-          f"at 100% of its precision's peak")
+    print(f"tokens/s: median over {args.rounds} rounds x {args.steps} steps, the implementations taking turns "
+          f"step by step; %fp32pk: share of the fp32 matmul peak, %ownpk: of the peak in the row's precision; "
+          f"ceiling: the speedup over naive if the row ran at 100% of its precision's peak")
     print(f"{'preset':6} {'vocab':>6} {'impl':6} {'prec':4} {'ctx x B':>8} {'tok/s':>8} {'GFLOP/s':>8} "
           f"{'%fp32pk':>7} {'%ownpk':>6} {'speedup':>7} {'ceiling':>7}")
     for vocab_size in args.vocab:
