@@ -29,6 +29,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_inference_options(p) -> None:
+    """--device, --precision and --overwrite of the verbs that run a pretrained model (forecast, occurrence)."""
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bfloat16 autocast where the device supports it, as in training, else "
+                        "float32; risks are aggregated in float32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
 def _device(text: str) -> str:
     """A torch device name this machine has: cpu, cuda or cuda:N (torch is imported only when given)."""
     kind, _, index = text.partition(":")
@@ -167,11 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="tuning,held_out",
                    help="comma-separated label splits to score (default tuning,held_out), or 'all' "
                         "(e.g. for an external cohort)")
-    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bfloat16 autocast where the device supports it, as in training, else "
-                        "float32; risks are aggregated in float32")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_inference_options(p)
     p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
 
     # -- occurrence (inflation analysis) ----------------------------------------------------------------
@@ -196,11 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows: every visit boundary once, windows cut as in training; "
                         "recent: only the boundaries in each subject's most recent window")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
-    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bfloat16 autocast where the device supports it, as in training, else "
-                        "float32")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_inference_options(p)
     p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
 
     # -- oracle -----------------------------------------------------------------------------------------
