@@ -83,18 +83,26 @@ def matmul_peak(dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
 
 
 def model_flops(model_config, batch) -> float:
-    """Analytic FLOPs of one training step (forward + backward = 3x forward) for the real batch: layer
-    matmuls per real token, attention over each token's own document, and the head at SEP positions."""
+    """Analytic FLOPs of one training step (forward + backward = 3x forward) for the real batch: the work the
+    objective needs, whichever implementation does it. Layer matmuls per real token and attention over each
+    token's own document, except in the last layer, whose outputs are read at SEP positions only: there keys
+    and values for every token, and queries, attention, projection and MLP for the SEP positions; then the head
+    at SEP positions."""
     d, L, V = model_config.d_model, model_config.n_layers, model_config.vocab_size
-    tokens = batch.n_tokens
+    tokens, n_seps = batch.n_tokens, len(batch.positions)
     layer_matmul = 2 * (4 * d * d + 2 * model_config.mlp_ratio * d * d)  # qkv + proj + MLP, per token
-    doc_sizes = []
-    for row in batch.doc_ids:
-        ids = row[row > 0]
-        doc_sizes += torch.bincount(ids).tolist()
+    doc_sizes, sep_doc_sizes = [], []
+    positions = torch.sort(batch.positions).values
+    seps_of_row = torch.bincount(positions // batch.tokens.shape[1], minlength=batch.tokens.shape[0])
+    for row, seps in zip(batch.doc_ids, positions.split(seps_of_row.tolist())):
+        sizes = torch.bincount(row[row > 0])
+        doc_sizes += sizes.tolist()
+        sep_doc_sizes += sizes[row[seps % batch.tokens.shape[1]]].tolist()
     attention = sum(2 * 2 * n * n * d for n in doc_sizes)  # scores and values within each document
-    head = 2 * len(batch.positions) * d * V
-    return 3 * (L * (tokens * layer_matmul + attention) + head)
+    last_layer = tokens * 2 * 2 * d * d + n_seps * (layer_matmul - 2 * 2 * d * d) + \
+        sum(2 * 2 * n * d for n in sep_doc_sizes)
+    head = 2 * n_seps * d * V
+    return 3 * ((L - 1) * (tokens * layer_matmul + attention) + last_layer + head)
 
 
 # -- the naive reference ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def subject(visits, days, subject_id=1) -> Subject:
 
 def model(seed=0, **overrides) -> NextVisitModel:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, **overrides)
+    config = ModelConfig(**{"vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 2, **overrides})
     return NextVisitModel(config).eval()
 
 
@@ -223,13 +223,51 @@ def test_repeat_counts_count_earlier_positive_targets_in_the_window():
 def test_head_runs_only_at_sep_positions():
     m = model()
     b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
-    seen_shapes = []
-    hook = m.ln_final.register_forward_hook(lambda mod, inp, out: seen_shapes.append(tuple(out.shape)))
+    seen_shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen_shapes[name] = tuple(output.shape)
+        return hook
+
+    hooks = [module.register_forward_hook(record(name))
+             for name, module in (("first mlp", m.blocks[0].fc), ("last mlp", m.blocks[-1].fc), ("final", m.ln_final))]
     out = logits(m, b)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     assert out.shape == (2, V)  # N SEPs x V, never B x T x V
     B, T = b.tokens.shape
-    assert seen_shapes == [(B, T, 32)]
+    # every token in the layers below; the last layer's MLP and the final norm at the 2 SEPs only
+    assert seen_shapes == {"first mlp": (B, T, 128), "last mlp": (2, 128), "final": (2, 32)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_last_layer_at_sep_positions_equals_the_whole_last_layer(kernel):
+    """The last layer runs at the requested positions only; values and gradients equal running it everywhere
+    and reading those positions (float64), for positions in any order, rows without any, and padding."""
+    other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
+    packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
+                           packed_rows=[[0, 1], [2]])
+    T = packed.tokens.shape[1]
+    # a third row without SEPs (all padding), and the positions shuffled
+    for name in ("tokens", "days", "att_days", "doc_ids"):
+        t = getattr(packed, name)
+        setattr(packed, name, torch.cat([t, torch.zeros_like(t[:1])]))
+    positions = packed.positions[torch.tensor([4, 0, 6, 2, 1, 5, 3])]
+    assert len(positions) == 7 and (positions // T).tolist().count(0) == 5  # rows: 5, 2 and 0 SEPs
+    m = model(attention=kernel, n_layers=3).double().train()  # dropout 0 by default: deterministic
+    args = (packed.tokens, packed.days, packed.att_days, packed.doc_ids)
+    target = torch.randn(7, V, dtype=torch.float64)
+
+    fast = m(*args, positions)
+    (fast * target).sum().backward()
+    fast_grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad()
+    full = m.hidden_states(*args).reshape(-1, 32).index_select(0, positions) @ m.embed.weight.T
+    (full * target).sum().backward()
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.slow

@@ -40,6 +40,8 @@ class ModelConfig:
     output_bias: bool = False
 
     def validate(self):
+        if self.n_layers < 1:
+            raise UserError(f"model.n_layers is {self.n_layers}; the model needs at least one layer")
         if self.d_model % self.n_heads:
             raise UserError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:

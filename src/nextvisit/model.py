@@ -90,6 +90,58 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
+    def at_positions(self, x, cos, sin, mask, where: "QueryLayout"):
+        """The attention output [N, D] at the flat positions of ``where`` only: keys and values for every
+        token, queries, scores and the output projection for those N positions (padded per row to W)."""
+        B, T, D = x.shape
+        H = self.n_heads
+        w_q, w_kv = self.qkv.weight[:D], self.qkv.weight[D:]
+        kv = F.linear(x, w_kv).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # [2, B, H, T, d]
+        k, v = apply_rotary(kv[0], cos, sin), kv[1]
+        q = F.linear(x.reshape(B * T, D).index_select(0, where.positions), w_q)  # [N, D]
+        q = where.to_padded(q).view(B, where.width, H, D // H).transpose(1, 2)  # [B, H, W, d]
+        q = apply_rotary(q, where.rows_of(cos), where.rows_of(sin))
+        mask = where.rows_of(mask)  # [B, 1, W, T]
+        dropout_p = self.dropout if self.training else 0.0
+        if attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
+            y = matmul_attention(q, k, v, mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.proj(where.from_padded(y.transpose(1, 2).reshape(B, where.width, D)))
+
+
+class QueryLayout:
+    """N flat positions (``b * T + t``, any order) laid out as rows of a [B, W] grid, W the most positions in
+    one row, so the last layer can attend from those positions only. Empty slots point at column 0 of their
+    row (which always attends itself, so its softmax is defined); their outputs are never read."""
+
+    def __init__(self, positions: torch.Tensor, B: int, T: int):
+        self.positions = positions
+        rows = positions // T
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=B)
+        starts = torch.cumsum(counts, 0) - counts
+        slots = torch.empty_like(positions)
+        slots[order] = torch.arange(len(positions), device=positions.device) - starts[rows[order]]
+        self.rows, self.slots = rows, slots
+        self.width = max(1, int(counts.max())) if len(positions) else 1
+        self.columns = torch.zeros(B, self.width, dtype=torch.long, device=positions.device)
+        self.columns[rows, slots] = positions % T
+        self.batch_index = torch.arange(B, device=positions.device)[:, None]
+
+    def rows_of(self, table: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, ...] -> [B, 1, W, ...]: the entries at the laid-out columns."""
+        return table[:, 0][self.batch_index, self.columns][:, None]
+
+    def to_padded(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> [B, W, D], zeros in empty slots."""
+        padded = values.new_zeros(self.columns.shape[0], self.width, values.shape[-1])
+        return padded.index_put((self.rows, self.slots), values)
+
+    def from_padded(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, W, D] -> [N, D] in the order of the positions."""
+        return values[self.rows, self.slots]
+
 
 _COMPILED = {}
 
@@ -113,6 +165,13 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, flex):
         x = x + self.drop(self.attn(self.ln_attn(x), cos, sin, mask, flex))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_mlp(x)))))
+
+    def at_positions(self, x, cos, sin, mask, where: QueryLayout) -> torch.Tensor:
+        """The block's output [N, D] at the positions of ``where`` only (the last layer, whose other outputs
+        nothing reads): the MLP and all but the keys and values of attention run on N rows, not B x T."""
+        attended = self.attn.at_positions(self.ln_attn(x), cos, sin, mask, where)
+        x = x.reshape(-1, x.shape[-1]).index_select(0, where.positions) + self.drop(attended)
         return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_mlp(x)))))
 
 
@@ -176,8 +235,20 @@ class NextVisitModel(nn.Module):
     def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True) -> torch.Tensor:
         """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
         the trainer, which applies the tied head inside the loss (``losses.next_visit_loss_from_hidden``)."""
-        hidden = self.hidden_states(tokens, days, att_days, doc_ids)
-        at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        config = self.config
+        if config.attention == "flex":
+            hidden = self.hidden_states(tokens, days, att_days, doc_ids)
+            at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        else:
+            # only the N positions' outputs of the last layer are read: it runs there alone (exactly the
+            # same values; docs/model.md, "Last layer at SEP positions")
+            mask = self.attention_mask(att_days, doc_ids)
+            cos, sin = rotary_tables(days, config.d_model // config.n_heads, config.rope_base)
+            x = self.embed(tokens)
+            for block in self.blocks[:-1]:
+                x = block(x, cos, sin, mask, False)
+            where = QueryLayout(positions, *tokens.shape)
+            at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))  # [N, D]
         if not head:
             return at_seps
         logits = at_seps @ self.embed.weight.T  # tied head: [N, V]
