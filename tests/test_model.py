@@ -270,6 +270,24 @@ def test_last_layer_at_sep_positions_equals_the_whole_last_layer(kernel):
         torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_no_positions_gives_empty_outputs_and_a_connected_zero_loss():
+    from nextvisit.config import LossConfig
+    from nextvisit.losses import next_visit_loss_from_hidden
+
+    m = model(output_bias=True).train()
+    b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)
+    none = torch.zeros(0, dtype=torch.long)
+    args = (b.tokens, b.days, b.att_days, b.doc_ids, none)
+    assert m(*args).shape == (0, V)
+    hidden = m(*args, head=False)
+    assert hidden.shape == (0, 32)
+    loss = next_visit_loss_from_hidden(hidden, m.embed.weight, m.output_bias, none, none, none,
+                                       torch.from_numpy(SUPERVISED), LossConfig(), normalizer=1.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())  # DDP needs them all
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NEXTVISIT_TEST_FLEX"), reason="compiles FlexAttention (~20 s on CPU); "
                     "set NEXTVISIT_TEST_FLEX=1 to run")

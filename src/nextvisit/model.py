@@ -95,7 +95,7 @@ class SelfAttention(nn.Module):
         token, queries, scores and the output projection for those N positions (padded per row to W)."""
         B, T, D = x.shape
         H = self.n_heads
-        w_q, w_kv = self.qkv.weight[:D], self.qkv.weight[D:]
+        w_q, w_kv = self.qkv.weight[:D], self.qkv.weight[D:]  # the layers have no biases (METHOD §4)
         kv = F.linear(x, w_kv).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # [2, B, H, T, d]
         k, v = apply_rotary(kv[0], cos, sin), kv[1]
         q = F.linear(x.reshape(B * T, D).index_select(0, where.positions), w_q)  # [N, D]
@@ -116,7 +116,7 @@ class QueryLayout:
     row (which always attends itself, so its softmax is defined); their outputs are never read."""
 
     def __init__(self, positions: torch.Tensor, B: int, T: int):
-        self.positions = positions
+        self.positions = positions = positions.long()
         rows = positions // T
         order = torch.argsort(rows, stable=True)
         counts = torch.bincount(rows, minlength=B)
@@ -221,13 +221,17 @@ class NextVisitModel(nn.Module):
         allowed = attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
-    def hidden_states(self, tokens, days, att_days, doc_ids) -> torch.Tensor:
-        """Final-LayerNorm hidden states [B, T, D]."""
+    def _layer_inputs(self, tokens, days, att_days, doc_ids):
+        """Embeddings [B, T, D], rotary tables and the attention mask, shared by every layer."""
         config = self.config
         mask = self.attention_mask(att_days, doc_ids)
         cos, sin = rotary_tables(days, config.d_model // config.n_heads, config.rope_base)
-        x = self.embed(tokens)  # [B, T, D]
-        flex = config.attention == "flex"
+        return self.embed(tokens), cos, sin, mask
+
+    def hidden_states(self, tokens, days, att_days, doc_ids) -> torch.Tensor:
+        """Final-LayerNorm hidden states [B, T, D]."""
+        x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids)
+        flex = self.config.attention == "flex"
         for block in self.blocks:
             x = block(x, cos, sin, mask, flex)
         return self.ln_final(x)
@@ -235,19 +239,17 @@ class NextVisitModel(nn.Module):
     def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True) -> torch.Tensor:
         """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
         the trainer, which applies the tied head inside the loss (``losses.next_visit_loss_from_hidden``)."""
-        config = self.config
-        if config.attention == "flex":
+        if self.config.attention == "flex":
             hidden = self.hidden_states(tokens, days, att_days, doc_ids)
             at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         else:
-            # only the N positions' outputs of the last layer are read: it runs there alone (exactly the
-            # same values; docs/model.md, "Last layer at SEP positions")
-            mask = self.attention_mask(att_days, doc_ids)
-            cos, sin = rotary_tables(days, config.d_model // config.n_heads, config.rope_base)
-            x = self.embed(tokens)
+            # only the N positions' outputs of the last layer are read, so it runs there alone: the same values
+            # up to float rounding (docs/model.md, "Model"). The layout first: on a GPU its one sync then
+            # waits for the inputs only, not for the queued layers.
+            where = QueryLayout(positions, *tokens.shape)
+            x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids)
             for block in self.blocks[:-1]:
                 x = block(x, cos, sin, mask, False)
-            where = QueryLayout(positions, *tokens.shape)
             at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))  # [N, D]
         if not head:
             return at_seps
