@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from nextvisit.config import LossConfig, preset
 from nextvisit.losses import next_visit_loss_from_hidden
-from nextvisit.model import NextVisitModel, apply_rotary, attention_allowed, rotary_tables
+from nextvisit.model import LayerMask, NextVisitModel, apply_rotary, attention_allowed, rotary_tables
 from nextvisit.sequence import TrainingPlan
 from nextvisit.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
 from nextvisit.train import autocast_for, keep_large_buffers_in_the_heap, make_optimizer
@@ -283,7 +283,8 @@ def run_attention(args):
                     torch.manual_seed(0)
                     model = NextVisitModel(config.model)
                     if attention == "sdpa-bool":  # the boolean mask handed to every layer, converted by SDPA
-                        model.attention_mask = lambda att_days, doc_ids: attention_allowed(att_days, doc_ids)[:, None]
+                        model.attention_mask = lambda att_days, doc_ids: LayerMask(
+                            attention_allowed(att_days, doc_ids)[:, None], [])
                     autocast, used = autocast_for(precision, torch.device("cpu"))
                     b = batches[0]
                     t = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 
 from nextvisit.config import ModelConfig
 from nextvisit.errors import UserError
+import nextvisit.model as model_module
 from nextvisit.model import NextVisitModel, attention_allowed, attention_kernel
 from nextvisit.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
 from nextvisit.store import EOW, PAD, SEP, Subject
@@ -133,6 +134,45 @@ def test_shifting_every_day_changes_no_output(kernel):
 def test_matmul_attention_equals_sdpa():
     other = subject([[20, 21], [22], [20, 23, 24]], [50, 90, 400], subject_id=2)
     packed = windows_batch([S, other], [Window(0, 0, 3), Window(1, 0, 3)], SUPERVISED, 64, packed_rows=[[0, 1]])
+    torch.testing.assert_close(logits(model(attention="matmul"), packed), logits(model(attention="sdpa"), packed),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_key_ranges_leave_out_only_keys_masked_for_the_whole_block():
+    other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
+    packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
+                           packed_rows=[[0, 1], [2]])
+    allowed = attention_allowed(packed.att_days, packed.doc_ids)[:, None]
+    T = allowed.shape[-1]
+    ranges = model_module.key_ranges(allowed, block=4)
+    assert [(q0, q1) for q0, q1, _, _ in ranges] == [(q0, min(q0 + 4, T)) for q0 in range(0, T, 4)]
+    for q0, q1, k0, k1 in ranges:
+        block = allowed[..., q0:q1, :]
+        assert not block[..., :k0].any() and not block[..., k1:].any()  # nothing attended is left out
+        assert block[..., k0].any() and block[..., k1 - 1].any()  # and the range is tight
+    assert sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in ranges) < T * T  # some work is skipped
+
+
+def test_blocked_matmul_attention_equals_the_whole_softmax(monkeypatch):
+    """Values and gradients (float64) of the blocked kernel equal one softmax over all keys, and the model with
+    small query blocks equals the model through SDPA."""
+    other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
+    packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
+                           packed_rows=[[0, 1], [2]])
+    allowed = attention_allowed(packed.att_days, packed.doc_ids)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
+    T = allowed.shape[-1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ranges = model_module.key_ranges(allowed, block=4)
+    assert len(ranges) > 2
+    blocked = model_module.matmul_attention(q, k, v, mask, ranges=ranges)
+    grads = torch.autograd.grad(blocked.sum(), (q, k, v))
+    whole = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + mask, dim=-1) @ v
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(whole.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 4)
     torch.testing.assert_close(logits(model(attention="matmul"), packed), logits(model(attention="sdpa"), packed),
                                atol=1e-5, rtol=1e-5)
 

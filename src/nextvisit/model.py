@@ -4,13 +4,14 @@ embeddings over day offsets, output head tied to the token embedding.
 Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP positions, V vocabulary.
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
 The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
-per batch (SDPA, or plain matmuls for bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by
-all layers. In training the head is applied inside the loss (``forward(..., head=False)``).
+per batch (SDPA, or plain matmuls over blocks of queries and only the keys each block may attend, for
+bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by all layers. In training the head is applied inside the loss (``forward(..., head=False)``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,19 +48,52 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos.to(x.dtype), swapped, sin.to(x.dtype))
 
 
-def matmul_attention(q, k, v, mask, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v as three plain batched matmuls and a softmax. On CPU in bfloat16 this
-    is about 2x faster than the fused SDPA kernel at T = 256 (forward + backward; docs/model.md), because the
-    [T, T] scores of one head fit in cache and the matmuls run as bfloat16 GEMMs."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    probabilities = torch.softmax(scores + mask, dim=-1)
-    if dropout_p:
-        probabilities = F.dropout(probabilities, dropout_p)
-    return probabilities @ v
+QUERY_BLOCK = 128  # queries per block of the matmul kernel (64 and 128 measured; docs/model.md)
+
+
+class LayerMask(NamedTuple):
+    """The attention rule of one batch, shared by every layer: the additive mask [B, 1, T, T] (0 where allowed,
+    -inf elsewhere) and, per block of queries, the range of keys that any of them may attend in any row."""
+
+    additive: torch.Tensor
+    key_ranges: list[tuple[int, int, int, int]]
+
+
+def key_ranges(allowed: torch.Tensor, block: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1) for each block of ``block`` queries of a boolean mask [..., T, T]: every key outside
+    [k0, k1) is masked for every query of the block in every row, so leaving it out changes no output. With
+    packed subjects and attention causal across visits, the ranges cover about 40% of T x T (docs/model.md)."""
+    block = block or QUERY_BLOCK
+    anywhere = allowed.reshape(-1, *allowed.shape[-2:]).any(0)  # [T, T]
+    T = anywhere.shape[0]
+    starts = list(range(0, T, block))
+    needed = torch.stack([anywhere[q0:q0 + block].any(0) for q0 in starts]).to(torch.uint8)  # [blocks, T]
+    first = needed.argmax(1)
+    last = T - 1 - needed.flip(1).argmax(1)
+    return [(q0, min(q0 + block, T), k0, k1 + 1) for q0, k0, k1 in zip(starts, first.tolist(), last.tolist())]
+
+
+def matmul_attention(q, k, v, mask, dropout_p: float = 0.0, ranges=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v as plain batched matmuls and a softmax, one block of queries at a time
+    against only the keys the block may attend (``ranges`` from ``key_ranges``; default: all at once). On CPU
+    this is faster than the fused SDPA kernel with the packed mask (docs/model.md): the scores of masked key
+    ranges are never computed, and in bfloat16 the matmuls run as bfloat16 GEMMs. (A hand-written backward
+    that accumulates the key and value gradients in place measured slower here than autograd through the
+    slices, because the batched matmuls copy the strided key slices either way.)"""
+    q = q * q.shape[-1] ** -0.5
+    outputs = []
+    for q0, q1, k0, k1 in ranges or [(0, q.shape[-2], 0, k.shape[-2])]:
+        scores = q[..., q0:q1, :] @ k[..., k0:k1, :].transpose(-1, -2)
+        probabilities = torch.softmax(scores + mask[..., q0:q1, k0:k1], dim=-1)
+        if dropout_p:
+            probabilities = F.dropout(probabilities, dropout_p)
+        outputs.append(probabilities @ v[..., k0:k1, :])
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
 def attention_kernel(kind: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The attention implementation a layer uses: ``auto`` resolves by device and compute dtype."""
+    """The attention implementation a layer uses: ``auto`` resolves by device and compute dtype (in float32 on
+    CPU the blocked matmul kernel measured level with SDPA, 65-66 vs 67 ms per ``tiny`` step, so SDPA stays)."""
     if kind != "auto":
         return kind
     return "matmul" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
@@ -85,9 +119,9 @@ class SelfAttention(nn.Module):
 
             y = _compiled(flex_attention)(q, k, v, block_mask=mask)
         elif attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
-            y = matmul_attention(q, k, v, mask, dropout_p)
+            y = matmul_attention(q, k, v, mask.additive, dropout_p, mask.key_ranges)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
     def at_positions(self, x, cos, sin, mask, where: "QueryLayout"):
@@ -101,7 +135,7 @@ class SelfAttention(nn.Module):
         q = F.linear(x.reshape(B * T, D).index_select(0, where.positions), w_q)  # [N, D]
         q = where.to_padded(q).view(B, where.width, H, D // H).transpose(1, 2)  # [B, H, W, d]
         q = apply_rotary(q, where.rows_of(cos), where.rows_of(sin))
-        mask = where.rows_of(mask)  # [B, 1, W, T]
+        mask = where.rows_of(mask.additive)  # [B, 1, W, T]
         dropout_p = self.dropout if self.training else 0.0
         if attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
             y = matmul_attention(q, k, v, mask, dropout_p)
@@ -219,7 +253,9 @@ class NextVisitModel(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
             else self.embed.weight.dtype
         allowed = attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        uses_ranges = attention_kernel(self.config.attention, dtype, allowed.device) == "matmul"
+        return LayerMask(additive, key_ranges(allowed) if uses_ranges else [])
 
     def _layer_inputs(self, tokens, days, att_days, doc_ids):
         """Embeddings [B, T, D], rotary tables and the attention mask, shared by every layer."""
