@@ -8,8 +8,8 @@ For each (preset, vocabulary) it prints training tokens/s (forward, loss, backwa
 achieved model FLOP/s (the same analytic count for both implementations: the work the objective needs, i.e.
 matmuls of the layers and attention scores and values over each token's own document, the last layer only
 where its outputs are read (keys and values everywhere, the rest at SEP positions), and the output head
-where the loss lives), next to the measured
-float32 and bfloat16 matmul peaks of this machine in the same run. Tokens/s are medians over all timed steps;
+where the loss lives), next to the measured float32 and bfloat16 matmul peaks of this machine in the same
+run. Tokens/s are medians over all timed steps;
 the implementations take turns step by step (each with its own model and optimizer), so the machine's state
 (clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written
 here on purpose: a dense float mask rebuilt in every layer, unfused attention (explicit softmax), and the

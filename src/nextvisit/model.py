@@ -5,7 +5,8 @@ Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP p
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
 The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
 per batch (SDPA, or plain matmuls over blocks of queries and only the keys each block may attend, for
-bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by all layers. In training the head is applied inside the loss (``forward(..., head=False)``).
+bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by all layers. In training the head is
+applied inside the loss (``forward(..., head=False)``). The last layer runs at the N positions only.
 """
 
 from __future__ import annotations
