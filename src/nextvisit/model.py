@@ -114,16 +114,20 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
         q, k = apply_rotary(qkv[:2], cos, sin)  # queries and keys rotated together
         v = qkv[2]
-        dropout_p = self.dropout if self.training else 0.0
         if flex:
             from torch.nn.attention.flex_attention import flex_attention
 
             y = _compiled(flex_attention)(q, k, v, block_mask=mask)
-        elif attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
-            y = matmul_attention(q, k, v, mask.additive, dropout_p, mask.key_ranges)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p)
+            y = self._attend(q, k, v, mask.additive, mask.key_ranges)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def _attend(self, q, k, v, additive, key_ranges=None):
+        """softmax(q k^T / sqrt(d) + additive) v through the kernel ``model.attention`` resolves to."""
+        dropout_p = self.dropout if self.training else 0.0
+        if attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
+            return matmul_attention(q, k, v, additive, dropout_p, key_ranges)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p)
 
     def at_positions(self, x, cos, sin, mask, where: "QueryLayout"):
         """The attention output [N, D] at the flat positions of ``where`` only: keys and values for every
@@ -136,12 +140,7 @@ class SelfAttention(nn.Module):
         q = F.linear(x.reshape(B * T, D).index_select(0, where.positions), w_q)  # [N, D]
         q = where.to_padded(q).view(B, where.width, H, D // H).transpose(1, 2)  # [B, H, W, d]
         q = apply_rotary(q, where.rows_of(cos), where.rows_of(sin))
-        mask = where.rows_of(mask.additive)  # [B, 1, W, T]
-        dropout_p = self.dropout if self.training else 0.0
-        if attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
-            y = matmul_attention(q, k, v, mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = self._attend(q, k, v, where.rows_of(mask.additive))  # mask rows [B, 1, W, T]
         return self.proj(where.from_padded(y.transpose(1, 2).reshape(B, where.width, D)))
 
 
