@@ -177,18 +177,64 @@ def test_blocked_matmul_attention_equals_the_whole_softmax(monkeypatch):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_auto_attention_uses_matmuls_for_bf16_on_cpu_only():
+def test_auto_attention_uses_matmuls_on_cpu_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_kernel("auto", torch.bfloat16, cpu) == "matmul"
-    assert attention_kernel("auto", torch.float32, cpu) == "sdpa"
-    assert attention_kernel("auto", torch.bfloat16, cuda) == "sdpa"
-    assert attention_kernel("sdpa", torch.bfloat16, cpu) == "sdpa"  # an explicit choice is kept
+    assert attention_kernel("auto", cpu) == "matmul"
+    assert attention_kernel("auto", cuda) == "sdpa"
+    assert attention_kernel("sdpa", cpu) == "sdpa"  # an explicit choice is kept
     with pytest.raises(UserError, match="model.attention is 'dense'; expected one of auto, sdpa, matmul, flex"):
         ModelConfig(vocab_size=V, attention="dense").validate()
 
 
+def test_split_heads_equals_rotary_on_permuted_heads():
+    """The fused layout + rotary function gives apply_rotary's values and the same gradients (float64),
+    also when some of its outputs get no gradient."""
+    torch.manual_seed(0)
+    B, T, H, d = 2, 7, 3, 8
+    days = torch.tensor([[0, 0, 3, 3, 40, 41, 300], [5, 9, 9, 9, 10, 700, 700]], dtype=torch.float64)
+    cos, sin = model_module.rotary_tables(days, d, 10_000.0)
+    x = torch.randn(B, T, 3, H, d, dtype=torch.float64, requires_grad=True)
+    q, k, v = model_module.split_heads(x, cos, sin, rotated=2)
+    assert all(t.is_contiguous() and t.shape == (B, H, T, d) for t in (q, k, v))
+    heads = x.permute(2, 0, 3, 1, 4)
+    want = (model_module.apply_rotary(heads[0], cos, sin), model_module.apply_rotary(heads[1], cos, sin), heads[2])
+    for got, expected in zip((q, k, v), want):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # the tables are float32
+    weights = [torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3)]
+    for used in ((0, 1, 2), (0, 2), (1,)):  # outputs without a gradient count as zero
+        got = torch.autograd.grad(sum((outs * weights[i]).sum() for i, outs in enumerate((q, k, v)) if i in used),
+                                  x, retain_graph=True)[0]
+        expected = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x, retain_graph=True)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    small = torch.randn(1, 3, 2, 2, 4, dtype=torch.float64, requires_grad=True)
+    c, s = model_module.rotary_tables(days[:1, :3] * 1000, 4, 10_000.0)
+    assert torch.autograd.gradcheck(lambda t: model_module.split_heads(t, c.double(), s.double(), 1), (small,))
+
+
+def test_blocked_attention_backward_with_dropout():
+    """Dropout inside the blocked kernel: the backward matches finite differences under the same dropout draw,
+    the draw changes the output, and the output averages to the one without dropout."""
+    torch.manual_seed(0)
+    T = 6
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
+    q, k, v = (torch.randn(1, 2, T, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ranges = model_module.key_ranges(allowed, block=2)
+
+    def dropped(q, k, v, seed=1):
+        torch.manual_seed(seed)
+        return model_module.matmul_attention(q, k, v, mask, dropout_p=0.3, ranges=ranges)
+
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+    plain = model_module.matmul_attention(q, k, v, mask, ranges=ranges).detach()
+    assert not torch.allclose(dropped(q, k, v), plain)
+    with torch.no_grad():
+        mean = torch.stack([dropped(q, k, v, seed) for seed in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, plain, atol=0.05, rtol=0.0)
+
+
 def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):
-    """Under bf16 autocast the default kernel is the explicit matmul one; the predicted visit still cannot
+    """Under bf16 autocast on CPU the default kernel is the explicit matmul one; the predicted visit still cannot
     leak into its SEP, and the logits stay close to float32."""
     import nextvisit.model as model_module
 
@@ -204,7 +250,7 @@ def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):
     assert len(calls) == 2 * m.config.n_layers
     assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])
     full = logits(m, windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64))
-    assert len(calls) == 2 * m.config.n_layers  # float32 runs SDPA
+    assert len(calls) == 3 * m.config.n_layers  # and so does float32 on CPU
     torch.testing.assert_close(base.float(), full, atol=0.05, rtol=0.05)
 
 

@@ -305,6 +305,8 @@ def test_large_training_buffers_stay_in_the_heap():
 
     applied, mapped, kept = probe("on")
     assert applied and mapped == 0  # served from the heap ...
-    assert kept >= 24_000_000  # ... and still held after it is freed, for the next step
+    # ... and still held after it is freed, for the next step (the heap grows by the tensor's 24 MB less whatever
+    # free space it already had, which depends on what was imported before)
+    assert kept >= 20_000_000
     applied, mapped, kept = probe("off")  # glibc's default: a fresh mapping, unmapped again when freed
-    assert not applied and mapped >= 24_000_000 and kept < 24_000_000
+    assert not applied and mapped >= 24_000_000 and kept < 20_000_000

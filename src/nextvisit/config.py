@@ -29,7 +29,7 @@ class ModelConfig:
     mlp_ratio: int = 4  # paper: GELU MLP 4x
     rope_base: float = 10_000.0  # rotary base over day offsets; slowest wavelength ~ 2*pi*base days
     dropout: float = 0.0
-    # "auto": explicit matmul attention for bfloat16 on CPU, SDPA otherwise (measured, docs/model.md);
+    # "auto": explicit matmul attention on CPU, SDPA otherwise (measured, docs/model.md);
     # "sdpa" (one additive mask per batch), "matmul" (the same mask, scores and softmax as plain matmuls),
     # "flex" (FlexAttention block mask; GPU)
     attention: str = "auto"

@@ -4,8 +4,8 @@ embeddings over day offsets, output head tied to the token embedding.
 Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP positions, V vocabulary.
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
 The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
-per batch (SDPA, or plain matmuls over blocks of queries and only the keys each block may attend, for
-bfloat16 on CPU) or one block mask per batch (FlexAttention), shared by all layers. In training the head is
+per batch (plain matmuls over blocks of queries and only the keys each block may attend on CPU, SDPA on
+GPUs) or one block mask per batch (FlexAttention), shared by all layers. In training the head is
 applied inside the loss (``forward(..., head=False)``). The last layer runs at the N positions only.
 """
 
@@ -74,30 +74,121 @@ def key_ranges(allowed: torch.Tensor, block: int | None = None) -> list[tuple[in
     return [(q0, min(q0 + block, T), k0, k1 + 1) for q0, k0, k1 in zip(starts, first.tolist(), last.tolist())]
 
 
+def _rotate_into(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = x turned by the day angles, pair (x1, x2) of the two halves -> (x1 c - x2 s, x2 c + x1 s); ``out``
+    may have any layout (the heads' backward writes straight into the projection's gradient)."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos_half, out=o1).addcmul_(x2, sin_half, value=-1)
+    torch.mul(x2, cos_half, out=o2).addcmul_(x1, sin_half)
+    return out
+
+
+class _Heads(torch.autograd.Function):
+    """[B, T, n, H, d] (a projection's output) -> n contiguous tensors [B, H, T, d], the first ``rotated`` of
+    them turned by the day angles (the same values as ``apply_rotary``). One pass each way: the heads come out
+    in the layout the attention kernels take without copies, and the backward writes the gradient straight into
+    the projection's layout (autograd through permute, cat and slices zero-fills full-size buffers and adds)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, rotated: int):
+        half = x.shape[-1] // 2
+        cos_half, sin_half = cos[..., :half].to(x.dtype), sin[..., half:].to(x.dtype)  # tables (c, c), (-s, s)
+        ctx.save_for_backward(cos_half, sin_half)
+        ctx.rotated, ctx.shape = rotated, x.shape
+        heads = []
+        for i in range(x.shape[2]):
+            part = x[:, :, i].transpose(1, 2)  # [B, H, T, d] view
+            out = torch.empty(part.shape, dtype=x.dtype, device=x.device)
+            heads.append(_rotate_into(part, cos_half, sin_half, out) if i < rotated else out.copy_(part))
+        return tuple(heads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos_half, sin_half = ctx.saved_tensors
+        grad = torch.empty(ctx.shape, dtype=cos_half.dtype, device=cos_half.device)  # the input's dtype
+        for i, g in enumerate(grads):  # (autograd hands zeros for outputs that got no gradient)
+            target = grad[:, :, i].transpose(1, 2)
+            if i < ctx.rotated:
+                _rotate_into(g, cos_half, -sin_half, target)  # the transpose of a rotation turns it back
+            else:
+                target.copy_(g)
+        return grad, None, None, None
+
+
+def split_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated: int) -> tuple[torch.Tensor, ...]:
+    """[B, T, n, H, d] -> n contiguous [B, H, T, d], the first ``rotated`` rotated (tables of ``rotary_tables``)."""
+    return _Heads.apply(x, cos, sin, rotated)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Tq, d], k, v [B, H, Tk, d], one block of queries at a
+    time against its key range only. Every matmul reads and writes contiguous blocks (the BLAS kernels copy
+    strided operands and results, and loop over the batch for them in float32), the key and value ranges are
+    copied once and kept for the backward, which adds the blocks' key and value gradients into place (autograd
+    through the slices would zero-fill a full-size gradient per block)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, ranges, dropout_p: float):
+        B, H, Tq, d = q.shape
+        scale = d ** -0.5
+        q3, k3, v3 = (t.reshape(B * H, -1, d) for t in (q, k, v))
+        outputs, saved = [], []
+        for q0, q1, k0, k1 in ranges:
+            q_block = q3[:, q0:q1].contiguous()
+            k_block, v_block = k3[:, k0:k1].contiguous(), v3[:, k0:k1].contiguous()
+            scores = q3.new_empty(B * H, q1 - q0, k1 - k0).baddbmm_(q_block, k_block.mT, beta=0, alpha=scale)
+            scores.view(B, H, q1 - q0, k1 - k0).add_(mask[..., q0:q1, k0:k1])
+            probabilities = torch.softmax(scores, dim=-1)
+            keep = None
+            if dropout_p:
+                keep = torch.empty_like(probabilities, dtype=torch.bool).bernoulli_(1 - dropout_p)
+                outputs.append(torch.bmm(probabilities * keep / (1 - dropout_p), v_block))
+            else:
+                outputs.append(torch.bmm(probabilities, v_block))
+            saved.append((q_block, k_block, v_block, probabilities, keep))
+        ctx.blocks = saved if any(ctx.needs_input_grad) else None
+        ctx.ranges, ctx.dropout_p, ctx.shapes = ranges, dropout_p, (q.shape, k.shape)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).view(q.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_shape, k_shape = ctx.shapes
+        scale, p = q_shape[-1] ** -0.5, ctx.dropout_p
+        B, H, Tq, d = q_shape
+        g3 = grad_out.reshape(B * H, Tq, d)
+        dk = g3.new_zeros(B * H, k_shape[-2], d)
+        dv = torch.zeros_like(dk)
+        dq_blocks = []
+        for (q0, q1, k0, k1), (q_block, k_block, v_block, probabilities, keep) in zip(ctx.ranges, ctx.blocks):
+            g = g3[:, q0:q1].contiguous()
+            d_probabilities = torch.bmm(g, v_block.mT)
+            if keep is not None:
+                dv[:, k0:k1] += torch.bmm((probabilities * keep / (1 - p)).mT, g)
+                d_probabilities = d_probabilities * keep / (1 - p)
+            else:
+                dv[:, k0:k1] += torch.bmm(probabilities.mT, g)
+            d_scores = torch._softmax_backward_data(d_probabilities, probabilities, -1, probabilities.dtype)
+            dq_blocks.append(g.new_empty(g.shape).baddbmm_(d_scores, k_block, beta=0, alpha=scale))
+            dk[:, k0:k1] += g.new_empty(k_block.shape).baddbmm_(d_scores.mT, q_block, beta=0, alpha=scale)
+        dq = dq_blocks[0] if len(dq_blocks) == 1 else torch.cat(dq_blocks, dim=1)
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None, None
+
+
 def matmul_attention(q, k, v, mask, dropout_p: float = 0.0, ranges=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v as plain batched matmuls and a softmax, one block of queries at a time
     against only the keys the block may attend (``ranges`` from ``key_ranges``; default: all at once). On CPU
     this is faster than the fused SDPA kernel with the packed mask (docs/model.md): the scores of masked key
-    ranges are never computed, and in bfloat16 the matmuls run as bfloat16 GEMMs. (A hand-written backward
-    that accumulates the key and value gradients in place measured slower here than autograd through the
-    slices, because the batched matmuls copy the strided key slices either way.)"""
-    q = q * q.shape[-1] ** -0.5
-    outputs = []
-    for q0, q1, k0, k1 in ranges or [(0, q.shape[-2], 0, k.shape[-2])]:
-        scores = q[..., q0:q1, :] @ k[..., k0:k1, :].transpose(-1, -2)
-        probabilities = torch.softmax(scores + mask[..., q0:q1, k0:k1], dim=-1)
-        if dropout_p:
-            probabilities = F.dropout(probabilities, dropout_p)
-        outputs.append(probabilities @ v[..., k0:k1, :])
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+    ranges are never computed, and in bfloat16 the matmuls run as bfloat16 GEMMs."""
+    return _BlockedAttention.apply(q, k, v, mask, ranges or [(0, q.shape[-2], 0, k.shape[-2])], dropout_p)
 
 
-def attention_kernel(kind: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The attention implementation a layer uses: ``auto`` resolves by device and compute dtype (in float32 on
-    CPU the blocked matmul kernel measured level with SDPA, 65-66 vs 67 ms per ``tiny`` step, so SDPA stays)."""
+def attention_kernel(kind: str, device: torch.device) -> str:
+    """The attention implementation a layer uses: ``auto`` is the blocked matmul kernel on CPU (faster than SDPA
+    there in bfloat16 and float32, docs/model.md) and SDPA elsewhere."""
     if kind != "auto":
         return kind
-    return "matmul" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
+    return "matmul" if device.type == "cpu" else "sdpa"
 
 
 class SelfAttention(nn.Module):
@@ -111,9 +202,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, flex: bool):
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, d]
-        q, k = apply_rotary(qkv[:2], cos, sin)  # queries and keys rotated together
-        v = qkv[2]
+        q, k, v = split_heads(self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads), cos, sin, rotated=2)
         if flex:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -125,7 +214,7 @@ class SelfAttention(nn.Module):
     def _attend(self, q, k, v, additive, key_ranges=None):
         """softmax(q k^T / sqrt(d) + additive) v through the kernel ``model.attention`` resolves to."""
         dropout_p = self.dropout if self.training else 0.0
-        if attention_kernel(self.config.attention, q.dtype, q.device) == "matmul":
+        if attention_kernel(self.config.attention, q.device) == "matmul":
             return matmul_attention(q, k, v, additive, dropout_p, key_ranges)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p)
 
@@ -135,11 +224,10 @@ class SelfAttention(nn.Module):
         B, T, D = x.shape
         H = self.n_heads
         w_q, w_kv = self.qkv.weight[:D], self.qkv.weight[D:]  # the layers have no biases (METHOD §4)
-        kv = F.linear(x, w_kv).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # [2, B, H, T, d]
-        k, v = apply_rotary(kv[0], cos, sin), kv[1]
+        k, v = split_heads(F.linear(x, w_kv).view(B, T, 2, H, D // H), cos, sin, rotated=1)  # [B, H, T, d]
         q = F.linear(x.reshape(B * T, D).index_select(0, where.positions), w_q)  # [N, D]
-        q = where.to_padded(q).view(B, where.width, H, D // H).transpose(1, 2)  # [B, H, W, d]
-        q = apply_rotary(q, where.rows_of(cos), where.rows_of(sin))
+        q, = split_heads(where.to_padded(q).view(B, where.width, 1, H, D // H), where.rows_of(cos),
+                         where.rows_of(sin), rotated=1)  # [B, H, W, d]
         y = self._attend(q, k, v, where.rows_of(mask.additive))  # mask rows [B, 1, W, T]
         return self.proj(where.from_padded(y.transpose(1, 2).reshape(B, where.width, D)))
 
@@ -254,7 +342,7 @@ class NextVisitModel(nn.Module):
             else self.embed.weight.dtype
         allowed = attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-        uses_ranges = attention_kernel(self.config.attention, dtype, allowed.device) == "matmul"
+        uses_ranges = attention_kernel(self.config.attention, allowed.device) == "matmul"
         return LayerMask(additive, key_ranges(allowed) if uses_ranges else [])
 
     def _layer_inputs(self, tokens, days, att_days, doc_ids):
