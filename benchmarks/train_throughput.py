@@ -258,7 +258,7 @@ def run_throughput(args):
                           f"{rate:>8.0f} {achieved / 1e9:>8.1f} {achieved / max(peaks['fp32']):>7.0%} "
                           f"{achieved / own_peak:>6.0%} {speed:>7} {ceiling:>7}", flush=True)
     print(f"best matmul peaks over the run: fp32 {max(peaks['fp32']) / 1e9:.1f}, bf16 {max(peaks['bf16']) / 1e9:.1f} "
-          f"GFLOP/s (the % columns divide by them)")
+          f"GFLOP/s (each row's % columns divide by the best measured up to that row)")
 
 
 def run_attention(args):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nextvisit.config import LossConfig
 from nextvisit.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
@@ -80,6 +81,26 @@ def test_fused_gradient_matches_the_plain_formula(kind, gamma):
                         negative_term(x, kind, gamma, config.alpha))
     (0.25 * config.scale * (plain * weight * supervised).sum() / (6 * 7)).backward()
     torch.testing.assert_close(fused, x.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_gradients_stay_finite_at_saturated_logits(gamma):
+    """Logits far enough out that sigmoid rounds to 0 or 1, where s.pow(gamma) differentiated at s = 0 is NaN
+    for gamma below 1. The terms equal the plain formula wherever that one is finite."""
+    logits = torch.tensor([[100.0, -100.0, 0.0, 30.0], [-200.0, 50.0, 1.0, -30.0]], requires_grad=True)
+    supervised = torch.ones(4, dtype=torch.bool)
+    rows, tokens, repeats = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 3]), torch.tensor([0, 0, 1])
+    loss = next_visit_loss(logits, rows, tokens, repeats, supervised, LossConfig(gamma=gamma))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[1, 0] < 0 and logits.grad[1, 3] < 0  # missed positives pull their logits up
+    x = torch.linspace(-12, 12, 25, dtype=torch.float64, requires_grad=True)
+    for term, plain in ((negative_term, lambda x: (1 - 0.995) * torch.sigmoid(x) ** gamma * F.softplus(x)),
+                        (positive_term, lambda x: 0.995 * (1 - torch.sigmoid(x)) ** gamma * F.softplus(-x))):
+        got, = torch.autograd.grad(term(x, "focal", gamma, 0.995).sum(), x)
+        want, = torch.autograd.grad(plain(x).sum(), x)
+        torch.testing.assert_close(term(x, "focal", gamma, 0.995), plain(x), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
 
 
 def test_dense_loss_without_gradient_gives_the_same_value():

@@ -79,7 +79,7 @@ def test_attention_rule_case_by_case():
     assert allowed[pad, pad] and allowed[pad].sum() == 1
 
 
-# the two attention kernels that train on CPU: fused SDPA and explicit matmuls (chosen for bf16 on CPU)
+# the two attention kernels that train on CPU: fused SDPA and explicit matmuls in blocks (`auto` on CPU)
 KERNELS = ["sdpa", "matmul"]
 
 
@@ -231,6 +231,63 @@ def test_blocked_attention_backward_with_dropout():
     with torch.no_grad():
         mean = torch.stack([dropped(q, k, v, seed) for seed in range(4000)]).mean(0)
     torch.testing.assert_close(mean, plain, atol=0.05, rtol=0.0)
+
+
+def test_blocked_attention_is_first_order_frees_its_blocks_and_follows_autocast():
+    torch.manual_seed(0)
+    T = 6
+    mask = torch.zeros(1, 1, T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    q, k, v = (torch.randn(1, 2, T, 4, requires_grad=True) for _ in range(3))
+    out = model_module.matmul_attention(q, k, v, mask, ranges=model_module.key_ranges(mask == 0, block=2))
+    out.sum().backward(retain_graph=False)
+    with pytest.raises(RuntimeError, match="second time|freed"):  # the saved blocks are gone after backward
+        out.sum().backward()
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return 1
+        return sum(map(tensors, value)) if isinstance(value, (list, tuple)) else 0
+
+    assert tensors(list(vars(out.grad_fn).values())) == 0  # and nothing else on the node holds them
+    (dq,) = torch.autograd.grad(model_module.matmul_attention(q, k, v, mask).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):  # second-order gradients are refused, not silently wrong
+        torch.autograd.grad(dq.sum(), k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs: computed in bf16 throughout
+        mixed = model_module.matmul_attention(q, k, v, mask)
+        grads = torch.autograd.grad(mixed.sum(), (q, k, v))
+    assert mixed.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+    for got, want in zip(grads, torch.autograd.grad(model_module.matmul_attention(q, k, v, mask).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+
+
+def test_bf16_autocast_training_gradients_stay_near_float32():
+    """A training step's parameter gradients under bf16 autocast (the blocked kernel, split heads, the last
+    layer at positions) point where the float32 ones do."""
+    from nextvisit.config import LossConfig
+    from nextvisit.losses import next_visit_loss_from_hidden
+
+    other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
+    packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
+                           packed_rows=[[0, 1], [2]])
+    m = model(n_layers=3).train()
+    assert attention_kernel(m.config.attention, torch.device("cpu")) == "matmul"
+
+    def gradients():
+        m.zero_grad()
+        hidden = m(packed.tokens, packed.days, packed.att_days, packed.doc_ids, packed.positions, head=False)
+        loss = next_visit_loss_from_hidden(hidden, m.embed.weight, m.output_bias, packed.target_rows,
+                                           packed.target_tokens, packed.target_repeats,
+                                           torch.from_numpy(SUPERVISED), LossConfig())
+        loss.backward()
+        return {name: p.grad.clone() for name, p in m.named_parameters()}
+
+    full = gradients()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gradients()
+    for name, want in full.items():
+        assert low[name].dtype == torch.float32
+        error = float((low[name] - want).norm() / want.norm())
+        assert error < 0.05, (name, error)
 
 
 def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):

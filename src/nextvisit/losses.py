@@ -33,17 +33,20 @@ def repeat_weight(repeats: torch.Tensor, decay: float, floor: float) -> torch.Te
 
 
 def negative_term(x: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
-    """Loss of logit x if its target is 0 (unscaled)."""
+    """Loss of logit x if its target is 0 (unscaled): (1 - alpha) s^gamma softplus(x), s = sigmoid(x). The
+    power is taken as exp(gamma log s): the same value, and a finite gradient for every gamma and logit
+    (differentiating s.pow(gamma) where s rounds to 0 gives 0 x inf = NaN for gamma < 1)."""
     if kind == "bce":
         return F.softplus(x)
-    return (1 - alpha) * torch.sigmoid(x).pow(gamma) * F.softplus(x)
+    return (1 - alpha) * torch.exp(gamma * F.logsigmoid(x)) * F.softplus(x)
 
 
 def positive_term(x: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
-    """Loss of logit x if its target is 1 (unscaled)."""
+    """Loss of logit x if its target is 1 (unscaled): alpha (1 - s)^gamma softplus(-x), the power again as
+    exp(gamma log(1 - s)) with log(1 - s) = logsigmoid(-x)."""
     if kind == "bce":
         return F.softplus(-x)
-    return alpha * (1 - torch.sigmoid(x)).pow(gamma) * F.softplus(-x)
+    return alpha * torch.exp(gamma * F.logsigmoid(-x)) * F.softplus(-x)
 
 
 class _DenseNegatives(torch.autograd.Function):

@@ -104,6 +104,7 @@ class _Heads(torch.autograd.Function):
         return tuple(heads)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         cos_half, sin_half = ctx.saved_tensors
         grad = torch.empty(ctx.shape, dtype=cos_half.dtype, device=cos_half.device)  # the input's dtype
@@ -146,46 +147,66 @@ class _BlockedAttention(torch.autograd.Function):
                 outputs.append(torch.bmm(probabilities * keep / (1 - dropout_p), v_block))
             else:
                 outputs.append(torch.bmm(probabilities, v_block))
-            saved.append((q_block, k_block, v_block, probabilities, keep))
-        ctx.blocks = saved if any(ctx.needs_input_grad) else None
+            saved += [q_block, k_block, v_block, probabilities, keep]
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(*saved)  # freed after the backward, which then cannot run twice
         ctx.ranges, ctx.dropout_p, ctx.shapes = ranges, dropout_p, (q.shape, k.shape)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).view(q.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # in the forward's dtype, whatever the caller's
+            return _BlockedAttention._gradients(ctx, grad_out)
+
+    @staticmethod
+    def _gradients(ctx, grad_out):
         q_shape, k_shape = ctx.shapes
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         scale, p = q_shape[-1] ** -0.5, ctx.dropout_p
         B, H, Tq, d = q_shape
         g3 = grad_out.reshape(B * H, Tq, d)
-        dk = g3.new_zeros(B * H, k_shape[-2], d)
-        dv = torch.zeros_like(dk)
+        dk = g3.new_zeros(B * H, k_shape[-2], d) if need_k else None
+        dv = g3.new_zeros(B * H, k_shape[-2], d) if need_v else None
         dq_blocks = []
-        for (q0, q1, k0, k1), (q_block, k_block, v_block, probabilities, keep) in zip(ctx.ranges, ctx.blocks):
+        saved = ctx.saved_tensors
+        for i, (q0, q1, k0, k1) in enumerate(ctx.ranges):
+            q_block, k_block, v_block, probabilities, keep = saved[5 * i:5 * i + 5]
             g = g3[:, q0:q1].contiguous()
+            dropped = probabilities if keep is None else probabilities * keep / (1 - p)
+            if need_v:
+                dv[:, k0:k1] += torch.bmm(dropped.mT, g)
+            if not (need_q or need_k):
+                continue
             d_probabilities = torch.bmm(g, v_block.mT)
             if keep is not None:
-                dv[:, k0:k1] += torch.bmm((probabilities * keep / (1 - p)).mT, g)
                 d_probabilities = d_probabilities * keep / (1 - p)
-            else:
-                dv[:, k0:k1] += torch.bmm(probabilities.mT, g)
             d_scores = torch._softmax_backward_data(d_probabilities, probabilities, -1, probabilities.dtype)
-            dq_blocks.append(g.new_empty(g.shape).baddbmm_(d_scores, k_block, beta=0, alpha=scale))
-            dk[:, k0:k1] += g.new_empty(k_block.shape).baddbmm_(d_scores.mT, q_block, beta=0, alpha=scale)
-        dq = dq_blocks[0] if len(dq_blocks) == 1 else torch.cat(dq_blocks, dim=1)
-        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None, None
+            if need_q:
+                dq_blocks.append(g.new_empty(g.shape).baddbmm_(d_scores, k_block, beta=0, alpha=scale))
+            if need_k:
+                dk[:, k0:k1] += g.new_empty(k_block.shape).baddbmm_(d_scores.mT, q_block, beta=0, alpha=scale)
+        dq = (dq_blocks[0] if len(dq_blocks) == 1 else torch.cat(dq_blocks, dim=1)).view(q_shape) if need_q else None
+        return dq, dk.view(k_shape) if need_k else None, dv.view(k_shape) if need_v else None, None, None, None
 
 
 def matmul_attention(q, k, v, mask, dropout_p: float = 0.0, ranges=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v as plain batched matmuls and a softmax, one block of queries at a time
     against only the keys the block may attend (``ranges`` from ``key_ranges``; default: all at once). On CPU
     this is faster than the fused SDPA kernel with the packed mask (docs/model.md): the scores of masked key
-    ranges are never computed, and in bfloat16 the matmuls run as bfloat16 GEMMs."""
-    return _BlockedAttention.apply(q, k, v, mask, ranges or [(0, q.shape[-2], 0, k.shape[-2])], dropout_p)
+    ranges are never computed, and in bfloat16 the matmuls run as bfloat16 GEMMs. Under autocast everything
+    runs in the autocast dtype (float64 stays float64, as autocast leaves it); first-order gradients only."""
+    device_type = q.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) and \
+        q.dtype != torch.float64 else q.dtype
+    q, k, v, mask = (t.to(dtype) for t in (q, k, v, mask))
+    with torch.autocast(device_type, enabled=False):
+        return _BlockedAttention.apply(q, k, v, mask, ranges or [(0, q.shape[-2], 0, k.shape[-2])], dropout_p)
 
 
 def attention_kernel(kind: str, device: torch.device) -> str:
-    """The attention implementation a layer uses: ``auto`` is the blocked matmul kernel on CPU (faster than SDPA
-    there in bfloat16 and float32, docs/model.md) and SDPA elsewhere."""
+    """The attention implementation a layer uses: ``auto`` is the blocked matmul kernel on CPU (it trains faster
+    than SDPA there in bfloat16 and float32, docs/model.md) and SDPA elsewhere."""
     if kind != "auto":
         return kind
     return "matmul" if device.type == "cpu" else "sdpa"
