@@ -63,7 +63,7 @@ class LayerMask(NamedTuple):
 def key_ranges(allowed: torch.Tensor, block: int | None = None) -> list[tuple[int, int, int, int]]:
     """(q0, q1, k0, k1) for each block of ``block`` queries of a boolean mask [..., T, T]: every key outside
     [k0, k1) is masked for every query of the block in every row, so leaving it out changes no output. With
-    packed subjects and attention causal across visits, the ranges cover about 40% of T x T (docs/model.md)."""
+    packed subjects and attention causal across visits, the ranges cover about 45% of T x T (docs/model.md)."""
     block = block or QUERY_BLOCK
     anywhere = allowed.reshape(-1, *allowed.shape[-2:]).any(0)  # [T, T]
     T = anywhere.shape[0]
