@@ -180,12 +180,14 @@ def _head_case(seed=3, N=7, D=6, V=23):
     return hidden, weight, bias, supervised, rows, tokens, repeats
 
 
-@pytest.mark.parametrize("kind,gamma,with_bias,chunk", [("focal", 2.0, True, 4), ("focal", 2.0, False, 23),
-                                                         ("focal", 1.5, True, 5), ("bce", 2.0, True, 6)])
-def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_bias, chunk):
+@pytest.mark.parametrize("kind,gamma,with_bias,chunk,factor", [
+    ("focal", 2.0, True, 4, 0.5), ("focal", 2.0, False, 23, 1.0), ("focal", 1.5, True, 5, 1.0),
+    ("bce", 2.0, True, 6, 0.5)])
+def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_bias, chunk, factor):
     """The training path (head fused into the loss, chunked over the vocabulary) gives the loss and the
     gradients of hidden states, weight and bias of the plain path: logits = hidden @ weight.T + bias, then
-    ``next_visit_loss``. Small chunks put positives on chunk edges."""
+    ``next_visit_loss``. Small chunks put positives on chunk edges; an incoming gradient of 1 (the trainer's
+    loss.backward()) hands the saved gradients over unscaled, any other factor scales them."""
     import nextvisit.losses as losses_module
 
     monkeypatch.setattr(losses_module, "head_chunk_columns", lambda n, v, device: chunk)
@@ -195,16 +197,32 @@ def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_
     b = leaves[2] if with_bias else None
     fused = losses_module.next_visit_loss_from_hidden(leaves[0], leaves[1], b, rows, tokens, repeats, supervised,
                                                       config)
-    (fused * 0.5).backward()
+    (fused * factor).backward()
     plain_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     logits = plain_leaves[0] @ plain_leaves[1].T + (plain_leaves[2] if with_bias else 0)
     plain = next_visit_loss(logits, rows, tokens, repeats, supervised, config)
-    (plain * 0.5).backward()
+    (plain * factor).backward()
     torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
     for f, p in zip(leaves[:3 if with_bias else 2], plain_leaves):
         torch.testing.assert_close(f.grad, p.grad, rtol=1e-9, atol=1e-12)
     if not with_bias:
         assert leaves[2].grad is None
+
+
+def test_fused_head_loss_backward_twice_with_a_kept_graph_accumulates_exactly():
+    """Gradients handed over unscaled are the function's saved tensors: differentiating a kept graph again
+    must add the same gradients once more, not anything modified in place by the first accumulation."""
+    hidden, weight, bias, supervised, rows, tokens, repeats = _head_case()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = next_visit_loss_from_hidden(*leaves, rows, tokens, repeats, supervised, LossConfig())
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad.mul_(3.0)  # what an in-place gradient clip would do to the accumulated gradient
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for t, g in zip(leaves, once):
+        torch.testing.assert_close(t.grad, 5.0 * g, rtol=1e-12, atol=1e-15)
 
 
 def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_path():
