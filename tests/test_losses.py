@@ -209,20 +209,40 @@ def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_
         assert leaves[2].grad is None
 
 
-def test_fused_head_loss_backward_twice_with_a_kept_graph_accumulates_exactly():
-    """Gradients handed over unscaled are the function's saved tensors: differentiating a kept graph again
-    must add the same gradients once more, not anything modified in place by the first accumulation."""
+def test_fused_head_loss_hands_its_gradients_to_one_backward_only():
+    """The gradients leave without a copy, so they go to one backward: what it returns is right and owned by
+    the caller alone, and differentiating the kept graph again raises a clear error instead of handing out the
+    same (possibly since modified) tensors."""
     hidden, weight, bias, supervised, rows, tokens, repeats = _head_case()
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     loss = next_visit_loss_from_hidden(*leaves, rows, tokens, repeats, supervised, LossConfig())
-    loss.backward(retain_graph=True)
-    once = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad.mul_(3.0)  # what an in-place gradient clip would do to the accumulated gradient
-    loss.backward(retain_graph=True)
-    loss.backward()
-    for t, g in zip(leaves, once):
-        torch.testing.assert_close(t.grad, 5.0 * g, rtol=1e-12, atol=1e-15)
+    grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+    plain_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    plain = next_visit_loss(plain_leaves[0] @ plain_leaves[1].T + plain_leaves[2], rows, tokens, repeats, supervised,
+                            LossConfig())
+    for got, want in zip(grads, torch.autograd.grad(plain, plain_leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="one backward pass only"):
+        loss.backward()
+
+
+def test_fused_head_loss_under_float16_autocast_keeps_small_gradients():
+    """With the paper's normaliser (N x V ~ 6e6) the scaled per-chunk gradients would fall below float16's range;
+    under float16 autocast the scale is applied after the head's matmuls, so the gradients stay accurate."""
+    hidden, weight, bias, supervised, *_ = _head_case(N=64, D=32, V=2000)
+    rows, tokens = torch.randint(0, 64, (300,)), torch.randint(3, 2000, (300,))
+    repeats = torch.zeros(300, dtype=torch.long)
+
+    def gradients(dtype, autocast):
+        leaves = [t.to(dtype).requires_grad_() for t in (hidden * 0.3, weight * 0.3)]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = next_visit_loss_from_hidden(*leaves, None, rows, tokens, repeats, supervised, LossConfig(),
+                                               normalizer=6e6)
+        loss.backward()
+        return [t.grad.double() for t in leaves]
+
+    for low, exact in zip(gradients(torch.float32, True), gradients(torch.float64, False)):
+        assert float((low - exact).norm() / exact.norm()) < 5e-3
 
 
 def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_path():

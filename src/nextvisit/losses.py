@@ -80,6 +80,7 @@ class _DenseNegatives(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grad, column_weight = ctx.saved_tensors
         # out of place, so a graph kept with retain_graph=True can be differentiated again
@@ -128,8 +129,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     hidden, weight and bias; the logits of the positive pairs in the chunk are kept. After the loop the sparse
     correction (positive term minus negative term at the positive pairs) and its gradient, differentiated by
     autograd on those few logits, are added to the three gradients sparsely. The forward returns the sum times
-    ``out_scale`` (the loss scale over the normaliser, folded into the per-chunk gradient factor at no cost) and
-    keeps only the gradients; backward scales them by the incoming gradient. Measured 79 -> 47 ms for the
+    ``out_scale`` (the loss scale over the normaliser, folded into the per-chunk gradient factor) and keeps only
+    the gradients, which its one backward hands over, scaled by the incoming gradient unless that is 1; a second
+    backward through a kept graph raises. First-order only. Measured 79 -> 47 ms for the
     head, loss and head backward of a ``tiny`` step at 42,343 tokens in float32 (docs/model.md).
     """
 
@@ -153,6 +155,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             pos_rows, pos_tokens, pos_weight = pos_rows[order], pos_tokens[order], pos_weight[order].to(loss_dtype)
             bounds = torch.searchsorted(pos_tokens, torch.arange(0, V + chunk, chunk, device=device)).tolist()
             pos_logits = torch.empty(len(pos_rows), dtype=loss_dtype, device=device)
+            # out_scale rides on each chunk's gradient factor (no extra pass), except for a float16 head, where
+            # the scaled gradients (10 / N x V, ~1e-6 at the paper's size) would fall below its range: there the
+            # three gradients are scaled once at the end
+            chunk_scale = 1.0 if compute_dtype == torch.float16 else out_scale
             for k, start in enumerate(range(0, V, chunk)):
                 stop = min(start + chunk, V)
                 w_chunk = w_all[start:stop]
@@ -164,13 +170,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                 s = torch.sigmoid(logits)
                 if kind == "bce":
                     total += (F.softplus(logits) @ column_weight[start:stop]).sum()
-                    grad = s.mul_(column_weight[start:stop] * out_scale)  # d softplus(x) / dx = s
+                    grad = s.mul_(column_weight[start:stop] * chunk_scale)  # d softplus(x) / dx = s
                 else:
                     s_gamma = s * s if gamma == 2 else s.pow(gamma)
                     term = F.softplus(logits).mul_(s_gamma)
                     total += (1 - alpha) * (term @ column_weight[start:stop]).sum()
                     grad = torch.addcmul(term, s, term, value=-1).mul_(gamma).addcmul_(s, s_gamma)
-                    grad.mul_(column_weight[start:stop] * ((1 - alpha) * out_scale))
+                    grad.mul_(column_weight[start:stop] * ((1 - alpha) * chunk_scale))
                 grad_c = grad.to(compute_dtype)
                 if grad_c.dtype == loss_dtype:
                     grad_hidden.addmm_(grad_c, w_chunk)
@@ -189,26 +195,35 @@ class _FusedHeadLoss(torch.autograd.Function):
                 correction = (pos_weight * positive_term(x, kind, gamma, alpha)
                               - negative_term(x, kind, gamma, alpha)).sum()
                 (grad_x,) = torch.autograd.grad(correction, x)
-            grad_x *= out_scale
+            grad_x *= chunk_scale
             total = (total + correction.detach()) * out_scale
             grad_hidden.index_add_(0, pos_rows, grad_x[:, None] * w_all[pos_tokens].to(loss_dtype))
             if grad_weight is not None:
                 grad_weight.index_add_(0, pos_tokens, grad_x[:, None] * h[pos_rows].to(loss_dtype))
             if grad_bias is not None:
                 grad_bias.index_add_(0, pos_tokens, grad_x)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            gradients = [grad_hidden, grad_weight, grad_bias]
+            if chunk_scale != out_scale:
+                gradients = [None if g is None else g.mul_(out_scale) for g in gradients]
+        # kept on ctx, not saved: the one backward takes them over (and frees them), so the trainer's gradients
+        # leave without a copy or a pass over the [V, D] weight gradient
+        ctx.gradients = gradients
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # The trainer's loss is this function's output, so its incoming gradient is 1 and the gradients go out as
-        # they are: no pass over the [V, D] weight gradient. Otherwise scaled out of place, so a graph kept with
-        # retain_graph=True can be differentiated again (autograd copies a returned tensor it does not own).
-        unscaled = grad_output.device.type == "cpu" and float(grad_output) == 1.0
-        out = [None if g is None else (g if unscaled else g * grad_output).to(dt) for g, dt in
-               zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes)]
+        if ctx.gradients is None:
+            raise RuntimeError("the fused head loss (losses.next_visit_loss_from_hidden) hands its gradients to "
+                               "one backward pass only; to differentiate a kept graph again, compute the logits and "
+                               "use losses.next_visit_loss")
+        gradients, ctx.gradients = ctx.gradients, None
+        # The trainer's loss is this function's output, so on CPU its incoming gradient is exactly 1 and the
+        # gradients go out as they are; otherwise they are scaled in place (they belong to this call alone).
+        if not (grad_output.device.type == "cpu" and float(grad_output) == 1.0):
+            gradients = [None if g is None else g.mul_(grad_output) for g in gradients]
+        out = [None if g is None else g.to(dt) for g, dt in zip(gradients, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
