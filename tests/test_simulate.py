@@ -267,8 +267,10 @@ def test_prodromes_precede_dementia(cohort):
 def _subject_times(frame: pl.DataFrame, horizon: int, n_per_subject: int = 1, seed: int = 0) -> pl.DataFrame:
     """Random visit days of subjects aged 55+, with the full horizon before the end of data."""
     end = engine.day_of(SimulationConfig().data_end)
+    # sorted before the seeded shuffle: unique() and join() leave rows in an order that varies from run to run,
+    # which made the sampled visits, and so the calibration statistic below, differ between runs
     visits = (frame.filter(pl.col("code").str.starts_with("VISIT//")).select("subject_id", "day").unique()
-              .join(_birth_days(frame), on="subject_id")
+              .join(_birth_days(frame), on="subject_id").sort("subject_id", "day")
               .filter(((pl.col("day") - pl.col("birth_day")) / 365.25 >= 55) & (pl.col("day") + horizon <= end)))
     return visits.sample(fraction=1.0, shuffle=True, seed=seed).group_by("subject_id").head(n_per_subject).sort(
         "subject_id", "day")
