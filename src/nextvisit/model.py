@@ -149,7 +149,7 @@ class _BlockedAttention(torch.autograd.Function):
                 outputs.append(torch.bmm(probabilities, v_block))
             saved += [q_block, k_block, v_block, probabilities, keep]
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(*saved)  # freed after the backward, which then cannot run twice
+            ctx.save_for_backward(*saved)  # freed after the backward unless the graph is retained
         ctx.ranges, ctx.dropout_p, ctx.shapes = ranges, dropout_p, (q.shape, k.shape)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).view(q.shape)
 
