@@ -9,9 +9,9 @@ achieved model FLOP/s (the same analytic count for both implementations: the wor
 matmuls of the layers and attention scores and values over each token's own document, the last layer only
 where its outputs are read (keys and values everywhere, the rest at SEP positions), and the output head
 where the loss lives), next to the measured float32 and bfloat16 matmul peaks of this machine in the same
-run. Tokens/s are medians over all timed steps;
-the implementations take turns step by step (each with its own model and optimizer), so the machine's state
-(clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written
+run. Tokens/s are medians over all timed steps, and each speedup comes with the lowest and highest speedup
+of a single round. The implementations take turns step by step (each with its own model and optimizer), so
+the machine's state (clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written
 here on purpose: a dense float mask rebuilt in every layer, unfused attention (explicit softmax), and the
 head, sigmoid and focal loss at every position (batch x positions x vocabulary), masked to SEP positions
 afterwards. "ours" is the trainer's step (hidden states at SEP positions, the head fused into the loss).
@@ -203,9 +203,10 @@ def run_throughput(args):
           f"large buffers kept in the heap: {'yes' if heap else 'no'}")
     print(f"tokens/s: median over {args.rounds} rounds x {args.steps} steps, the implementations taking turns "
           f"step by step; %fp32pk: share of the fp32 matmul peak, %ownpk: of the peak in the row's precision; "
+          f"rounds: the lowest and highest speedup of a single round; "
           f"ceiling: the speedup over naive if the row ran at 100% of its precision's peak")
     print(f"{'preset':6} {'vocab':>6} {'impl':6} {'prec':4} {'ctx x B':>8} {'tok/s':>8} {'GFLOP/s':>8} "
-          f"{'%fp32pk':>7} {'%ownpk':>6} {'speedup':>7} {'ceiling':>7}")
+          f"{'%fp32pk':>7} {'%ownpk':>6} {'speedup':>7} {'rounds':>12} {'ceiling':>7}")
     for vocab_size in args.vocab:
         with tempfile.TemporaryDirectory() as tmp:
             store = synthetic_store(Path(tmp) / "store", vocab_size, n_subjects=args.subjects)
@@ -238,25 +239,32 @@ def run_throughput(args):
                             print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} failed: {str(exc)[:80]}")
                             continue
                         runners.append(runner)
-                step_times = {}
+                step_times = {}  # (impl, precision) -> one list of step seconds per round
                 for round_ in range(args.rounds):
                     peaks["fp32"].append(matmul_peak(torch.float32, repeats=3))
                     peaks["bf16"].append(matmul_peak(torch.bfloat16, repeats=3))
+                    for runner in runners:
+                        step_times.setdefault((runner.impl, runner.precision), []).append([])
                     for _ in range(args.steps):
                         for runner in runners:
-                            step_times.setdefault((runner.impl, runner.precision), []).append(
+                            step_times[runner.impl, runner.precision][-1].append(
                                 runner.step(batches[0], supervised, config.loss))
                 del runners
-                rates = {key: n_tokens / float(np.median(times)) for key, times in step_times.items()}
+                rates = {key: n_tokens / float(np.median(sum(rounds, []))) for key, rounds in step_times.items()}
                 naive = rates.get(("naive", "fp32"))
                 for (impl, used), rate in rates.items():
                     achieved = flops / n_tokens * rate
                     own_peak = max(peaks[used])
                     speed = f"{rate / naive:.1f}x" if naive else ""
                     ceiling = f"{own_peak / (flops / n_tokens * naive):.1f}x" if naive else ""
+                    spread = ""
+                    if naive and impl != "naive":  # the speedup of each round alone (its steps' medians)
+                        per_round = [float(np.median(base)) / float(np.median(own))
+                                     for base, own in zip(step_times["naive", "fp32"], step_times[impl, used])]
+                        spread = f"{min(per_round):.2f}-{max(per_round):.2f}x"
                     print(f"{name:6} {vocab_size:>6} {impl:6} {used:4} {config.data.context:>4}x{contexts:<3} "
                           f"{rate:>8.0f} {achieved / 1e9:>8.1f} {achieved / max(peaks['fp32']):>7.0%} "
-                          f"{achieved / own_peak:>6.0%} {speed:>7} {ceiling:>7}", flush=True)
+                          f"{achieved / own_peak:>6.0%} {speed:>7} {spread:>12} {ceiling:>7}", flush=True)
     print(f"best matmul peaks over the run: fp32 {max(peaks['fp32']) / 1e9:.1f}, bf16 {max(peaks['bf16']) / 1e9:.1f} "
           f"GFLOP/s (each row's % columns divide by the best measured up to that row)")
 
