@@ -186,9 +186,11 @@ def test_auto_attention_uses_matmuls_on_cpu_only():
         ModelConfig(vocab_size=V, attention="dense").validate()
 
 
-def test_split_heads_equals_rotary_on_permuted_heads():
+@pytest.mark.parametrize("short_half", [1, 1000])  # the half-width views, and the whole-tensor arithmetic
+def test_split_heads_equals_rotary_on_permuted_heads(monkeypatch, short_half):
     """The fused layout + rotary function gives apply_rotary's values and the same gradients (float64),
-    also when some of its outputs get no gradient."""
+    also when some of its outputs get no gradient, whichever way it turns the heads."""
+    monkeypatch.setattr(model_module, "SHORT_HALF", short_half)
     torch.manual_seed(0)
     B, T, H, d = 2, 7, 3, 8
     days = torch.tensor([[0, 0, 3, 3, 40, 41, 300], [5, 9, 9, 9, 10, 700, 700]], dtype=torch.float64)
