@@ -226,11 +226,13 @@ def run_throughput(args):
                 runners = []
                 for impl, step_fn in (("naive", naive_step), ("ours", fast_step)):
                     for precision in args.precision:
-                        if impl == "naive" and precision == "bf16" and "fp32" in args.precision:
+                        autocast, used = autocast_for(precision, torch.device("cpu"))
+                        if impl == "naive" and used != "fp32" and "fp32" in args.precision:
                             continue  # the reference runs in plain float32
+                        if any((r.impl, r.precision) == (impl, used) for r in runners):
+                            continue  # e.g. "auto" resolving to a precision already listed
                         torch.manual_seed(0)
                         model = NextVisitModel(config.model)
-                        autocast, used = autocast_for(precision, torch.device("cpu"))
                         runner = Runner(impl, used, model, make_optimizer(model, preset("tiny").train), step_fn,
                                         autocast)
                         try:

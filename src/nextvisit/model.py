@@ -80,10 +80,10 @@ SHORT_HALF = 32  # head halves shorter than this are turned with whole-tensor ar
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x * cos + swap(x) * sin for x of any layout, swap exchanging the two halves of the last dimension: with the
     tables of ``rotary_tables`` ((c, c), (-s, s)) the pairs (x1, x2) turn to (x1 c - x2 s, x2 c + x1 s). Written
-    into ``out`` (any layout), or a new contiguous tensor. Heads whose halves are shorter than ``SHORT_HALF`` are
-    turned as whole tensors (a swapped copy, then one multiply and one multiply-add): addcmul over half-width
-    strided views measured 2x slower for heads of 32 (a `tiny` bf16 step 6-9% slower), and half-width views 25%
-    faster for heads of 64 (docs/model.md, "Model")."""
+    into ``out`` (any layout, not overlapping x), or a new contiguous tensor. Heads whose halves are shorter than
+    ``SHORT_HALF`` are turned as whole tensors (a swapped copy, then one multiply and one multiply-add): the
+    half-width way measured 2x slower for heads of 32 in bf16 (a `tiny` bf16 step 3-8% slower), and 25% faster
+    for heads of 64 (docs/model.md, "Model")."""
     half = x.shape[-1] // 2
     if half >= SHORT_HALF:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
@@ -114,7 +114,7 @@ class _Heads(torch.autograd.Function):
         heads = []
         for i in range(x.shape[2]):
             part = x[:, :, i].transpose(1, 2)  # [B, H, T, d] view
-            heads.append(_rotate(part, cos, sin) if i < rotated else part.contiguous())
+            heads.append(_rotate(part, cos, sin) if i < rotated else part.clone(memory_format=torch.contiguous_format))
         return tuple(heads)
 
     @staticmethod
