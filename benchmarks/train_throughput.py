@@ -11,10 +11,10 @@ where its outputs are read (keys and values everywhere, the rest at SEP position
 where the loss lives), next to the measured float32 and bfloat16 matmul peaks of this machine in the same
 run. Tokens/s are medians over all timed steps, and each speedup comes with the lowest and highest speedup
 of a single round. The implementations take turns step by step (each with its own model and optimizer), so
-the machine's state (clock speed under sustained load, neighbours) touches all of them alike. The naive reference is written
-here on purpose: a dense float mask rebuilt in every layer, unfused attention (explicit softmax), and the
-head, sigmoid and focal loss at every position (batch x positions x vocabulary), masked to SEP positions
-afterwards. "ours" is the trainer's step (hidden states at SEP positions, the head fused into the loss).
+the machine's state (clock speed under sustained load, neighbours) touches all of them alike. The naive
+reference is written here on purpose: a dense float mask rebuilt in every layer, unfused attention (explicit
+softmax), and the head, sigmoid and focal loss at every position (batch x positions x vocabulary), masked to
+SEP positions afterwards. "ours" is the trainer's step (hidden states at SEP positions, the head fused into the loss).
 
 Batches are real packed contexts (``nextvisit.sequence.TrainingPlan``) of a synthetic store shaped like the
 paper's data (about 11 tokens per visit, ~40 visits per subject, codes drawn from a Zipf law).
