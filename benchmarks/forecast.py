@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from nextvisit.config import preset
-from nextvisit.forecast import score_queries
-from nextvisit.model import NextVisitModel
-from nextvisit.store import SPECIAL_TOKENS, Subject
-from nextvisit.train import autocast_for
+from nextvisit.predict.forecast import score_queries
+from nextvisit.model.transformer import NextVisitModel
+from nextvisit.tokenize.store import SPECIAL_TOKENS, Subject
+from nextvisit.train.trainer import autocast_for
 
 
 @dataclass

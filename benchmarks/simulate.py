@@ -20,7 +20,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from nextvisit.simulate import simulate
+from nextvisit.data.simulate import simulate
 n, out, workers = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 start = time.perf_counter()
 stats = simulate(n, out, seed=0, workers=workers, progress=False)

@@ -113,7 +113,7 @@ def pandas_reference(meds_dir: Path, min_count: int = 10) -> dict:
 def _child(kind: str, meds_dir: str, workers: int, out: str) -> None:
     started = time.perf_counter()
     if kind == "nextvisit":
-        from nextvisit.tokenizer import TokenizerConfig, tokenize_dataset
+        from nextvisit.tokenize.tokenizer import TokenizerConfig, tokenize_dataset
 
         manifest = tokenize_dataset(Path(meds_dir), Path(out), TokenizerConfig(), workers=workers or None,
                                     overwrite=True, progress=False)
@@ -146,7 +146,7 @@ def measure(kind: str, meds_dir: Path, workers: int, out: Path) -> dict:
 def dataset(n_subjects: int, root: Path, workers: int) -> Path:
     path = root / f"sim{n_subjects}"
     if not (path / "metadata" / "subject_splits.parquet").exists():
-        from nextvisit.simulate import simulate
+        from nextvisit.data.simulate import simulate
 
         print(f"simulating {n_subjects:,} subjects into {path} ...", file=sys.stderr)
         simulate(n_subjects, path, seed=0, workers=workers, overwrite=True, progress=False)

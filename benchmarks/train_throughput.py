@@ -16,7 +16,7 @@ reference is written here on purpose: a dense float mask rebuilt in every layer,
 softmax), and the head, sigmoid and focal loss at every position (batch x positions x vocabulary), masked to
 SEP positions afterwards. "ours" is the trainer's step (hidden states at SEP positions, the head fused into the loss).
 
-Batches are real packed contexts (``nextvisit.sequence.TrainingPlan``) of a synthetic store shaped like the
+Batches are real packed contexts (``nextvisit.model.sequence.TrainingPlan``) of a synthetic store shaped like the
 paper's data (about 11 tokens per visit, ~40 visits per subject, codes drawn from a Zipf law).
 """
 
@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from nextvisit.config import LossConfig, preset
-from nextvisit.losses import next_visit_loss_from_hidden
-from nextvisit.model import LayerMask, NextVisitModel, apply_rotary, attention_allowed, rotary_tables
-from nextvisit.sequence import TrainingPlan
-from nextvisit.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
-from nextvisit.train import autocast_for, keep_large_buffers_in_the_heap, make_optimizer
+from nextvisit.model.losses import next_visit_loss_from_hidden
+from nextvisit.model.transformer import LayerMask, NextVisitModel, apply_rotary, attention_allowed, rotary_tables
+from nextvisit.model.sequence import TrainingPlan
+from nextvisit.tokenize.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
+from nextvisit.train.trainer import autocast_for, keep_large_buffers_in_the_heap, make_optimizer
 
 PAPER_VOCAB = 42_343  # paper: vocabulary size
 TOKENS_PER_VISIT = 11  # paper: 11.2 tokens per visit on average

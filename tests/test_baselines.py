@@ -206,8 +206,8 @@ def test_missing_labels_is_a_user_error(tmp_path):
 def build_store(meds_dir: Path, store_dir: Path) -> Path:
     """A token store of a tiny MEDS dataset: vocabulary fit on train events, every split tokenized through
     ``Tokenizer.subjects`` and written with ``SplitWriter``."""
-    from nextvisit.store import SPLITS, SplitWriter, write_store_info
-    from nextvisit.tokenizer import Tokenizer
+    from nextvisit.tokenize.store import SPLITS, SplitWriter, write_store_info
+    from nextvisit.tokenize.tokenizer import Tokenizer
 
     events = pl.read_parquet(meds_dir / "data" / "0.parquet")
     splits = pl.read_parquet(meds_dir / "metadata" / "subject_splits.parquet")
@@ -230,7 +230,7 @@ def test_masked_window_layout():
     """CLS, then each visit's tokens closed by SEP; days relative to the first kept visit; types = visit
     index; the most recent visits are kept when the history is longer than the context."""
     from nextvisit.baselines import masked
-    from nextvisit.store import CLS, SEP, Subject
+    from nextvisit.tokenize.store import CLS, SEP, Subject
 
     subject = Subject(subject_id=7, birth_day=0, visit_days=np.array([100, 130, 200], np.int32),
                       visit_offsets=np.array([0, 2, 5, 6]), tokens=np.array([10, 11, 12, 13, 14, 15], np.int32))

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, precision_score, recall_score
 from sklearn.metrics import roc_auc_score
 
-from nextvisit import evaluate as ev
+from nextvisit.evaluate import evaluation as ev
 from nextvisit.cli import main as cli_main
 from nextvisit.errors import UserError
 
@@ -420,7 +420,7 @@ def test_censored_count_reads_the_shape_every_writer_records():
 def test_wilson_interval_holds_the_observed_rate_at_the_extremes():
     """Calibration bins with no (or only) positives are common; their interval must hold 0 (or 1) exactly,
     or the calibration plot's error bars would be negative."""
-    from nextvisit.evaluate import wilson_interval
+    from nextvisit.evaluate.evaluation import wilson_interval
 
     for n in range(1, 3000):
         low, high = wilson_interval(0, n)

@@ -18,14 +18,14 @@ from safetensors.torch import save_file
 from nextvisit.cli import main
 from nextvisit.config import preset
 from nextvisit.errors import UserError
-from nextvisit.forecast import (
+from nextvisit.predict.forecast import (
     PROBABILITY, ForecastConfig, OccurrenceConfig, aggregate, forecast, history_events, occurrence,
     query_horizons, score_queries,
 )
-from nextvisit.model import NextVisitModel
-from nextvisit.store import SplitWriter, TokenStore, write_store_info
+from nextvisit.model.transformer import NextVisitModel
+from nextvisit.tokenize.store import SplitWriter, TokenStore, write_store_info
 from nextvisit.tasks import END_OF_DAY, Task, make_labels, read_labels, write_labels
-from nextvisit.tokenizer import Tokenizer, TokenizerConfig
+from nextvisit.tokenize.tokenizer import Tokenizer, TokenizerConfig
 from test_tasks import DATA, write_meds
 
 CODES = ["ICD10CM//I10", "ICD10CM//E11.9", "ICD10CM//J45.909", "RXNORM//6809", "ICD10CM//M17.11", "ICD10CM//R41.1"]
@@ -87,7 +87,7 @@ def world(tmp_path_factory):
     run = make_run(root / "run", tokenizer)
     labels_dir = root / "labels"
     write_labels(labels_dir, make_labels(meds, TASK, progress=False), TASK)
-    from nextvisit.train import load_run
+    from nextvisit.train.trainer import load_run
 
     model, vocab, config = load_run(run, "cpu")
     return {"root": root, "rows": rows, "meds": meds, "tokenizer": tokenizer, "run": run, "labels": labels_dir,
@@ -393,8 +393,8 @@ def test_external_cohort_mimic_demo(world, tmp_path):
 
 
 def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
-    from nextvisit.simulate.dataset import simulate
-    from nextvisit.simulate.oracle import OracleConfig, write_oracle_predictions
+    from nextvisit.data.simulate.dataset import simulate
+    from nextvisit.data.simulate.oracle import OracleConfig, write_oracle_predictions
     from nextvisit.tasks import load_task
 
     meds = tmp_path / "meds"
@@ -418,7 +418,7 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
 
 
 def test_precision_auto_runs_bf16_where_supported_and_stays_near_float32(world):
-    from nextvisit.train import bf16_supported
+    from nextvisit.train.trainer import bf16_supported
 
     exact = run_forecast(world, precision="fp32")
     fast = run_forecast(world, precision="auto")

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from nextvisit.config import LossConfig
-from nextvisit.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
+from nextvisit.model.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
                               next_visit_loss, next_visit_loss_from_hidden, positive_term, repeat_weight)
-from nextvisit.sequence import Window, windows_batch
-from nextvisit.store import Subject
+from nextvisit.model.sequence import Window, windows_batch
+from nextvisit.tokenize.store import Subject
 
 
 def test_repeat_weights_follow_the_paper():
@@ -188,7 +188,7 @@ def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_
     gradients of hidden states, weight and bias of the plain path: logits = hidden @ weight.T + bias, then
     ``next_visit_loss``. Small chunks put positives on chunk edges; an incoming gradient of 1 (the trainer's
     loss.backward()) hands the saved gradients over unscaled, any other factor scales them."""
-    import nextvisit.losses as losses_module
+    import nextvisit.model.losses as losses_module
 
     monkeypatch.setattr(losses_module, "head_chunk_columns", lambda n, v, device: chunk)
     hidden, weight, bias, supervised, rows, tokens, repeats = _head_case()

@@ -10,10 +10,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from nextvisit import meds
+from nextvisit.data import meds
 from nextvisit.cli import main
 from nextvisit.errors import UserError
-from nextvisit.tokenizer import TokenizerConfig, tokenize_dataset
+from nextvisit.tokenize.tokenizer import TokenizerConfig, tokenize_dataset
 
 SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
 

@@ -11,10 +11,10 @@ import torch
 
 from nextvisit.config import ModelConfig
 from nextvisit.errors import UserError
-import nextvisit.model as model_module
-from nextvisit.model import NextVisitModel, attention_allowed, attention_kernel
-from nextvisit.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
-from nextvisit.store import EOW, PAD, SEP, Subject
+import nextvisit.model.transformer as model_module
+from nextvisit.model.transformer import NextVisitModel, attention_allowed, attention_kernel
+from nextvisit.model.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
+from nextvisit.tokenize.store import EOW, PAD, SEP, Subject
 
 V = 40
 SUPERVISED = np.zeros(V, bool)
@@ -266,7 +266,7 @@ def test_bf16_autocast_training_gradients_stay_near_float32():
     """A training step's parameter gradients under bf16 autocast (the blocked kernel, split heads, the last
     layer at positions) point where the float32 ones do."""
     from nextvisit.config import LossConfig
-    from nextvisit.losses import next_visit_loss_from_hidden
+    from nextvisit.model.losses import next_visit_loss_from_hidden
 
     other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
     packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
@@ -295,7 +295,7 @@ def test_bf16_autocast_training_gradients_stay_near_float32():
 def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):
     """Under bf16 autocast on CPU the default kernel is the explicit matmul one; the predicted visit still cannot
     leak into its SEP, and the logits stay close to float32."""
-    import nextvisit.model as model_module
+    import nextvisit.model.transformer as model_module
 
     calls = []
     real = model_module.matmul_attention
@@ -417,7 +417,7 @@ def test_last_layer_at_sep_positions_equals_the_whole_last_layer(kernel):
 
 def test_no_positions_gives_empty_outputs_and_a_connected_zero_loss():
     from nextvisit.config import LossConfig
-    from nextvisit.losses import next_visit_loss_from_hidden
+    from nextvisit.model.losses import next_visit_loss_from_hidden
 
     m = model(output_bias=True).train()
     b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from nextvisit import evaluate as ev
+from nextvisit.evaluate import evaluation as ev
 from test_evaluate import write_predictions
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

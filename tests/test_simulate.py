@@ -13,12 +13,12 @@ import pytest
 
 from nextvisit.cli import main
 from nextvisit.errors import UserError
-from nextvisit.simulate import WriteOptions, simulate, simulate_subjects
-from nextvisit.simulate import dataset as sim_dataset
-from nextvisit.simulate import engine
-from nextvisit.simulate.catalog import CONDITIONS
-from nextvisit.simulate.engine import COND, DAYS_PER_YEAR, TABLES, SimulationConfig
-from nextvisit.simulate.oracle import OracleConfig, Simulator, oracle_risk, oracle_risks
+from nextvisit.data.simulate import WriteOptions, simulate, simulate_subjects
+from nextvisit.data.simulate import dataset as sim_dataset
+from nextvisit.data.simulate import engine
+from nextvisit.data.simulate.catalog import CONDITIONS
+from nextvisit.data.simulate.engine import COND, DAYS_PER_YEAR, TABLES, SimulationConfig
+from nextvisit.data.simulate.oracle import OracleConfig, Simulator, oracle_risk, oracle_risks
 
 SMALL = WriteOptions(shard_size=70, chunk_size=35)  # several shards and chunks from a small cohort
 NO_LOSS = SimulationConfig(loss_rate=0.0, loss_rate_young=0.0)  # every outcome observed until death or data end

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 
 from nextvisit.errors import UserError
-from nextvisit.store import NO_DAY, SPLITS, UNK, TokenStore
-from nextvisit.tokenizer import (
+from nextvisit.tokenize.store import NO_DAY, SPLITS, UNK, TokenStore
+from nextvisit.tokenize.tokenizer import (
     DROP_REASONS,
     Tokenizer,
     TokenizerConfig,
@@ -326,7 +326,7 @@ def test_shards_workers_and_chunks_do_not_change_the_store(tmp_path):
 
 
 def test_wide_frames_sort_by_columns_with_the_same_result(monkeypatch):
-    import nextvisit.tokenizer as tokenizer_module
+    import nextvisit.tokenize.tokenizer as tokenizer_module
 
     frame, _ = cohort(n_subjects=12, seed=9)
     tokenizer = Tokenizer.fit(frame, config())
@@ -446,7 +446,7 @@ def test_synthea_tokenizes_with_demographics_on_first_visits(tmp_path):
 
 
 def test_simulator_output_tokenizes_and_balances(tmp_path):
-    simulate = pytest.importorskip("nextvisit.simulate").simulate
+    simulate = pytest.importorskip("nextvisit.data.simulate").simulate
     simulate(60, tmp_path / "sim", seed=1, workers=1, progress=False)
     manifest = tokenize_dataset(tmp_path / "sim", tmp_path / "store", TokenizerConfig(min_count=2), workers=1,
                                 progress=False)

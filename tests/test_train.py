@@ -16,8 +16,8 @@ import torch
 
 from nextvisit.config import RunConfig, preset, resolve
 from nextvisit.errors import UserError
-from nextvisit.store import SPECIAL_TOKENS, SplitWriter, Vocabulary, write_store_info
-from nextvisit.train import load_run, train
+from nextvisit.tokenize.store import SPECIAL_TOKENS, SplitWriter, Vocabulary, write_store_info
+from nextvisit.train.trainer import load_run, train
 
 N_CODES = 24
 
@@ -112,7 +112,7 @@ def test_learns_beyond_code_frequency_baseline(store, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_loss_curve(store, tmp_path, monkeypatch):
-    import nextvisit.train as train_module
+    import nextvisit.train.trainer as train_module
 
     config = tiny_config(max_steps=12, eval_every=1000, checkpoint_every=4)
     train(store, tmp_path / "full", config, progress=False)
@@ -175,7 +175,7 @@ def test_store_without_train_subjects_leaves_no_run_folder(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    import nextvisit.train as train_module
+    import nextvisit.train.trainer as train_module
 
     real = train_module.next_visit_loss_from_hidden
     calls = {"n": 0}
@@ -217,7 +217,7 @@ import sys, torch
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import tiny_config
-from nextvisit.train import train
+from nextvisit.train.trainer import train
 config = tiny_config(max_steps=3, micro_batch={micro}, batch_contexts=8, eval_every=1000, checkpoint_every=1000)
 train(Path({store!r}), Path({run!r}), config, progress=False, device_name="cpu")
 torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
@@ -245,7 +245,7 @@ def test_ddp_two_processes_match_one_process(store, tmp_path):
 
 
 def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):
-    import nextvisit.train as train_module
+    import nextvisit.train.trainer as train_module
     from safetensors.torch import load_file, save_file
 
     run = tmp_path / "run"
@@ -268,7 +268,7 @@ def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monk
 
 ALLOCATION_PROBE = r"""
 import ctypes, sys, torch
-from nextvisit.train import keep_large_buffers_in_the_heap
+from nextvisit.train.trainer import keep_large_buffers_in_the_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Simulate a health system's structured records (visits, ICD-10-CM diagnoses, RxNorm drugs, "
             "LOINC labs and vitals) and write them as a MEDS 0.4 dataset with train/tuning/held_out splits. "
-            "The simulator knows each subject's true risk (see nextvisit.simulate.oracle_risk)."
+            "The simulator knows each subject's true risk (see nextvisit.data.simulate.oracle_risk)."
         ),
     )
     p.add_argument("--subjects", type=_positive_int, default=1000, help="number of subjects (default 1000)")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: CPU count, at most one per 1,000 subjects)")
-    p.set_defaults(func=_handler("nextvisit.simulate.cli:run"))
+    p.set_defaults(func=_handler("nextvisit.data.simulate.cli:run"))
 
     # -- tokenize ---------------------------------------------------------------------------------------
     p = verbs.add_parser(
@@ -112,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: one per 2M events, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=_handler("nextvisit.tokenizer:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.tokenize.tokenizer:run_cli"))
 
     # -- inspect ----------------------------------------------------------------------------------------
     p = verbs.add_parser("inspect", help="print one subject's timeline from a token store",
                          description="Print a readable timeline: date, age, tokens with code descriptions.")
     p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
     p.add_argument("--subject", type=int, required=True, metavar="ID", help="subject_id to show")
-    p.set_defaults(func=_handler("nextvisit.tokenizer:inspect_cli"))
+    p.set_defaults(func=_handler("nextvisit.tokenize.tokenizer:inspect_cli"))
 
     # -- pretrain ---------------------------------------------------------------------------------------
     p = verbs.add_parser(
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=_handler("nextvisit.train:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.train.trainer:run_cli"))
 
     # -- label ------------------------------------------------------------------------------------------
     p = verbs.add_parser(
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated label splits to score (default tuning,held_out), or 'all' "
                         "(e.g. for an external cohort)")
     _add_inference_options(p)
-    p.set_defaults(func=_handler("nextvisit.forecast:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.predict.forecast:run_cli"))
 
     # -- occurrence (inflation analysis) ----------------------------------------------------------------
     p = verbs.add_parser(
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recent: only the boundaries in each subject's most recent window")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
     _add_inference_options(p)
-    p.set_defaults(func=_handler("nextvisit.forecast:occurrence_cli"))
+    p.set_defaults(func=_handler("nextvisit.predict.forecast:occurrence_cli"))
 
     # -- oracle -----------------------------------------------------------------------------------------
     p = verbs.add_parser(
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Monte Carlo futures per prediction (default 128; standard error sqrt(p(1-p)/samples))")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: CPU count, at most one per 200 subject-times to score)")
-    p.set_defaults(func=_handler("nextvisit.simulate.cli:oracle_run"))
+    p.set_defaults(func=_handler("nextvisit.data.simulate.cli:oracle_run"))
 
     # -- baseline ---------------------------------------------------------------------------------------
     p = verbs.add_parser("baseline", help="baselines on identical cohorts (masked transformer, count features)",
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0,
                    help="bootstrap seed (default 0); the same seed gives the same numbers")
-    p.set_defaults(func=_handler("nextvisit.evaluate:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.evaluate.evaluation:run_cli"))
 
     # -- demo -------------------------------------------------------------------------------------------
     p = verbs.add_parser(

@@ -1,7 +1,7 @@
 """What every baseline shares with the zero-shot forecast, so that all of them see identical cohorts:
 the labels (``nextvisit.tasks.read_labels``; censored rows excluded and counted), the task's
 ``remove_from_inputs`` codes (``nextvisit.tasks.read_labels_task``), the history cut (the forecast's own
-``nextvisit.forecast.history_events``: events with ``time <= prediction_time`` plus static rows), and the
+``nextvisit.predict.forecast.history_events``: events with ``time <= prediction_time`` plus static rows), and the
 predictions folder (docs/interfaces.md §5-6)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from nextvisit import meds
+from nextvisit.data import meds
 from nextvisit.errors import UserError
 from nextvisit.tasks import CodeSet, check_out, label_counts, read_labels, read_labels_task
 
@@ -99,11 +99,11 @@ def histories(labelled: pl.DataFrame) -> pl.DataFrame:
 
 def history_events(meds_dir: Path, history: pl.DataFrame, removed: CodeSet | None = None) -> tuple[pl.DataFrame, dict]:
     """The events each history may see, shard by shard through the forecast's own cut
-    (``nextvisit.forecast.history_events``: static rows plus ``time <= prediction_time``, minus ``removed``).
+    (``nextvisit.predict.forecast.history_events``: static rows plus ``time <= prediction_time``, minus ``removed``).
     Returns ``history_id, subject_id, prediction_time, time, code, numeric_value`` (rows of one history in
     time order, histories in shard order), and counts of what was cut. A label subject missing from the data
     is an error."""
-    from nextvisit.forecast import history_events as known_events
+    from nextvisit.predict.forecast import history_events as known_events
 
     removed = removed or CodeSet()
     wanted = history.select("subject_id").unique()

@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from nextvisit.baselines import common
 from nextvisit.errors import UserError
-from nextvisit.meds import BIRTH_CODE
+from nextvisit.data.meds import BIRTH_CODE
 
 MODELS = ("logistic", "gbt")
 COUNT_TRANSFORMS = ("log1p", "standardize")

@@ -18,7 +18,7 @@ and predicts them with a head tied to the token embedding. Fine-tuning puts one 
 the ``CLS`` state (one head per horizon, sharing the encoder), trains every weight with BCE on train-split
 labels, and keeps the weights with the best tuning-split AUROC (early stopping). Histories are the label
 rows' events cut at the prediction time (``baselines.common``), re-tokenized with the store's fitted
-vocabulary (``nextvisit.tokenizer.Tokenizer.load(RUN)``).
+vocabulary (``nextvisit.tokenize.tokenizer.Tokenizer.load(RUN)``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nextvisit.baselines import common
 from nextvisit.errors import UserError
-from nextvisit.store import CLS, MASK, PAD, SEP, Subject, TokenStore
+from nextvisit.tokenize.store import CLS, MASK, PAD, SEP, Subject, TokenStore
 
 # files of a token store that make a run re-tokenizable with `Tokenizer.load(RUN)` (docs/interfaces.md §4)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.yaml", "lab_stats.parquet")
@@ -497,7 +497,7 @@ class Histories:
 def tokenize_histories(run: Path, meds_dir: Path, labelled: pl.DataFrame, removed, vocab_size: int) -> Histories:
     """Cut every label row's events at its prediction time, drop removed input codes, and tokenize with the
     run's fitted vocabulary (one surrogate subject per history)."""
-    from nextvisit.tokenizer import Tokenizer
+    from nextvisit.tokenize.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(run)
     if len(tokenizer.vocab) != vocab_size:

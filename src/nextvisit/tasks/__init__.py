@@ -50,8 +50,8 @@ import polars as pl
 import yaml
 
 from nextvisit.errors import UserError
-from nextvisit.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
-from nextvisit.store import SUPERVISED_KINDS, Vocabulary
+from nextvisit.data.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
+from nextvisit.tokenize.store import SUPERVISED_KINDS, Vocabulary
 
 TASK_DIR = Path(__file__).resolve().parent
 SEX_PREFIX = "GENDER//"

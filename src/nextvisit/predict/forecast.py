@@ -26,8 +26,8 @@ import polars as pl
 import torch
 
 from nextvisit.errors import UserError
-from nextvisit.meds import data_files
-from nextvisit.store import NO_DAY, Subject, TokenStore, Vocabulary
+from nextvisit.data.meds import data_files
+from nextvisit.tokenize.store import NO_DAY, Subject, TokenStore, Vocabulary
 from nextvisit.tasks import (
     DAYS_PER_YEAR, END_OF_DAY, SEX_PREFIX, CodeSet, Task, atomic_folder, check_out, label_counts, load_task, read_labels,
     read_labels_task,
@@ -159,7 +159,7 @@ def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], t
                   autocast=nullcontext) -> np.ndarray:
     """Risk [len(subjects)] of the horizon query for each (subject history, horizon), in batches. The model
     runs under ``autocast()``; the logits are aggregated in float32."""
-    from nextvisit.sequence import query_batch
+    from nextvisit.model.sequence import query_batch
 
     risks = np.empty(len(subjects), np.float64)
     for begin in range(0, len(subjects), batch_size):
@@ -175,7 +175,7 @@ def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], t
 
 def _autocast(precision: str, device: torch.device):
     """(context factory, precision used) for inference, by the training rule (``train.autocast_for``)."""
-    from nextvisit.train import autocast_for
+    from nextvisit.train.trainer import autocast_for
 
     return autocast_for(precision, device)
 
@@ -302,14 +302,14 @@ def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrit
 
 def _load_run(run: Path, device: str):
     """The run's model (eval mode), vocabulary and config."""
-    from nextvisit.train import load_run
+    from nextvisit.train.trainer import load_run
 
     model, vocab, run_config = load_run(run, device)  # checks config, vocabulary and weights agree
     return model.eval(), vocab, run_config
 
 
 def _splits_option(text: str) -> tuple[str, ...]:
-    from nextvisit.store import SPLITS
+    from nextvisit.tokenize.store import SPLITS
 
     splits = tuple(s.strip() for s in str(text).split(",") if s.strip())
     if splits == ("all",):
@@ -321,7 +321,7 @@ def _splits_option(text: str) -> tuple[str, ...]:
 
 
 def run_cli(args) -> int:
-    from nextvisit.tokenizer import Tokenizer
+    from nextvisit.tokenize.tokenizer import Tokenizer
 
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
@@ -429,7 +429,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     """Rows per visit boundary: P(next visit holds a condition token), the answer and ``prior_occurrence``."""
     from tqdm import tqdm
 
-    from nextvisit.sequence import subject_windows, windows_batch
+    from nextvisit.model.sequence import subject_windows, windows_batch
 
     config.validate()
     token_ids = condition_token_ids(task, vocab, f"{store.path}/vocab.json")

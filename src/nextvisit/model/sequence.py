@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nextvisit.errors import UserError
-from nextvisit.store import EOW, PAD, SEP, Subject
+from nextvisit.tokenize.store import EOW, PAD, SEP, Subject
 
 # Padded lengths are rounded up to a multiple of this, so kernels see few distinct shapes.
 PAD_MULTIPLE = 8

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextvisit.config import ModelConfig
-from nextvisit.sequence import Batch
+from nextvisit.model.sequence import Batch
 
 
 def attention_allowed(att_days: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:

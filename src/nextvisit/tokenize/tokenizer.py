@@ -35,10 +35,10 @@ import numpy as np
 import polars as pl
 import yaml
 
-from nextvisit import meds
+from nextvisit.data import meds
 from nextvisit.config import _merge, read_yaml
 from nextvisit.errors import UserError
-from nextvisit.store import (
+from nextvisit.tokenize.store import (
     NO_DAY,
     SPECIAL_TOKENS,
     SPLITS,
@@ -1080,7 +1080,7 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
             "workers": workers,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        write_store_info(staging, sizes, len(tokenizer.vocab), {"tokenizer": "nextvisit.tokenizer"})
+        write_store_info(staging, sizes, len(tokenizer.vocab), {"tokenizer": "nextvisit.tokenize.tokenizer"})
         out = Path(out)
         if out.exists():
             shutil.rmtree(out)

@@ -6,7 +6,7 @@ import sys
 
 
 def run(args) -> int:
-    from nextvisit.simulate.dataset import simulate
+    from nextvisit.data.simulate.dataset import simulate
 
     stats = simulate(args.subjects, args.out, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
     incident = stats["incident"]
@@ -18,7 +18,7 @@ def run(args) -> int:
 
 
 def oracle_run(args) -> int:
-    from nextvisit.simulate.oracle import OracleConfig, write_oracle_predictions
+    from nextvisit.data.simulate.oracle import OracleConfig, write_oracle_predictions
 
     config = OracleConfig(n_samples=getattr(args, "samples", OracleConfig.n_samples))
     write_oracle_predictions(args.meds_dir, args.labels, args.out, overwrite=args.overwrite, config=config,

@@ -12,7 +12,7 @@ problems are recorded.
 Randomness: each subject has its own ``numpy`` generator seeded from ``SeedSequence([seed, subject_id])``
 and every step consumes a fixed number of its uniforms, so a subject's record does not depend on which
 other subjects share its batch or worker. Re-running one subject reproduces it exactly; this is what the
-oracle (``nextvisit.simulate.oracle``) relies on.
+oracle (``nextvisit.data.simulate.oracle``) relies on.
 
 Hazards are constant within a step (given the state after the last visit), and the waiting times are
 geometric in whole days (memoryless), so the state after the last visit on or before a day ``t`` plus the
@@ -27,8 +27,8 @@ from datetime import date
 import numpy as np
 from scipy.special import ndtri
 
-from nextvisit.simulate import catalog
-from nextvisit.simulate.catalog import CONDITIONS, DRUGS, LABS, PROCEDURES
+from nextvisit.data.simulate import catalog
+from nextvisit.data.simulate.catalog import CONDITIONS, DRUGS, LABS, PROCEDURES
 
 DAYS_PER_YEAR = 365.25
 EPOCH = date(1970, 1, 1)

@@ -5,9 +5,9 @@ first diagnosis within a horizon (the ceiling no model can beat); ``write_oracle
 folder in the predictions schema.
 """
 
-from nextvisit.simulate.dataset import SIMULATOR_VERSION, WriteOptions, simulate, simulate_subjects
-from nextvisit.simulate.engine import SimulationConfig
-from nextvisit.simulate.oracle import OracleConfig, Simulator, oracle_risk, oracle_risks, write_oracle_predictions
+from nextvisit.data.simulate.dataset import SIMULATOR_VERSION, WriteOptions, simulate, simulate_subjects
+from nextvisit.data.simulate.engine import SimulationConfig
+from nextvisit.data.simulate.oracle import OracleConfig, Simulator, oracle_risk, oracle_risks, write_oracle_predictions
 
 __all__ = ["simulate", "simulate_subjects", "SimulationConfig", "WriteOptions", "SIMULATOR_VERSION", "oracle_risk",
            "oracle_risks", "OracleConfig", "Simulator", "write_oracle_predictions"]

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from nextvisit.errors import UserError
-from nextvisit.simulate import engine
-from nextvisit.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
-from nextvisit.simulate.engine import COND, SimulationConfig
+from nextvisit.data.simulate import engine
+from nextvisit.data.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
+from nextvisit.data.simulate.engine import COND, SimulationConfig
 from nextvisit.tasks import label_counts, read_labels
 
 ORACLE_STREAM = 7919  # keeps the futures' random numbers apart from the record's

@@ -2,7 +2,7 @@
 precision-recall and calibration plots (PNG files beside it) and every model's configuration.
 
 Every number in a table cell carries ``data-metric="<path in metrics.json>"``, so a test (or a reader) can
-check the page against ``metrics.json``; numbers are formatted by `nextvisit.evaluate.format_metric` only.
+check the page against ``metrics.json``; numbers are formatted by `nextvisit.evaluate.evaluation.format_metric` only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 from matplotlib.figure import Figure  # noqa: E402
 
-from nextvisit.evaluate import format_metric  # noqa: E402
+from nextvisit.evaluate.evaluation import format_metric  # noqa: E402
 
 FIGURE_SIZE = (5.0, 4.2)  # inches
 FIGURE_DPI = 100

@@ -16,7 +16,7 @@ Layout of a store folder (all arrays are raw little-endian binaries read with ``
     <split>/tokens.bin          int32 [N]     token ids of every visit: age token, demographics (first
                                               visit only), then the visit's code tokens, each once
 
-A visit is one calendar day. SEP tokens are not stored: ``nextvisit.sequence`` places them between
+A visit is one calendar day. SEP tokens are not stored: ``nextvisit.model.sequence`` places them between
 visits when it builds model inputs, so the store stays independent of any model's context layout.
 """
 

@@ -859,7 +859,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     from tqdm import tqdm
 
     from nextvisit import __version__
-    from nextvisit.report import write_report
+    from nextvisit.evaluate.report import write_report
 
     config = config or EvaluationConfig(n_bootstrap=n_bootstrap, seed=seed)
     if isinstance(prediction_paths, (str, Path)):

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
-from nextvisit.losses import (ValidationTotals, band_names, best_constant_logits, frequency_bands,
+from nextvisit.model.losses import (ValidationTotals, band_names, best_constant_logits, frequency_bands,
                               next_visit_loss_from_hidden)
-from nextvisit.model import NextVisitModel
-from nextvisit.sequence import PAD_MULTIPLE, TrainingPlan, visit_cap
-from nextvisit.store import TokenStore, Vocabulary
+from nextvisit.model.transformer import NextVisitModel
+from nextvisit.model.sequence import PAD_MULTIPLE, TrainingPlan, visit_cap
+from nextvisit.tokenize.store import TokenStore, Vocabulary
 
 COPIED_FROM_STORE = ("vocab.json", "tokenizer.yaml", "lab_stats.parquet")
 CHECKPOINT = "checkpoint"

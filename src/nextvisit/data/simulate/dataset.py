@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nextvisit.errors import UserError
-from nextvisit.simulate import engine
-from nextvisit.simulate.engine import TABLES, SimulationConfig
+from nextvisit.data.simulate import engine
+from nextvisit.data.simulate.engine import TABLES, SimulationConfig
 
 SIMULATOR_VERSION = "1"  # bump whenever the same seed would give different records
 SIMULATOR_FILE = "simulator.json"  # metadata/ sibling of dataset.json: what the oracle needs to re-create subjects
@@ -252,7 +252,7 @@ def _write_metadata(tmp: Path, summary: dict, n_subjects: int, seed: int, cfg: S
     meds.SubjectSplitSchema.validate(splits)
     pq.write_table(splits, tmp / "metadata" / "subject_splits.parquet")
     dataset = {"dataset_name": "nextvisit-synthetic-health-system", "dataset_version": f"seed-{seed}",
-               "etl_name": "nextvisit.simulate", "etl_version": SIMULATOR_VERSION,
+               "etl_name": "nextvisit.data.simulate", "etl_version": SIMULATOR_VERSION,
                "meds_version": _meds_version()}
     meds.DatasetMetadataSchema.validate(dataset)
     (tmp / "metadata" / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
