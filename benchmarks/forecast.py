@@ -28,7 +28,7 @@ from nextvisit.config import preset
 from nextvisit.predict.forecast import score_queries
 from nextvisit.model.transformer import NextVisitModel
 from nextvisit.tokenize.store import SPECIAL_TOKENS, Subject
-from nextvisit.train.trainer import autocast_for
+from nextvisit.model.run import autocast_for
 
 
 @dataclass

@@ -42,10 +42,18 @@ from nextvisit.model.losses import next_visit_loss_from_hidden
 from nextvisit.model.transformer import LayerMask, NextVisitModel, apply_rotary, attention_allowed, rotary_tables
 from nextvisit.model.sequence import TrainingPlan
 from nextvisit.tokenize.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
-from nextvisit.train.trainer import autocast_for, keep_large_buffers_in_the_heap, make_optimizer
+from nextvisit.model.optim import make_optimizer
+from nextvisit.model.run import autocast_for
+from nextvisit.train.trainer import keep_large_buffers_in_the_heap
 
 PAPER_VOCAB = 42_343  # paper: vocabulary size
 TOKENS_PER_VISIT = 11  # paper: 11.2 tokens per visit on average
+
+
+def _optimizer(model):
+    """The trainer's optimizer with the tiny preset's settings."""
+    train = preset("tiny").train
+    return make_optimizer(model, train.lr, train.weight_decay, (train.beta1, train.beta2))
 
 
 def synthetic_store(folder: Path, vocab_size: int, n_subjects: int, seed: int = 0) -> TokenStore:
@@ -159,7 +167,7 @@ def time_training(model, batches, supervised, loss_config, step_fn, autocast,
                   steps: int) -> tuple[list[float], float]:
     """(seconds of each timed step, tokens per step) after one warm-up step, always on the same batch so every
     step does the same work."""
-    optimizer = make_optimizer(model, preset("tiny").train)
+    optimizer = _optimizer(model)
     times = []
     batch = batches[0]
     for i in range(steps + 1):
@@ -233,7 +241,7 @@ def run_throughput(args):
                             continue  # e.g. "auto" resolving to a precision already listed
                         torch.manual_seed(0)
                         model = NextVisitModel(config.model)
-                        runner = Runner(impl, used, model, make_optimizer(model, preset("tiny").train), step_fn,
+                        runner = Runner(impl, used, model, _optimizer(model), step_fn,
                                         autocast)
                         try:
                             runner.step(batches[0], supervised, config.loss)  # warm-up

@@ -87,7 +87,7 @@ def world(tmp_path_factory):
     run = make_run(root / "run", tokenizer)
     labels_dir = root / "labels"
     write_labels(labels_dir, make_labels(meds, TASK, progress=False), TASK)
-    from nextvisit.train.trainer import load_run
+    from nextvisit.model.run import load_next_visit_run as load_run
 
     model, vocab, config = load_run(run, "cpu")
     return {"root": root, "rows": rows, "meds": meds, "tokenizer": tokenizer, "run": run, "labels": labels_dir,
@@ -418,7 +418,7 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
 
 
 def test_precision_auto_runs_bf16_where_supported_and_stays_near_float32(world):
-    from nextvisit.train.trainer import bf16_supported
+    from nextvisit.model.run import bf16_supported
 
     exact = run_forecast(world, precision="fp32")
     fast = run_forecast(world, precision="auto")

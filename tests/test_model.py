@@ -14,7 +14,7 @@ from nextvisit.errors import UserError
 import nextvisit.model.transformer as model_module
 from nextvisit.model.transformer import NextVisitModel, attention_allowed, attention_kernel
 from nextvisit.model.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
-from nextvisit.tokenize.store import EOW, PAD, SEP, Subject
+from nextvisit.tokenize.store import EOW, SEP, Subject
 
 V = 40
 SUPERVISED = np.zeros(V, bool)

@@ -11,7 +11,6 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from nextvisit.evaluate import evaluation as ev

@@ -2,7 +2,6 @@
 published directions), and an oracle whose risks match the simulated outcomes within sampling error."""
 
 import json
-from dataclasses import replace
 from datetime import timedelta
 
 import meds

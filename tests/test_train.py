@@ -17,7 +17,8 @@ import torch
 from nextvisit.config import RunConfig, preset, resolve
 from nextvisit.errors import UserError
 from nextvisit.tokenize.store import SPECIAL_TOKENS, SplitWriter, Vocabulary, write_store_info
-from nextvisit.train.trainer import load_run, train
+from nextvisit.model.run import load_next_visit_run as load_run
+from nextvisit.train.trainer import train
 
 N_CODES = 24
 

@@ -29,24 +29,21 @@ import math
 import os
 import sys
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from nextvisit.artifacts.predictions import (
+    LABEL, ORACLE, PROBABILITY, ModelPredictions, find_prediction_files,
+    read_predictions,
+)
 from nextvisit.errors import UserError
 
-PREDICTIONS_FILE = "predictions.parquet"
-INFO_FILE = "info.json"
-PROBABILITY = "predicted_boolean_probability"
-LABEL = "boolean_value"
 PRIOR_OCCURRENCE = "prior_occurrence"
 NEXT_VISIT_SUFFIX = "_next_visit"
-REQUIRED_COLUMNS = ("subject_id", "task", "horizon_days", "split", PROBABILITY)
-KNOWN_KINDS = ("zero-shot", "fine-tuned", "count-features", "oracle")
-ORACLE_KIND = "oracle"
 
 
 @dataclass
@@ -309,98 +306,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 # Inputs
 
 
-@dataclass
-class ModelPredictions:
-    """The rows of one (file, task, horizon) and what info.json says about the model."""
-
-    name: str
-    kind: str
-    task: str
-    horizon_days: int
-    frame: pl.DataFrame
-    source: str
-    config: dict = field(default_factory=dict)
-    label_counts: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-def find_prediction_files(path: Path) -> list[Path]:
-    """``path`` itself (a parquet file), its predictions.parquet, or every predictions.parquet below it."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder; pass prediction folders written by `nextvisit forecast`, "
-                        "`oracle`, `occurrence` or `baseline`")
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise UserError(f"{path}: not a predictions file (expected {PREDICTIONS_FILE} or a folder holding one)")
-        return [path]
-    if (path / PREDICTIONS_FILE).is_file():
-        return [path / PREDICTIONS_FILE]
-    found = sorted(path.rglob(PREDICTIONS_FILE))
-    if not found:
-        raise UserError(f"{path}: not a predictions folder (no {PREDICTIONS_FILE} in it or below it); pass folders "
-                        "written by `nextvisit forecast`, `oracle`, `occurrence` or `baseline`")
-    return found
-
-
-def load_predictions(file: Path, warnings: list[str]) -> list[ModelPredictions]:
-    """One `ModelPredictions` per (task, horizon) in the file; problems that leave metrics computable are
-    appended to ``warnings``, structural ones raise `UserError`."""
-    file = Path(file)
-    try:
-        frame = pl.read_parquet(file)
-    except Exception as exc:  # polars raises several types for a file that is not parquet
-        raise UserError(f"{file}: cannot be read as parquet ({type(exc).__name__}: {exc}); "
-                        "pass a predictions folder (docs/interfaces.md §6)") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(f"{file}: missing column(s) {missing}; predictions need {list(REQUIRED_COLUMNS)} "
-                        "plus boolean_value (docs/interfaces.md §6)")
-    info_path = file.parent / INFO_FILE
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{info_path}: not valid JSON ({exc}); rewrite the predictions folder") from None
-        if not isinstance(info, dict):
-            raise UserError(f"{info_path}: expected a JSON object with model, kind, task, config, label_counts")
-    else:
-        info = {}
-        warnings.append(f"{file}: no {INFO_FILE} beside it; model name taken from the 'model' column, kind unknown")
-
-    row_models = frame["model"].drop_nulls().unique().sort().to_list() if "model" in frame.columns else []
-    name = info.get("model") or (row_models[0] if len(row_models) == 1 else None) or file.parent.name
-    if row_models and row_models != [name]:
-        warnings.append(f"{file}: 'model' column holds {row_models} but {INFO_FILE} says {name!r}; using {name!r}")
-    kind = str(info.get("kind") or "unknown")
-    if kind not in KNOWN_KINDS:
-        warnings.append(f"{file}: model kind {kind!r} is not one of {list(KNOWN_KINDS)}")
-
-    frame = frame.with_columns(pl.col("task").cast(pl.Utf8), pl.col("horizon_days").cast(pl.Int64),
-                               pl.col("split").cast(pl.Utf8))
-    row_tasks = frame["task"].drop_nulls().unique().sort().to_list()
-    info_tasks = info.get("task")
-    info_tasks = sorted([info_tasks] if isinstance(info_tasks, str) else (info_tasks or []))
-    if info_tasks and info_tasks != row_tasks:
-        warnings.append(f"{file}: rows hold task(s) {row_tasks} but {INFO_FILE} says {info_tasks}; "
-                        "evaluating the rows' tasks")
-    null_keys = frame.filter(pl.col("task").is_null() | pl.col("horizon_days").is_null()).height
-    if null_keys:
-        warnings.append(f"{file}: {null_keys} row(s) with null task or horizon_days excluded")
-        frame = frame.filter(pl.col("task").is_not_null() & pl.col("horizon_days").is_not_null())
-
-    out = []
-    for (task, horizon), part in sorted(frame.group_by(["task", "horizon_days"]), key=lambda kv: kv[0]):
-        out.append(ModelPredictions(
-            name=str(name), kind=kind, task=str(task), horizon_days=int(horizon), frame=part,
-            source=str(file.parent if file.name == PREDICTIONS_FILE else file),
-            config=info.get("config") or {}, label_counts=info.get("label_counts") or {},
-        ))
-    if not out:
-        warnings.append(f"{file}: no rows to evaluate")
-    return out
-
-
 def repeat_setting(config: dict) -> str:
     """The repeat-regularization setting recorded in a model's config, for the tables: every key whose name
     mentions 'repeat', as ``key=value``; 'not recorded' when none does.
@@ -623,7 +528,7 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
         warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {n_pos} {split} positives; "
                         "its intervals rest on very few cases")
     row = {
-        "model": pred.name, "kind": pred.kind, "source": pred.source, "is_oracle": pred.kind == ORACLE_KIND,
+        "model": pred.name, "kind": pred.kind, "source": pred.source, "is_oracle": pred.kind == ORACLE,
         "repeat_regularization": repeat_setting(pred.config),
         "counts": {
             "positives": n_pos, "negatives": n_neg, "rows": len(p.labels),
@@ -875,7 +780,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     entries: list[ModelPredictions] = []
     inputs = []
     for file in files:
-        loaded = load_predictions(file, warnings)
+        loaded = read_predictions(file, warnings)
         entries += loaded
         inputs.append({"file": str(file), "model": loaded[0].name if loaded else None,
                        "kind": loaded[0].kind if loaded else None,
@@ -886,7 +791,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     for e in entries:
         groups.setdefault((e.task, e.horizon_days), []).append(e)
     for key in groups:  # the oracle first, then models in the order given
-        groups[key].sort(key=lambda e: e.kind != ORACLE_KIND)
+        groups[key].sort(key=lambda e: e.kind != ORACLE)
 
     tasks, inflation, plots, models = [], [], [], {}
     bar = tqdm(total=len(entries), desc="evaluate", unit="model", file=sys.stderr, disable=not progress)

@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from nextvisit.errors import UserError
+from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, resolve_device
 from nextvisit.data.meds import data_files
 from nextvisit.tokenize.store import NO_DAY, Subject, TokenStore, Vocabulary
 from nextvisit.tasks import (
@@ -38,12 +39,6 @@ PREDICTION_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", 
                       "age_years", "sex")
 PROBABILITY = "predicted_boolean_probability"
 OCCURRENCE_MODES = ("windows", "recent")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -61,7 +56,7 @@ class ForecastConfig:
     def validate(self) -> "ForecastConfig":
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
-        _check_precision(self.precision)
+        check_precision(self.precision)
         if self.multi_horizon_step_days < 1 or self.batch_size < 1 or self.histories_per_chunk < 1:
             raise UserError("multi_horizon_step_days, batch_size and histories_per_chunk must be at least 1")
         return self
@@ -173,21 +168,8 @@ def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], t
     return risks
 
 
-def _autocast(precision: str, device: torch.device):
-    """(context factory, precision used) for inference, by the training rule (``train.autocast_for``)."""
-    from nextvisit.train.trainer import autocast_for
-
-    return autocast_for(precision, device)
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -- forecast ------------------------------------------------------------------------------------------------
@@ -221,7 +203,7 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
             for q in query_horizons(hd, config.multi_horizon, config.multi_horizon_step_days)]
     wanted = set(histories["subject_id"].to_list())
     device = _model_device(model)
-    autocast, precision = _autocast(config.precision, device)
+    autocast, precision = autocast_for(config.precision, device)
     risk_sum = np.zeros(rows.height, np.float64)
     risk_n = np.zeros(rows.height, np.int64)
     plan_by_history: dict[int, list[tuple[int, int]]] = {}
@@ -300,14 +282,6 @@ def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrit
     return Path(out)
 
 
-def _load_run(run: Path, device: str):
-    """The run's model (eval mode), vocabulary and config."""
-    from nextvisit.train.trainer import load_run
-
-    model, vocab, run_config = load_run(run, device)  # checks config, vocabulary and weights agree
-    return model.eval(), vocab, run_config
-
-
 def _splits_option(text: str) -> tuple[str, ...]:
     from nextvisit.tokenize.store import SPLITS
 
@@ -330,7 +304,7 @@ def run_cli(args) -> int:
     check_out(args.out, args.overwrite)
     labels = read_labels(args.labels)
     task = read_labels_task(args.labels)
-    model, vocab, run_config = _load_run(args.run, _resolve_device(args.device))
+    model, vocab, run_config = load_next_visit_run(args.run, resolve_device(args.device))
     tokenizer = Tokenizer.load(args.run)  # the run's own vocab.json, lab statistics and tokenizer.yaml
     # The history is already cut at each label's prediction time, so the tokenizer's guard against future
     # (placeholder) dates has nothing left to guard, and it would refuse date-shifted external cohorts
@@ -376,7 +350,7 @@ class OccurrenceConfig:
     def validate(self) -> "OccurrenceConfig":
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator {self.aggregator!r} is unknown; choose one of {', '.join(AGGREGATORS)}")
-        _check_precision(self.precision)
+        check_precision(self.precision)
         if self.mode not in OCCURRENCE_MODES:
             raise UserError(f"mode {self.mode!r} is unknown; choose one of {', '.join(OCCURRENCE_MODES)}")
         return self
@@ -442,7 +416,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
     is_age, is_demographic = kinds == "age", kinds == "demographic"
     supervised = vocab.supervised_mask()
     device = _model_device(model)
-    autocast, precision = _autocast(config.precision, device)
+    autocast, precision = autocast_for(config.precision, device)
     parts = []
     removed_empty_visits = 0
     without_boundary = 0  # subjects with fewer than two visits: no visit boundary to score
@@ -546,7 +520,7 @@ def occurrence_cli(args) -> int:
     ).validate()
     check_out(args.out, args.overwrite)
     task = load_task(args.task)
-    model, vocab, run_config = _load_run(args.run, _resolve_device(args.device))
+    model, vocab, run_config = load_next_visit_run(args.run, resolve_device(args.device))
     store = TokenStore(args.store)
     check_same_vocab(vocab, store.vocab, f"{args.run}/vocab.json", f"{args.store}/vocab.json")
     data = run_config.data
