@@ -135,7 +135,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
-        return _merge(cls(), data, source).validate()
+        return merge(cls(), data, source).validate()
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
@@ -155,32 +155,48 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base, overrides: dict, source: str, prefix: str = ""):
-    """A copy of dataclass ``base`` with ``overrides`` applied; unknown keys raise a ``UserError``."""
+def _number(value, name: str, source: str, whole: bool):
+    """``value`` as a number. YAML 1.1 reads ``3e-4`` (no dot) as text, so numeric text is accepted."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"{source}: {name} must be a number, got {value!r}")
+    if whole and not float(value).is_integer():
+        raise UserError(f"{source}: {name} must be a whole number, got {value!r}")
+    return int(value) if whole else float(value)
+
+
+def merge(base, overrides: dict | None, source: str, prefix: str = ""):
+    """A copy of dataclass ``base`` with ``overrides`` applied: the one merge rule of every config (runs,
+    tokenizer, baselines). Unknown fields, wrong types and nulls for required settings raise a ``UserError``
+    naming ``source`` and the field; null switches an optional setting (declared ``... | None``) off."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping of fields, got {overrides!r}")
     result = copy.deepcopy(base)
     known = {f.name: f for f in fields(result)}
     for key, value in (overrides or {}).items():
         name = f"{prefix}{key}"
         if key not in known:
             raise UserError(f"{source}: unknown field {name!r}; known: {', '.join(sorted(known))}")
-        current = getattr(result, key)
+        current, declared = getattr(result, key), str(known[key].type)
         if is_dataclass(current):
-            if not isinstance(value, dict):
-                raise UserError(f"{source}: {name} must be a mapping")
-            setattr(result, key, _merge(current, value, source, prefix=f"{name}."))
-        else:
-            if isinstance(current, tuple):
-                value = tuple(value)
-            elif isinstance(current, bool):
-                if not isinstance(value, bool):
-                    raise UserError(f"{source}: {name} must be true or false, got {value!r}")
-            elif isinstance(current, (int, float)) and not isinstance(current, bool):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise UserError(f"{source}: {name} must be a number, got {value!r}")
-                if isinstance(current, int) and not float(value).is_integer():
-                    raise UserError(f"{source}: {name} must be a whole number, got {value!r}")
-                value = type(current)(value)
-            setattr(result, key, value)
+            setattr(result, key, merge(current, value if value is not None else {}, source, prefix=f"{name}."))
+            continue
+        if value is None:
+            if current is not None and "None" not in declared:
+                raise UserError(f"{source}: {name} cannot be null; give a value or leave the field out")
+        elif isinstance(current, tuple) or (current is None and "tuple" in declared):
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        elif isinstance(current, bool) or (current is None and declared.startswith("bool")):
+            if not isinstance(value, bool):
+                raise UserError(f"{source}: {name} must be true or false, got {value!r}")
+        elif isinstance(current, (int, float)) or (current is None and declared.split()[0] in ("int", "float")):
+            whole = isinstance(current, int) if current is not None else declared.startswith("int")
+            value = _number(value, name, source, whole)
+        setattr(result, key, value)
     return result
 
 
@@ -222,5 +238,5 @@ def resolve(preset_name: str = "tiny", config_path: Path | None = None) -> RunCo
     """Preset, then the YAML file's overrides."""
     config = preset(preset_name)
     if config_path is not None:
-        config = _merge(config, read_yaml(config_path), str(config_path)).validate()
+        config = merge(config, read_yaml(config_path), str(config_path)).validate()
     return config

@@ -55,32 +55,6 @@ def removed_input_codes(labels_dir: Path) -> CodeSet:
     return read_labels_task(labels_dir).remove_from_inputs
 
 
-def merge_config(config, values: dict | None, source: str):
-    """A copy of dataclass ``config`` with ``values`` applied, validated by ``nextvisit.config``'s merge
-    (unknown fields and wrong types name ``source`` and the field). Numbers written as ``3e-4``, which YAML
-    reads as text, are accepted."""
-    from nextvisit.config import _merge
-
-    if values is not None and not isinstance(values, dict):
-        raise UserError(f"{source}: expected a mapping of fields, got {values!r}")
-    coerced, nulls = {}, []
-    for key, value in (values or {}).items():
-        current = getattr(config, key, None)
-        if value is None and hasattr(config, key):
-            nulls.append(key)  # null switches an optional setting off (e.g. a time budget)
-            continue
-        if isinstance(value, str) and (isinstance(current, float) or current is None):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        coerced[key] = value
-    merged = _merge(config, coerced, source)
-    for key in nulls:
-        setattr(merged, key, None)
-    return merged
-
-
 def code_set_json(code_set: CodeSet) -> dict:
     return {"code_prefixes": list(code_set.code_prefixes), "codes": list(code_set.codes)}
 

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
 from nextvisit.baselines import common
+from nextvisit.config import merge
 from nextvisit.errors import UserError
 from nextvisit.data.meds import BIRTH_CODE
 
@@ -79,8 +80,8 @@ class CountsConfig:
         if path is not None:
             from nextvisit.config import read_yaml
 
-            config = common.merge_config(config, read_yaml(path), str(path))
-        config = common.merge_config(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+            config = merge(config, read_yaml(path), str(path))
+        config = merge(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
         config.__post_init__()
         return config
 

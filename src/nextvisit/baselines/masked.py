@@ -43,6 +43,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from nextvisit.baselines import common
+from nextvisit.config import merge
 from nextvisit.errors import UserError
 from nextvisit.tokenize.store import CLS, MASK, PAD, SEP, Subject, TokenStore
 
@@ -148,9 +149,9 @@ def resolve_config(preset: str, config_path: Path | None = None):
         for section, fields_ in extra.items():
             values.setdefault(section, {}).update(fields_ or {})
     source = str(config_path or f"preset {preset}")
-    return (common.merge_config(MaskedModelConfig(), values.get("model"), source),
-            common.merge_config(PretrainConfig(), values.get("pretrain"), source),
-            common.merge_config(FinetuneConfig(), values.get("finetune"), source))
+    return (merge(MaskedModelConfig(), values.get("model"), source),
+            merge(PretrainConfig(), values.get("pretrain"), source),
+            merge(FinetuneConfig(), values.get("finetune"), source))
 
 
 # -- the model --------------------------------------------------------------------------------------------------
@@ -593,12 +594,12 @@ def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes
     run = Path(run)
     dev = _device(device)
     model, run_config = load_run(run, dev)
-    finetune_config = common.merge_config(FinetuneConfig(), run_config.get("finetune"), f"{run}/config.yaml")
+    finetune_config = merge(FinetuneConfig(), run_config.get("finetune"), f"{run}/config.yaml")
     if config_path is not None:  # a YAML of FinetuneConfig fields, flat or under a `finetune:` section
         from nextvisit.config import read_yaml
 
         extra = read_yaml(config_path)
-        finetune_config = common.merge_config(finetune_config, extra.get("finetune", extra), str(config_path))
+        finetune_config = merge(finetune_config, extra.get("finetune", extra), str(config_path))
     if max_minutes is not None:
         finetune_config.max_minutes = max_minutes
     if finetune_config.threads:

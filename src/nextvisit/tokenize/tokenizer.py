@@ -36,7 +36,7 @@ import polars as pl
 import yaml
 
 from nextvisit.data import meds
-from nextvisit.config import _merge, read_yaml
+from nextvisit.config import merge, read_yaml
 from nextvisit.errors import UserError
 from nextvisit.tokenize.store import (
     NO_DAY,
@@ -164,7 +164,7 @@ class TokenizerConfig:
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of tokenizer fields")
         data = dict(data.get("tokenizer", data))  # accept a file with or without a `tokenizer:` section
-        return _merge(base or cls(), data, source).validate()
+        return merge(base or cls(), data, source).validate()
 
     @classmethod
     def load(cls, path: Path, base: "TokenizerConfig | None" = None) -> "TokenizerConfig":
