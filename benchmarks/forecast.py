@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nextvisit.config import preset
-from nextvisit.predict.forecast import score_queries
+from nextvisit.predict.horizon import score_queries
 from nextvisit.model.transformer import NextVisitModel
 from nextvisit.tokenize.store import SPECIAL_TOKENS, Subject
 from nextvisit.model.run import autocast_for

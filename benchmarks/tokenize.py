@@ -113,7 +113,8 @@ def pandas_reference(meds_dir: Path, min_count: int = 10) -> dict:
 def _child(kind: str, meds_dir: str, workers: int, out: str) -> None:
     started = time.perf_counter()
     if kind == "nextvisit":
-        from nextvisit.tokenize.tokenizer import TokenizerConfig, tokenize_dataset
+        from nextvisit.tokenize.config import TokenizerConfig
+        from nextvisit.tokenize.dataset import tokenize_dataset
 
         manifest = tokenize_dataset(Path(meds_dir), Path(out), TokenizerConfig(), workers=workers or None,
                                     overwrite=True, progress=False)

@@ -15,6 +15,11 @@ from sklearn.metrics import average_precision_score, brier_score_loss, f1_score,
 from sklearn.metrics import roc_auc_score
 
 from nextvisit.evaluate import evaluation as ev
+from nextvisit.evaluate.bootstrap import bootstrap_multiplicities, percentile_interval
+from nextvisit.evaluate.metrics import (
+    RankIndex, auroc, average_precision, best_f1_threshold, calibration_bins, classification_at, stratified_auroc,
+)
+from nextvisit.evaluate.tables import format_metric, headline_table
 from nextvisit.cli import main as cli_main
 from nextvisit.errors import UserError
 
@@ -87,28 +92,28 @@ def test_rank_metrics_match_scikit_learn_with_ties_and_weights():
         labels[:2] = [True, False]
         scores = np.round(rng.normal(labels * rng.uniform(0, 2), 1), int(rng.integers(0, 3)))  # many ties
         weights = rng.uniform(0.1, 3, n)
-        assert ev.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-        assert ev.average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
-        assert ev.auroc(labels, scores, weights) == pytest.approx(
+        assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert auroc(labels, scores, weights) == pytest.approx(
             roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12)
-        assert ev.average_precision(labels, scores, weights) == pytest.approx(
+        assert average_precision(labels, scores, weights) == pytest.approx(
             average_precision_score(labels, scores, sample_weight=weights), abs=1e-12)
 
 
 def test_single_class_auroc_is_nan_not_an_error():
-    assert math.isnan(ev.auroc([False, False, False], [0.1, 0.2, 0.3]))
-    assert math.isnan(ev.average_precision([False, False], [0.1, 0.2]))
+    assert math.isnan(auroc([False, False, False], [0.1, 0.2, 0.3]))
+    assert math.isnan(average_precision([False, False], [0.1, 0.2]))
 
 
 def test_bootstrap_resample_equals_scikit_learn_on_the_resampled_rows():
     rng = np.random.default_rng(1)
     labels = rng.random(80) < 0.3
     scores = np.round(rng.normal(labels * 1.0, 1), 1)
-    counts = ev.bootstrap_multiplicities(labels, 5, np.random.default_rng(2))
+    counts = bootstrap_multiplicities(labels, 5, np.random.default_rng(2))
     # Stratified: every resample keeps the class counts.
     assert np.all(counts[:, labels].sum(axis=1) == labels.sum())
     assert np.all(counts[:, ~labels].sum(axis=1) == (~labels).sum())
-    concordant, pairs, ap = ev.RankIndex(labels, scores).pair_sums(counts)
+    concordant, pairs, ap = RankIndex(labels, scores).pair_sums(counts)
     for b in range(5):
         rows = np.repeat(np.arange(len(labels)), counts[b].astype(int))
         assert concordant[b] / pairs[b] == pytest.approx(roc_auc_score(labels[rows], scores[rows]), abs=1e-12)
@@ -122,8 +127,8 @@ def test_stratified_auroc_counts_only_within_stratum_pairs():
     old = np.char.startswith(strata.astype(str), "80")
     labels = rng.random(n) < np.where(old, 0.4, 0.05)
     age_only = old.astype(float)  # a score that knows only the age band
-    assert ev.auroc(labels, age_only) > 0.7
-    assert ev.stratified_auroc(labels, age_only, strata) == pytest.approx(0.5)
+    assert auroc(labels, age_only) > 0.7
+    assert stratified_auroc(labels, age_only, strata) == pytest.approx(0.5)
     scores = rng.normal(labels * 1.0, 1)
     brute = num = 0.0
     for i in np.flatnonzero(labels):
@@ -131,25 +136,25 @@ def test_stratified_auroc_counts_only_within_stratum_pairs():
             if strata[i] == strata[j]:
                 brute += (scores[i] > scores[j]) + 0.5 * (scores[i] == scores[j])
                 num += 1
-    assert ev.stratified_auroc(labels, scores, strata) == pytest.approx(brute / num)
+    assert stratified_auroc(labels, scores, strata) == pytest.approx(brute / num)
 
 
 def test_f1_threshold_maximises_f1_and_metrics_match_scikit_learn():
     rng = np.random.default_rng(4)
     labels = rng.random(300) < 0.2
     scores = np.round(rng.normal(labels * 1.2, 1), 2)
-    threshold, best = ev.best_f1_threshold(labels, scores)
+    threshold, best = best_f1_threshold(labels, scores)
     all_f1 = [f1_score(labels, scores >= t) for t in np.unique(scores)]
     assert best == pytest.approx(max(all_f1))
     assert f1_score(labels, scores >= threshold) == pytest.approx(best)
     test_labels = rng.random(200) < 0.2
     test_scores = rng.normal(test_labels * 1.2, 1)
-    at = ev.classification_at(test_labels, test_scores, threshold)
+    at = classification_at(test_labels, test_scores, threshold)
     predicted = test_scores >= threshold
     assert at["f1"]["value"] == pytest.approx(f1_score(test_labels, predicted))
     assert at["precision"]["value"] == pytest.approx(precision_score(test_labels, predicted))
     assert at["recall"]["value"] == pytest.approx(recall_score(test_labels, predicted))
-    nothing = ev.classification_at(test_labels, test_scores, 1e9)
+    nothing = classification_at(test_labels, test_scores, 1e9)
     assert nothing["precision"]["value"] is None and "threshold" in nothing["precision"]["reason"]
 
 
@@ -157,7 +162,7 @@ def test_calibration_bins_count_every_row():
     rng = np.random.default_rng(5)
     p = rng.beta(1, 20, 1000)
     y = rng.random(1000) < p
-    bins = ev.calibration_bins(y, p, 10)
+    bins = calibration_bins(y, p, 10)
     assert sum(b["rows"] for b in bins) == 1000 and sum(b["positives"] for b in bins) == y.sum()
     assert len(bins) == 10 and all(90 <= b["rows"] <= 110 for b in bins)
     for b in bins:
@@ -173,8 +178,8 @@ def _binormal(rng, n_pos, n_neg, separation):
 
 
 def _auroc_interval(labels, scores, rng, resamples):
-    concordant, pairs, _ = ev.RankIndex(labels, scores).pair_sums(ev.bootstrap_multiplicities(labels, resamples, rng))
-    return ev.percentile_interval(concordant / pairs, 0.95)
+    concordant, pairs, _ = RankIndex(labels, scores).pair_sums(bootstrap_multiplicities(labels, resamples, rng))
+    return percentile_interval(concordant / pairs, 0.95)
 
 
 def test_bootstrap_interval_shrinks_with_more_data():
@@ -237,7 +242,7 @@ def test_evaluate_numbers_match_scikit_learn(folders, tmp_path):
             # F1 at the tuning split's best threshold, applied to held_out.
             frame = pl.read_parquet(folder / "predictions.parquet").filter(pl.col("horizon_days") == horizon)
             tuning = frame.filter(pl.col("split") == "tuning")
-            threshold, _ = ev.best_f1_threshold(tuning["boolean_value"].to_numpy(),
+            threshold, _ = best_f1_threshold(tuning["boolean_value"].to_numpy(),
                                                 tuning["predicted_boolean_probability"].to_numpy())
             assert r["threshold"]["value"] == pytest.approx(threshold)
             assert r["f1"]["value"] == pytest.approx(f1_score(y, p >= threshold))
@@ -269,7 +274,7 @@ def test_same_seed_same_numbers_and_headline_table(folders, tmp_path, capsys):
     assert code == 0
     c = json.loads((tmp_path / "c" / "metrics.json").read_text())
     nextvisit = row_for(c, "dementia", 1825, "nextvisit")
-    assert ev.format_metric(nextvisit["auroc"]) in out
+    assert format_metric(nextvisit["auroc"]) in out
     assert "dementia, 1825 days" in out and str(tmp_path / "c" / "report.html") in out
 
 
@@ -316,7 +321,7 @@ def test_predictions_without_labels_give_na_with_reason(tmp_path):
     r = row_for(metrics, "dementia", 730, "nextvisit")
     for key in ("auroc", "auprc", "brier", "f1", "auroc_age_sex_stratified"):
         assert r[key]["value"] is None and "boolean_value" in r[key]["reason"]
-    assert "n/a" in ev.headline_table(metrics)
+    assert "n/a" in headline_table(metrics)
 
     nulls = write_predictions(tmp_path / "nulls", "nextvisit")
     frame = pl.read_parquet(nulls / "predictions.parquet")
@@ -420,7 +425,7 @@ def test_censored_count_reads_the_shape_every_writer_records():
 def test_wilson_interval_holds_the_observed_rate_at_the_extremes():
     """Calibration bins with no (or only) positives are common; their interval must hold 0 (or 1) exactly,
     or the calibration plot's error bars would be negative."""
-    from nextvisit.evaluate.evaluation import wilson_interval
+    from nextvisit.evaluate.metrics import wilson_interval
 
     for n in range(1, 3000):
         low, high = wilson_interval(0, n)

@@ -18,14 +18,17 @@ from safetensors.torch import save_file
 from nextvisit.cli import main
 from nextvisit.config import preset
 from nextvisit.errors import UserError
-from nextvisit.predict.forecast import (
-    PROBABILITY, ForecastConfig, OccurrenceConfig, aggregate, forecast, history_events, occurrence,
-    query_horizons, score_queries,
-)
+from nextvisit.artifacts.predictions import PROBABILITY
+from nextvisit.data.histories import cut
+from nextvisit.predict.horizon import ForecastConfig, forecast, query_horizons, score_queries
+from nextvisit.predict.occurrence import OccurrenceConfig, occurrence
+from nextvisit.predict.scoring import aggregate
 from nextvisit.model.transformer import NextVisitModel
 from nextvisit.tokenize.store import SplitWriter, TokenStore, write_store_info
-from nextvisit.tasks import END_OF_DAY, Task, make_labels, read_labels, write_labels
-from nextvisit.tokenize.tokenizer import Tokenizer, TokenizerConfig
+from nextvisit.tasks import Task, make_labels, read_labels, write_labels
+from nextvisit.units import END_OF_DAY
+from nextvisit.tokenize.config import TokenizerConfig
+from nextvisit.tokenize.tokenizer import Tokenizer
 from test_tasks import DATA, write_meds
 
 CODES = ["ICD10CM//I10", "ICD10CM//E11.9", "ICD10CM//J45.909", "RXNORM//6809", "ICD10CM//M17.11", "ICD10CM//R41.1"]
@@ -144,8 +147,9 @@ def test_event_at_exactly_the_prediction_time_is_known(world):
                                   "numeric_value": pl.Float32})
     histories = pl.DataFrame({"history_id": [7], "subject_id": [sid], "prediction_time": [t]},
                              schema={"history_id": pl.Int64, "subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
-    known = history_events(events, histories)
-    assert known["code"].to_list() == ["A", "B"] and known["subject_id"].to_list() == [7, 7]
+    known, counts = cut(events, histories)
+    assert known["code"].to_list() == ["A", "B"] and known["history_id"].to_list() == [7, 7]
+    assert counts == {"after_prediction_time": 1, "removed_from_inputs": 0}
     # end to end: a code stamped exactly at the prediction time reaches the model
     base = run_forecast(world, labels=labels)
     at_time = run_forecast(world, meds=with_extra_events(world, "at_time", [(sid, t, "ICD10CM//J45.909"), (sid, t, F03)]),
@@ -252,7 +256,8 @@ def test_cli_forecast_and_errors(world, tmp_path, capsys):
     assert info["horizons_days"] == [730, 1825]
     assert info["config"]["run_config"]["loss"]["repeat_decay"] == 0.5
     assert predictions["model"].unique().to_list() == ["run"]
-    assert predictions.equals(run_forecast(world).with_columns(model=pl.lit("run")))
+    keys = ["task", "horizon_days", "split", "subject_id", "prediction_time"]
+    assert predictions.equals(run_forecast(world).with_columns(model=pl.lit("run")).sort(keys))
     # a run whose vocabulary does not match its tokenizer files
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -394,7 +399,8 @@ def test_external_cohort_mimic_demo(world, tmp_path):
 
 def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
     from nextvisit.data.simulate.dataset import simulate
-    from nextvisit.data.simulate.oracle import OracleConfig, write_oracle_predictions
+    from nextvisit.baselines.oracle import write_oracle_predictions
+    from nextvisit.data.simulate.oracle import OracleConfig
     from nextvisit.tasks import load_task
 
     meds = tmp_path / "meds"
@@ -414,7 +420,7 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
         assert oracle.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()).equals(
             expected.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()))
         # the task's code set and the simulator agree: no labelled landmark already has the condition
-        assert info["rows"]["prevalent_at_time"] == 0
+        assert info["prevalent_at_time"] == 0
 
 
 def test_precision_auto_runs_bf16_where_supported_and_stays_near_float32(world):

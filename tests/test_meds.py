@@ -13,7 +13,8 @@ import pytest
 from nextvisit.data import meds
 from nextvisit.cli import main
 from nextvisit.errors import UserError
-from nextvisit.tokenize.tokenizer import TokenizerConfig, tokenize_dataset
+from nextvisit.tokenize.config import TokenizerConfig
+from nextvisit.tokenize.dataset import tokenize_dataset
 
 SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
 

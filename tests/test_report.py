@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nextvisit.evaluate import evaluation as ev
+from nextvisit.evaluate.tables import format_metric, headline_table
 from test_evaluate import write_predictions
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -123,17 +124,17 @@ def test_report_shows_configurations_reasons_and_inflation(report):
 
 def test_headline_table_matches_metrics_json(report):
     metrics = json.loads((report / "metrics.json").read_text())
-    table = ev.headline_table(metrics)
+    table = headline_table(metrics)
     for group in metrics["tasks"]:
         for row in group["rows"]:
             line = next(l for l in table.splitlines() if l.strip().startswith(row["model"]) and
                         f"{row['counts']['positives']}/{row['counts']['negatives']}" in l)
             if row["auroc"]["value"] is not None:
-                assert ev.format_metric(row["auroc"]) in line
+                assert format_metric(row["auroc"]) in line
             else:
                 assert "n/a" in line
     block = metrics["inflation"][0]
-    assert ev.format_metric(block["models"][0]["new_onsets"]["auroc"]) in table
+    assert format_metric(block["models"][0]["new_onsets"]["auroc"]) in table
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package 'chromium')")

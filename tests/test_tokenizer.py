@@ -13,15 +13,12 @@ import polars as pl
 import pytest
 
 from nextvisit.errors import UserError
+from nextvisit.tokenize.config import TokenizerConfig
+from nextvisit.tokenize.dataset import tokenize_dataset
+from nextvisit.tokenize.events import DROP_REASONS
 from nextvisit.tokenize.store import NO_DAY, SPLITS, UNK, TokenStore
-from nextvisit.tokenize.tokenizer import (
-    DROP_REASONS,
-    Tokenizer,
-    TokenizerConfig,
-    balance_gap,
-    format_timeline,
-    tokenize_dataset,
-)
+from nextvisit.tokenize.timeline import format_timeline
+from nextvisit.tokenize.tokenizer import Tokenizer, balance_gap
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIMIC = SHARED_DATA / "mimic-iv-demo-meds"

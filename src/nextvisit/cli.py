@@ -61,22 +61,7 @@ def _handler(target: str):
     return call
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="nextvisit",
-        description=(
-            "Pretrain a next-visit foundation model on structured EHR (MEDS), forecast disease incidence "
-            "zero-shot, and evaluate it honestly against baselines. Stages talk through files: "
-            "simulate/MEDS -> tokenize -> pretrain -> label -> forecast -> evaluate. "
-            "`nextvisit demo` runs the whole chain on the embedded synthetic health system."
-        ),
-    )
-    from nextvisit import __version__
-
-    parser.add_argument("--version", action="version", version=f"nextvisit {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-
-    # -- simulate ---------------------------------------------------------------------------------------
+def _add_simulate(verbs) -> None:
     p = verbs.add_parser(
         "simulate",
         help="write a synthetic health system as a MEDS 0.4 dataset",
@@ -94,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: CPU count, at most one per 1,000 subjects)")
     p.set_defaults(func=_handler("nextvisit.data.simulate.cli:run"))
 
-    # -- tokenize ---------------------------------------------------------------------------------------
+
+def _add_tokenize(verbs) -> None:
     p = verbs.add_parser(
         "tokenize",
         help="turn a MEDS dataset into a visit-structured token store",
@@ -112,16 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: one per 2M events, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=_handler("nextvisit.tokenize.tokenizer:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.tokenize.dataset:run_cli"))
 
-    # -- inspect ----------------------------------------------------------------------------------------
+
+def _add_inspect(verbs) -> None:
     p = verbs.add_parser("inspect", help="print one subject's timeline from a token store",
                          description="Print a readable timeline: date, age, tokens with code descriptions.")
     p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
     p.add_argument("--subject", type=int, required=True, metavar="ID", help="subject_id to show")
-    p.set_defaults(func=_handler("nextvisit.tokenize.tokenizer:inspect_cli"))
+    p.set_defaults(func=_handler("nextvisit.tokenize.timeline:inspect_cli"))
 
-    # -- pretrain ---------------------------------------------------------------------------------------
+
+def _add_pretrain(verbs) -> None:
     p = verbs.add_parser(
         "pretrain",
         help="pretrain the next-visit model on a token store",
@@ -136,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/model.md)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop training after this many optimizer steps (default: the preset's train.max_steps)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_handler("nextvisit.train.trainer:run_cli"))
 
-    # -- label ------------------------------------------------------------------------------------------
+
+def _add_label(verbs) -> None:
     p = verbs.add_parser(
         "label",
         help="build incidence labels for a task on a MEDS dataset",
@@ -155,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_handler("nextvisit.tasks:label_cli"))
 
-    # -- forecast ---------------------------------------------------------------------------------------
+
+def _add_forecast(verbs) -> None:
     p = verbs.add_parser(
         "forecast",
         help="zero-shot risk by horizon query",
@@ -177,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated label splits to score (default tuning,held_out), or 'all' "
                         "(e.g. for an external cohort)")
     _add_inference_options(p)
-    p.set_defaults(func=_handler("nextvisit.predict.forecast:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.predict.horizon:run_cli"))
 
-    # -- occurrence (inflation analysis) ----------------------------------------------------------------
+
+def _add_occurrence(verbs) -> None:
     p = verbs.add_parser(
         "occurrence",
         help="score 'any code of the condition in the next visit' (the inflation analysis)",
@@ -202,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "recent: only the boundaries in each subject's most recent window")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
     _add_inference_options(p)
-    p.set_defaults(func=_handler("nextvisit.predict.forecast:occurrence_cli"))
+    p.set_defaults(func=_handler("nextvisit.predict.occurrence:occurrence_cli"))
 
-    # -- oracle -----------------------------------------------------------------------------------------
+
+def _add_oracle(verbs) -> None:
     p = verbs.add_parser(
         "oracle",
         help="the simulator's true risk for labels, in the predictions schema (the ceiling)",
@@ -218,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Monte Carlo futures per prediction (default 128; standard error sqrt(p(1-p)/samples))")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: CPU count, at most one per 200 subject-times to score)")
-    p.set_defaults(func=_handler("nextvisit.data.simulate.cli:oracle_run"))
+    p.set_defaults(func=_handler("nextvisit.baselines.oracle:run_cli"))
 
-    # -- baseline ---------------------------------------------------------------------------------------
+
+def _add_baseline(verbs) -> None:
     p = verbs.add_parser("baseline", help="baselines on identical cohorts (masked transformer, count features)",
                          description="Baselines that write the same predictions schema as `forecast`.")
     baselines = p.add_subparsers(dest="baseline", metavar="BASELINE", parser_class=_Parser, required=True)
@@ -257,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.counts:run_cli"))
 
-    # -- evaluate ---------------------------------------------------------------------------------------
+
+def _add_evaluate(verbs) -> None:
     p = verbs.add_parser(
         "evaluate",
         help="metrics with bootstrap CIs, inflation analysis, HTML report",
@@ -273,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap seed (default 0); the same seed gives the same numbers")
     p.set_defaults(func=_handler("nextvisit.evaluate.evaluation:run_cli"))
 
-    # -- demo -------------------------------------------------------------------------------------------
+
+def _add_demo(verbs) -> None:
     p = verbs.add_parser(
         "demo",
         help="run the whole chain on the embedded synthetic health system",
@@ -285,13 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the bootstrap (default 0)")
     p.add_argument("--quick", action="store_true", help="a much smaller, faster run (for smoke tests)")
     p.set_defaults(func=_handler("nextvisit.demo:run_cli"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nextvisit",
+        description=(
+            "Pretrain a next-visit foundation model on structured EHR (MEDS), forecast disease incidence "
+            "zero-shot, and evaluate it honestly against baselines. Stages talk through files: "
+            "simulate/MEDS -> tokenize -> pretrain -> label -> forecast -> evaluate. "
+            "`nextvisit demo` runs the whole chain on the embedded synthetic health system."
+        ),
+    )
+    from nextvisit import __version__
+
+    parser.add_argument("--version", action="version", version=f"nextvisit {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    parser.set_defaults(func=None)
+    _add_simulate(verbs)
+    _add_tokenize(verbs)
+    _add_inspect(verbs)
+    _add_pretrain(verbs)
+    _add_label(verbs)
+    _add_forecast(verbs)
+    _add_occurrence(verbs)
+    _add_oracle(verbs)
+    _add_baseline(verbs)
+    _add_evaluate(verbs)
+    _add_demo(verbs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
+    if args.func is None:
         parser.print_help()
         return 2
     try:

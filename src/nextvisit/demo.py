@@ -135,4 +135,6 @@ def run_cli(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(None))
+    from nextvisit.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

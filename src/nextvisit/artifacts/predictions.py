@@ -47,9 +47,11 @@ def prediction_frame(rows: pl.DataFrame, probability, model: str, extra_columns=
     ).sort(*SORT_KEYS)
 
 
-def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrite: bool = False) -> Path:
+def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrite: bool = False,
+                      also=None) -> Path:
     """``out/predictions.parquet`` and ``out/info.json``, both or neither (atomic folder). ``info`` must name
-    the model and its kind; its ``task`` is filled from the rows when absent."""
+    the model and its kind; its ``task`` is filled from the rows when absent. ``also(folder)`` writes any
+    other file of the folder (a fine-tuned model's weights) into the same atomic folder."""
     missing = [c for c in (*PREDICTION_COLUMNS, PROBABILITY, "model") if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions lack schema column(s) {missing}")
@@ -60,6 +62,8 @@ def write_predictions(out: Path, predictions: pl.DataFrame, info: dict, overwrit
     with atomic_folder(out, overwrite) as staging:
         predictions.write_parquet(staging / PREDICTIONS_FILE)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if also is not None:
+            also(staging)
     return Path(out) / PREDICTIONS_FILE
 
 

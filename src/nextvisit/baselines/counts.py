@@ -1,7 +1,7 @@
 """The classical baseline a reviewer asks for first: bag-of-codes counts in lookback windows before the
 prediction time, plus age and sex, fed to a logistic regression (or gradient-boosted trees).
 
-Features of one history (a label row's subject cut at its prediction time, see ``baselines.common``):
+Features of one history (a label row's subject cut at its prediction time, ``nextvisit.data.histories``):
 
 - for every lookback window (default the last 365 days and all history) and every code of the feature
   vocabulary: the number of visits (calendar days) in the window holding the code, an event at exactly the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,8 +26,11 @@ import polars as pl
 import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
-from nextvisit.baselines import common
+from nextvisit import compare
+from nextvisit.artifacts.predictions import COUNT_FEATURES
+from nextvisit.compare import ComparedModel, Labels
 from nextvisit.config import merge
+from nextvisit.data.histories import add_counts, read_histories
 from nextvisit.errors import UserError
 from nextvisit.data.meds import BIRTH_CODE
 
@@ -161,49 +163,86 @@ def count_matrix(counts: pl.DataFrame, n_histories: int, vocabulary: list[str], 
     return CountFeatures(matrix=matrix, names=names)
 
 
-def build_features(meds_dir: Path, labelled: pl.DataFrame, removed, config: CountsConfig):
-    """Everything the models need: per-history raw counts, per-row history index, and input counts."""
-    history = common.histories(labelled)
-    events, input_counts = common.history_events(meds_dir, history, removed)
-    counts = window_counts(visit_code_days(events), config.lookback_days)
-    rows = labelled.join(history, on=["subject_id", "prediction_time"], how="left")
-    train_histories = rows.filter(pl.col("split") == "train")["history_id"].unique()
+def read_counts(meds_dir: Path, labels: Labels, config: CountsConfig) -> tuple[pl.DataFrame, dict]:
+    """Long table of per-history window counts (``window_counts``) of the histories cut at their prediction
+    times, and the counts of events not seen (after the prediction time, removed from the inputs)."""
+    parts, input_counts = [], {}
+    for chunk in read_histories(meds_dir, labels.histories, labels.remove_from_inputs):
+        parts.append(chunk.events)
+        add_counts(input_counts, chunk.counts)
+    events = pl.concat(parts) if parts else pl.DataFrame(schema={"history_id": pl.Int64,
+                                                                 "prediction_time": pl.Datetime("us"),
+                                                                 "time": pl.Datetime("us"), "code": pl.String})
+    input_counts.update(histories=labels.histories.height, events_kept=events.height,
+                        histories_without_events=labels.histories.height - events["history_id"].n_unique())
+    return window_counts(visit_code_days(events), config.lookback_days), input_counts
+
+
+def build_features(meds_dir: Path, labels: Labels, config: CountsConfig):
+    """Per-history raw counts over the vocabulary fit on train histories, the label rows (with
+    ``history_id``), and the input counts."""
+    counts, input_counts = read_counts(meds_dir, labels, config)
+    train_histories = labels.split("train")["history_id"].unique()
     vocabulary = fit_vocabulary(counts, train_histories, config.min_code_count)
-    features = count_matrix(counts, history.height, vocabulary, config.lookback_days)
+    features = count_matrix(counts, labels.histories.height, vocabulary, config.lookback_days)
     input_counts["feature_codes"] = len(vocabulary)
-    return rows, features, input_counts
+    return labels.rows, features, input_counts
 
 
-def design_matrix(raw: sp.csr_matrix, rows: pl.DataFrame, train: np.ndarray, config: CountsConfig) -> tuple[sp.csr_matrix, list[str]]:
-    """Transformed counts plus age (z-scored on train rows) and sex one-hot (train values), one row per label
-    row. ``train`` is a boolean mask of train rows; every statistic comes from them only."""
-    counts = raw[rows["history_id"].to_numpy()]
-    if config.count_transform == "log1p":
-        counts = counts.log1p()
-    else:
-        train_counts = counts[train]
-        mean_sq = np.asarray(train_counts.multiply(train_counts).mean(axis=0)).ravel()
-        mean = np.asarray(train_counts.mean(axis=0)).ravel()
-        sd = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
-        counts = counts @ sp.diags(np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0))
-    age = rows["age_years"].to_numpy().astype(np.float64)
-    age_mean, age_sd = np.nanmean(age[train]), np.nanstd(age[train])
-    age = np.where(np.isnan(age), age_mean, age)  # an unknown age counts as the train mean
-    age_z = (age - age_mean) / (age_sd if age_sd > 0 else 1.0)
-    sexes = sorted(v for v in rows.filter(pl.Series(train))["sex"].unique().to_list() if v is not None)
-    sex_values = np.array(rows["sex"].fill_null("").to_list(), dtype=object)
-    sex = np.column_stack([sex_values == value for value in sexes]).astype(np.float64) if sexes else np.zeros((len(age), 0))
-    names = ["age_z", *[f"sex:{v}" for v in sexes]]
-    columns = [age_z[:, None], sex]
-    if config.age_bucket_years:
-        # buckets seen in train rows; younger/older ages fall into the first/last one
-        bucket = np.floor(age / config.age_bucket_years).astype(np.int64)
-        first, last = bucket[train].min(), bucket[train].max()
-        bucket = np.clip(bucket, first, last)
-        columns.append((bucket[:, None] == np.arange(first, last + 1)[None, :]).astype(np.float64))
-        names += [f"age:[{b * config.age_bucket_years:g},{(b + 1) * config.age_bucket_years:g})" for b in range(first, last + 1)]
-    demographics = sp.csr_matrix(np.hstack(columns))
-    return sp.hstack([counts, demographics], format="csr"), names
+@dataclass
+class Design:
+    """The transform from raw counts and demographics to the classifier's design matrix, with every
+    statistic fit on train rows: count SDs (``standardize``), the age mean and SD, the sexes and the age
+    buckets seen in train."""
+
+    config: CountsConfig
+    count_scale: np.ndarray | None = None
+    age_mean: float = 0.0
+    age_sd: float = 1.0
+    sexes: tuple = ()
+    buckets: tuple[int, int] | None = None
+
+    def fit(self, raw: sp.csr_matrix, train: pl.DataFrame) -> "Design":
+        counts = raw[train["history_id"].to_numpy()]
+        if self.config.count_transform == "standardize":
+            mean_sq = np.asarray(counts.multiply(counts).mean(axis=0)).ravel()
+            mean = np.asarray(counts.mean(axis=0)).ravel()
+            sd = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+            self.count_scale = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+        age = train["age_years"].to_numpy().astype(np.float64)
+        self.age_mean, age_sd = float(np.nanmean(age)), float(np.nanstd(age))
+        self.age_sd = age_sd if age_sd > 0 else 1.0
+        self.sexes = tuple(sorted(v for v in train["sex"].unique().to_list() if v is not None))
+        if self.config.age_bucket_years:
+            bucket = np.floor(self._age(train) / self.config.age_bucket_years).astype(np.int64)
+            self.buckets = (int(bucket.min()), int(bucket.max()))
+        return self
+
+    def _age(self, rows: pl.DataFrame) -> np.ndarray:
+        age = rows["age_years"].to_numpy().astype(np.float64)
+        return np.where(np.isnan(age), self.age_mean, age)  # an unknown age counts as the train mean
+
+    def names(self) -> list[str]:
+        names = ["age_z", *[f"sex:{v}" for v in self.sexes]]
+        if self.buckets is not None:
+            width = self.config.age_bucket_years
+            names += [f"age:[{b * width:g},{(b + 1) * width:g})" for b in range(self.buckets[0], self.buckets[1] + 1)]
+        return names
+
+    def transform(self, raw: sp.csr_matrix, rows: pl.DataFrame) -> sp.csr_matrix:
+        counts = raw[rows["history_id"].to_numpy()]
+        counts = counts.log1p() if self.count_scale is None else counts @ sp.diags(self.count_scale)
+        age = self._age(rows)
+        columns = [((age - self.age_mean) / self.age_sd)[:, None]]
+        sex_values = np.array(rows["sex"].fill_null("").to_list(), dtype=object)
+        columns.append(np.column_stack([sex_values == v for v in self.sexes]).astype(np.float64) if self.sexes
+                       else np.zeros((len(age), 0)))
+        if self.buckets is not None:
+            # buckets seen in train rows; younger/older ages fall into the first/last one
+            first, last = self.buckets
+            bucket = np.clip(np.floor(age / self.config.age_bucket_years).astype(np.int64), first, last)
+            columns.append((bucket[:, None] == np.arange(first, last + 1)[None, :]).astype(np.float64))
+        return sp.hstack([counts, sp.csr_matrix(np.hstack(columns))], format="csr")
 
 
 def _auroc(y: np.ndarray, model, x) -> float:
@@ -211,25 +250,22 @@ def _auroc(y: np.ndarray, model, x) -> float:
     return float(roc_auc_score(y, model.predict_proba(x)[:, 1])) if len(np.unique(y)) == 2 else math.nan
 
 
-def fit_predict(x_train, y_train, x_tune, y_tune, x_score, config: CountsConfig) -> tuple[np.ndarray, dict]:
-    """Fit the configured classifier on train rows (hyper-parameter picked on tuning AUROC) and return
-    probabilities for ``x_score`` with a summary of the choice."""
-    if len(np.unique(y_train)) < 2:
-        raise UserError("count baseline: the train split holds only one class for this task/horizon; "
-                        "more subjects or a longer follow-up are needed to fit a classifier")
-    if config.model == "logistic":
-        from sklearn.linear_model import LogisticRegression
+def _fit_logistic(x_train, y_train, x_tune, y_tune, config: CountsConfig):
+    from sklearn.linear_model import LogisticRegression
 
-        def fit(c):
-            return LogisticRegression(C=c, class_weight=config.class_weight, max_iter=config.max_iter).fit(x_train, y_train)
+    def fit(c):
+        return LogisticRegression(C=c, class_weight=config.class_weight, max_iter=config.max_iter).fit(x_train, y_train)
 
-        if len(np.unique(y_tune)) == 2:
-            fits = [(_auroc(y_tune, model, x_tune), c, model) for c, model in ((c, fit(c)) for c in config.c_values)]
-            auroc, c, model = max(fits, key=lambda f: f[0])
-        else:
-            c, auroc = config.default_c, math.nan
-            model = fit(c)
-        return model.predict_proba(x_score)[:, 1], {"C": c, "tuning_auroc": auroc}
+    if len(np.unique(y_tune)) == 2:
+        fits = [(_auroc(y_tune, model, x_tune), c, model) for c, model in ((c, fit(c)) for c in config.c_values)]
+        auroc, c, model = max(fits, key=lambda f: f[0])
+    else:
+        c, auroc = config.default_c, math.nan
+        model = fit(c)
+    return (lambda x: model.predict_proba(x)[:, 1]), {"C": c, "tuning_auroc": auroc}
+
+
+def _fit_trees(x_train, y_train, x_tune, y_tune, config: CountsConfig):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     # trees need dense input: keep the most frequent train columns (age and sex are the last columns)
@@ -242,49 +278,87 @@ def fit_predict(x_train, y_train, x_tune, y_tune, x_score, config: CountsConfig)
     )
     model.fit(x_train[:, keep].toarray().astype(np.float32), y_train)
     auroc = _auroc(y_tune, model, x_tune[:, keep].toarray().astype(np.float32))
-    score = model.predict_proba(x_score[:, keep].toarray().astype(np.float32))[:, 1]
-    return score, {"features_used": int(len(keep)), "iterations": int(model.n_iter_), "tuning_auroc": auroc}
+    summary = {"features_used": int(len(keep)), "iterations": int(model.n_iter_), "tuning_auroc": auroc}
+    return (lambda x: model.predict_proba(x[:, keep].toarray().astype(np.float32))[:, 1]), summary
+
+
+def fit_classifier(x_train, y_train, x_tune, y_tune, config: CountsConfig):
+    """The configured classifier fit on train rows (its hyper-parameter picked on tuning AUROC): a function
+    from a design matrix to probabilities, and a summary of the choice."""
+    if len(np.unique(y_train)) < 2:
+        raise UserError("count baseline: the train split holds only one class for this task/horizon; "
+                        "more subjects or a longer follow-up are needed to fit a classifier")
+    fit = _fit_logistic if config.model == "logistic" else _fit_trees
+    return fit(x_train, y_train, x_tune, y_tune, config)
+
+
+def _label(rows: pl.DataFrame) -> np.ndarray:
+    return rows["boolean_value"].to_numpy().astype(np.int64)
+
+
+class CountModel(ComparedModel):
+    """The count baseline behind the compared-model interface (``nextvisit.compare``): one classifier per
+    (task, horizon), the feature vocabulary and every transform statistic fit on train rows."""
+
+    kind = COUNT_FEATURES
+
+    def __init__(self, config: CountsConfig):
+        self.config = config
+        self.name = f"counts-{config.model}"
+        self.fits: dict[tuple, tuple] = {}
+        self.summaries: dict[str, dict] = {}
+        self.input_counts: dict = {}
+
+    def read(self, meds_dir: Path, labels: Labels):
+        counts, self.input_counts = read_counts(meds_dir, labels, self.config)
+        return counts, labels.histories.height
+
+    def fit(self, inputs, train: pl.DataFrame, tuning: pl.DataFrame) -> "CountModel":
+        counts, n_histories = inputs
+        vocabulary = fit_vocabulary(counts, train["history_id"].unique(), self.config.min_code_count)
+        self.features = count_matrix(counts, n_histories, vocabulary, self.config.lookback_days)
+        self.input_counts["feature_codes"] = len(vocabulary)
+        sys.stderr.write(
+            f"count features: {n_histories} histories, {len(vocabulary)} codes x {len(self.config.lookback_days)} "
+            f"windows; {self.input_counts['after_prediction_time']} events after the prediction time and "
+            f"{self.input_counts['removed_from_inputs']} removed-from-inputs events not counted\n")
+        for (task, horizon), group in train.group_by("task", "horizon_days", maintain_order=True):
+            group = group.sort("row")
+            tune = tuning.filter((pl.col("task") == task) & (pl.col("horizon_days") == horizon)).sort("row")
+            design = Design(self.config).fit(self.features.matrix, group)
+            x = self.features.matrix
+            predict, summary = fit_classifier(design.transform(x, group), _label(group), design.transform(x, tune),
+                                              _label(tune), self.config)
+            summary.update(train_rows=group.height, train_positive=int(_label(group).sum()))
+            self.summaries[f"{task}@{horizon}"] = summary
+            self.fits[(task, horizon)] = (design, predict)
+            sys.stderr.write(f"{task} @ {horizon} days: {summary}\n")
+        self.feature_columns = len(self.features.names) + (len(design.names()) if self.fits else 0)
+        return self
+
+    def predict_proba(self, inputs, rows: pl.DataFrame) -> np.ndarray:
+        probability = np.full(rows.height, np.nan)
+        index = np.arange(rows.height)
+        for (task, horizon), (design, predict) in self.fits.items():
+            mask = ((rows["task"] == task) & (rows["horizon_days"] == horizon)).to_numpy()
+            if mask.any():
+                probability[index[mask]] = predict(design.transform(self.features.matrix, rows.filter(pl.Series(mask))))
+        if np.isnan(probability).any():
+            task, horizon = rows.filter(pl.Series(np.isnan(probability))).select("task", "horizon_days").row(0)
+            raise UserError(f"count baseline: task {task!r} at {horizon} days has no train rows to fit a classifier")
+        return probability
+
+    def info(self) -> dict:
+        return {"config": asdict(self.config), "inputs": self.input_counts, "fits": self.summaries,
+                "feature_columns": self.feature_columns}
 
 
 def run(meds_dir: Path, labels_dir: Path, out: Path, config: CountsConfig, overwrite: bool = False) -> Path:
     """Fit one count model per (task, horizon) and write predictions for the tuning and held_out rows."""
-    started = time.monotonic()
-    labelled, label_counts = common.load_labels(labels_dir)
-    removed = common.removed_input_codes(labels_dir)
-    out = common.prepare_out(out, overwrite)
-    rows, features, input_counts = build_features(meds_dir, labelled, removed, config)
-    sys.stderr.write(
-        f"count features: {features.matrix.shape[0]} histories, {input_counts['feature_codes']} codes x "
-        f"{len(config.lookback_days)} windows; {input_counts['after_prediction_time']} events after the prediction "
-        f"time and {input_counts['removed_from_inputs']} removed-from-inputs events not counted\n"
-    )
-    scored, fits = [], {}
-    for (task, horizon), group in rows.group_by("task", "horizon_days", maintain_order=True):
-        group = group.sort("row")
-        split = group["split"].to_numpy()
-        train = split == "train"
-        x, demographic_names = design_matrix(features.matrix, group, train, config)
-        y = group["boolean_value"].to_numpy().astype(np.int64)
-        tune = split == "tuning"
-        score_mask = np.isin(split, common.PREDICTION_SPLITS)
-        probability, summary = fit_predict(x[train], y[train], x[tune], y[tune], x[score_mask], config)
-        summary.update(train_rows=int(train.sum()), train_positive=int(y[train].sum()))
-        fits[f"{task}@{horizon}"] = summary
-        sys.stderr.write(f"{task} @ {horizon} days: {summary}\n")
-        scored.append(group.filter(pl.Series(score_mask)).with_columns(pl.Series(common.PROBABILITY, probability)))
-    predictions = pl.concat(scored)
-    elapsed = time.monotonic() - started
-    path = common.write_predictions(
-        out, predictions, model=f"counts-{config.model}", kind="count-features", config=asdict(config),
-        label_counts=label_counts,
-        extra_info={"inputs": input_counts, "removed_from_inputs": common.code_set_json(removed), "fits": fits,
-                    "feature_columns": len(features.names) + len(demographic_names), "seconds": round(elapsed, 1)},
-    )
-    sys.stderr.write(f"wrote {predictions.height} predictions to {path} in {elapsed:.1f} s\n")
-    return path
+    return compare.run(CountModel(config), meds_dir, labels_dir, out, overwrite)
 
 
 def run_cli(args) -> int:
-    config = CountsConfig.from_yaml(getattr(args, "config", None), model=args.model)
-    run(args.meds_dir, args.labels, args.out, config, overwrite=getattr(args, "overwrite", False))
+    config = CountsConfig.from_yaml(args.config, model=args.model)
+    run(args.meds_dir, args.labels, args.out, config, overwrite=args.overwrite)
     return 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import meds
 import polars as pl
 
 from nextvisit.errors import UserError
 
-BIRTH_CODE = "MEDS_BIRTH"
-DEATH_CODE = "MEDS_DEATH"
+BIRTH_CODE = meds.birth_code  # "MEDS_BIRTH"
+DEATH_CODE = meds.death_code  # "MEDS_DEATH"
+SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 
 
 def data_files(meds_dir: Path) -> list[Path]:
@@ -35,16 +37,10 @@ def read_splits(meds_dir: Path) -> pl.DataFrame:
     return pl.read_parquet(path, columns=["subject_id", "split"])
 
 
-def scan_events(meds_dir: Path) -> pl.LazyFrame:
-    """All data shards as one lazy frame with the MEDS core columns."""
-    return pl.scan_parquet(data_files(meds_dir)).select("subject_id", "time", "code", "numeric_value")
-
-
 # -- validation at the edge ---------------------------------------------------------------------------------
 # The MEDS core columns and what each may hold. Integer widths and float widths other than the standard
 # ones are accepted and cast; anything else is an error that names the file and the column.
 CORE_COLUMNS = ("subject_id", "time", "code", "numeric_value")
-SPLIT_NAMES = ("train", "tuning", "held_out")
 
 
 def _arrow_kind(arrow_type) -> str:
@@ -176,10 +172,10 @@ def read_splits_checked(meds_dir: Path) -> pl.DataFrame:
     if splits.get_column("subject_id").null_count() or splits.get_column("split").null_count():
         raise UserError(f"{path}: null subject_id or split; every subject needs exactly one split")
     splits = splits.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
-    unknown = splits.filter(~pl.col("split").is_in(SPLIT_NAMES))
+    unknown = splits.filter(~pl.col("split").is_in(SPLITS))
     if unknown.height:
         raise UserError(f"{path}: split {unknown['split'][0]!r} (subject {unknown['subject_id'][0]}) is not one of "
-                        f"{', '.join(SPLIT_NAMES)}; rename it")
+                        f"{', '.join(SPLITS)}; rename it")
     duplicated = splits.filter(pl.col("subject_id").is_duplicated())
     if duplicated.height:
         raise UserError(f"{path}: subject {duplicated['subject_id'][0]} is listed in more than one row; "

@@ -1,5 +1,13 @@
 """`nextvisit evaluate`: honest metrics for one or more prediction folders (docs/interfaces.md §6).
 
+Contract: `evaluate` reads prediction folders/files through `nextvisit.artifacts.predictions`, evaluates
+every model per (task, horizon) and writes ``metrics.json`` (returned as a dict) and, through
+`nextvisit.evaluate.report`, ``report.html`` with its plots; `run_cli` is ``nextvisit evaluate``. This module
+decides which rows are scored and which metric goes where (the driver); the numbers come from
+`nextvisit.evaluate.metrics` and `nextvisit.evaluate.bootstrap`, their text from `nextvisit.evaluate.tables`.
+Bad input raises `UserError` naming the path; a metric that cannot be computed is ``null`` with a
+``reason`` (shown as "n/a (reason)"), never a crash.
+
 Per task and horizon, one table row per model, on the ``held_out`` split:
 
 - AUROC and AUPRC with 95% CIs from stratified bootstrap resamples (positives and negatives resampled
@@ -14,21 +22,14 @@ Per task and horizon, one table row per model, on the ``held_out`` split:
 
 Tasks named ``<task>_next_visit`` with a ``prior_occurrence`` column also get the inflation analysis: AUROC on
 all rows ("all occurrences", recurrences included) beside AUROC on ``prior_occurrence == False`` rows ("new
-onsets"). A metric that cannot be computed is ``null`` with a ``reason`` (shown as "n/a (reason)"), never a
-crash. The method is written down in docs/evaluation.md.
-
-Every AUROC/AUPRC here, point estimate or resample, comes from one weighted rank computation
-(`RankIndex`): a bootstrap resample is a vector of multiplicities over the original rows, so 1,000 resamples
-are one matrix pass instead of 1,000 sorts.
+onsets"). The method is written down in docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +42,13 @@ from nextvisit.artifacts.predictions import (
     read_predictions,
 )
 from nextvisit.errors import UserError
+from nextvisit.evaluate.bootstrap import percentile_interval, rng_for, stratified_bootstrap
+from nextvisit.evaluate.metrics import (
+    RankIndex, auroc, best_f1_threshold, calibration_bins, classification_at, metric, not_available,
+    roc_pr_curves, stratified_auroc, subject_weights,
+)
+from nextvisit.evaluate.report import write_report
+from nextvisit.evaluate.tables import headline_table
 
 PRIOR_OCCURRENCE = "prior_occurrence"
 NEXT_VISIT_SUFFIX = "_next_visit"
@@ -64,242 +72,6 @@ class EvaluationConfig:
     max_curve_points: int = 400  # ROC / PR curves are thinned to this many points for the plots
     # Bootstrap work is done in blocks of at most this many resample x row cells (memory bound, ~16 MB each).
     bootstrap_block_cells: int = 2_000_000
-
-
-# --------------------------------------------------------------------------------------------------------
-# Metric values: {"value": float | None, "ci": [low, high] | None, "reason": str | None}
-
-
-def metric(value: float, ci: tuple[float, float] | None = None) -> dict:
-    if not np.isfinite(value):
-        return not_available("undefined (not a finite number)")
-    out = {"value": float(value), "ci": None, "reason": None}
-    if ci is not None and all(np.isfinite(ci)):
-        out["ci"] = [float(ci[0]), float(ci[1])]
-    return out
-
-
-def not_available(reason: str) -> dict:
-    return {"value": None, "ci": None, "reason": reason}
-
-
-def format_metric(m: dict | None, digits: int = 3, with_ci: bool = True) -> str:
-    """The one way a metric is shown, in the report and on stdout.
-
-    >>> format_metric({"value": 0.81234, "ci": [0.8, 0.83], "reason": None})
-    '0.812 [0.800, 0.830]'
-    >>> format_metric({"value": None, "ci": None, "reason": "0 positives"})
-    'n/a (0 positives)'
-    """
-    if m is None:
-        return "n/a"
-    if m.get("value") is None:
-        return f"n/a ({m['reason']})" if m.get("reason") else "n/a"
-    text = f"{m['value']:.{digits}f}"
-    if with_ci and m.get("ci"):
-        text += f" [{m['ci'][0]:.{digits}f}, {m['ci'][1]:.{digits}f}]"
-    return text
-
-
-# --------------------------------------------------------------------------------------------------------
-# Rank metrics on weighted rows
-
-
-class RankIndex:
-    """Scores sorted once; then AUROC and average precision for any number of row weightings.
-
-    A weighting gives every row a weight (1 for the plain metric; bootstrap multiplicities; subject weights;
-    or their product). For each weighting, with tied scores counted half (AUROC) and grouped into one
-    threshold (AP), exactly as scikit-learn's ``roc_auc_score`` / ``average_precision_score`` with
-    ``sample_weight``:
-
-        AUROC = sum over (positive i, negative j) of w_i w_j ([s_i > s_j] + 0.5 [s_i == s_j]) / (W+ W-)
-        AP    = sum over positives i of w_i precision(s >= s_i) / W+
-
-    Both need, per positive, only the negative weight below its score (a cumulative sum over the negatives
-    in score order) and the positive weight at or above it, so R weightings cost O(R n) after one sort.
-    """
-
-    def __init__(self, labels: np.ndarray, scores: np.ndarray):
-        labels = np.asarray(labels, dtype=bool)
-        scores = np.asarray(scores, dtype=np.float64)
-        self.positive_rows = np.flatnonzero(labels)
-        self.negative_rows = np.flatnonzero(~labels)
-        positive_scores, negative_scores = scores[self.positive_rows], scores[self.negative_rows]
-        # Orders within each class (positions into positive_rows / negative_rows).
-        self.negative_order = np.argsort(negative_scores, kind="stable")  # ascending
-        self.positive_order = np.argsort(-positive_scores, kind="stable")  # descending
-        negatives_ascending = negative_scores[self.negative_order]
-        positives_descending = positive_scores[self.positive_order]
-        # Per positive (descending): negatives strictly below, and at or below, its score.
-        self.below = np.searchsorted(negatives_ascending, positives_descending, side="left")
-        self.at_or_below = np.searchsorted(negatives_ascending, positives_descending, side="right")
-        # Per positive: the last positive tied with it, so "positives at or above" counts the whole tie.
-        self.tie_end = np.zeros(0, dtype=np.int64)
-        if len(positives_descending):
-            last_of_tie = np.r_[positives_descending[1:] != positives_descending[:-1], True]
-            tie_group = np.cumsum(np.r_[0, last_of_tie[:-1]]).astype(np.int64)
-            self.tie_end = np.flatnonzero(last_of_tie)[tie_group]
-
-    def class_sums(self, positive_weights: np.ndarray, negative_weights: np.ndarray):
-        """(concordant pair weight, total pair weight, average precision), each [R], for weights given per
-        class: ``positive_weights`` [R, positives] in the order of ``positive_rows``, likewise negatives.
-        AUROC = concordant / total; AP is NaN for a weighting with no positive weight."""
-        positive_weights = np.atleast_2d(positive_weights)[:, self.positive_order]
-        negative_weights = np.atleast_2d(negative_weights)[:, self.negative_order]
-        n_weightings = positive_weights.shape[0]
-        negative_cumulative = np.zeros((n_weightings, negative_weights.shape[1] + 1))
-        np.cumsum(negative_weights, axis=1, out=negative_cumulative[:, 1:])
-        total_negative = negative_cumulative[:, -1]
-        below = negative_cumulative[:, self.below]
-        concordant = np.sum(positive_weights * (below + negative_cumulative[:, self.at_or_below]), axis=1) * 0.5
-        positive_cumulative = np.cumsum(positive_weights, axis=1, dtype=np.float64)
-        total_positive = positive_cumulative[:, -1] if positive_cumulative.shape[1] else np.zeros(n_weightings)
-        true_positive = positive_cumulative[:, self.tie_end]
-        flagged = true_positive + (total_negative[:, None] - below)
-        precision = np.divide(true_positive, flagged, out=np.zeros_like(true_positive), where=flagged > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            average_precision = np.sum(positive_weights * precision, axis=1) / total_positive
-        return concordant, total_positive * total_negative, average_precision
-
-    def pair_sums(self, weights: np.ndarray):
-        """`class_sums` for weights given per row: ``weights`` [R, n] in the original row order."""
-        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-        return self.class_sums(weights[:, self.positive_rows], weights[:, self.negative_rows])
-
-
-def auroc(labels, scores, sample_weight=None) -> float:
-    """Area under the ROC curve (ties count half); NaN with a single class.
-
-    >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    0.75
-    """
-    labels = np.asarray(labels, dtype=bool)
-    weights = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    concordant, pairs, _ = RankIndex(labels, scores).pair_sums(weights[None, :])
-    return float(concordant[0] / pairs[0]) if pairs[0] > 0 else float("nan")
-
-
-def average_precision(labels, scores, sample_weight=None) -> float:
-    """Average precision (area under the step precision-recall curve), as scikit-learn defines it."""
-    labels = np.asarray(labels, dtype=bool)
-    weights = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    return float(RankIndex(labels, scores).pair_sums(weights[None, :])[2][0])
-
-
-def stratified_auroc(labels, scores, strata) -> float:
-    """AUROC over the (positive, negative) pairs within the same stratum only; NaN when no stratum holds
-    both classes. Equals the stratum AUROCs averaged with weights (positives x negatives) per stratum."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    strata = np.asarray(strata)
-    concordant = pairs = 0.0
-    for stratum in np.unique(strata):
-        rows = strata == stratum
-        c, p, _ = RankIndex(labels[rows], scores[rows]).pair_sums(np.ones((1, int(rows.sum()))))
-        concordant += c[0]
-        pairs += p[0]
-    return concordant / pairs if pairs > 0 else float("nan")
-
-
-def class_multiplicities(n_positive: int, n_negative: int, n_resamples: int,
-                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """How often each positive ([n_resamples, n_positive]) and each negative ([n_resamples, n_negative]) is
-    drawn in a stratified bootstrap resample: positives resampled with replacement among themselves, and
-    negatives among themselves, so every resample keeps the class counts."""
-    out = []
-    for n in (n_positive, n_negative):
-        drawn = rng.integers(0, max(n, 1), size=(n_resamples, n))
-        flat = (drawn + np.arange(n_resamples)[:, None] * n).ravel()
-        out.append(np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64))
-    return out[0], out[1]
-
-
-def bootstrap_multiplicities(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_resamples, n]: `class_multiplicities` placed back in row order."""
-    labels = np.asarray(labels, dtype=bool)
-    positive, negative = class_multiplicities(int(labels.sum()), int((~labels).sum()), n_resamples, rng)
-    counts = np.zeros((n_resamples, len(labels)))
-    counts[:, labels], counts[:, ~labels] = positive, negative
-    return counts
-
-
-def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return (float("nan"), float("nan"))
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def best_f1_threshold(labels, scores) -> tuple[float, float]:
-    """(threshold, F1) maximising F1 of the rule ``score >= threshold``; the highest such threshold on ties.
-    NaN threshold when there is no positive."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels.sum() == 0:
-        return float("nan"), float("nan")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_group = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    true_pos = np.cumsum(sorted_labels)[last_of_group]
-    false_pos = np.cumsum(~sorted_labels)[last_of_group]
-    f1 = 2 * true_pos / (2 * true_pos + false_pos + (labels.sum() - true_pos))
-    best = int(np.argmax(f1))
-    return float(sorted_scores[last_of_group][best]), float(f1[best])
-
-
-def classification_at(labels, scores, threshold: float) -> dict:
-    """Precision, recall and F1 of ``score >= threshold``; n/a with the reason where undefined."""
-    labels = np.asarray(labels, dtype=bool)
-    predicted = np.asarray(scores) >= threshold
-    true_pos = int(np.sum(predicted & labels))
-    n_predicted, n_positive = int(predicted.sum()), int(labels.sum())
-    precision = (metric(true_pos / n_predicted) if n_predicted
-                 else not_available("no row scores at or above the tuning threshold"))
-    recall = metric(true_pos / n_positive) if n_positive else not_available("0 positives")
-    if n_predicted + n_positive == 0:
-        f1 = not_available("0 positives and no predicted positives")
-    else:
-        f1 = metric(2 * true_pos / (n_predicted + n_positive))
-    return {"precision": precision, "recall": recall, "f1": f1, "predicted_positive": n_predicted}
-
-
-def calibration_bins(labels, probabilities, n_bins: int) -> list[dict]:
-    """Equal-count bins of predicted risk (tied edges merge bins): per bin its range, row and positive
-    counts, mean predicted risk, observed rate and a 95% Wilson interval for the observed rate."""
-    labels = np.asarray(labels, dtype=bool)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    edges = np.unique(np.quantile(probabilities, np.linspace(0, 1, n_bins + 1)))
-    which = np.searchsorted(edges[1:-1], probabilities, side="right")
-    out = []
-    for b in range(len(edges) - 1 if len(edges) > 1 else 1):
-        rows = which == b
-        n = int(rows.sum())
-        if n == 0:
-            continue
-        positives = int(labels[rows].sum())
-        low, high = wilson_interval(positives, n)
-        out.append({
-            "lower": float(edges[b]), "upper": float(edges[min(b + 1, len(edges) - 1)]),
-            "rows": n, "positives": positives,
-            "mean_predicted": float(probabilities[rows].mean()),
-            "observed_rate": positives / n, "observed_ci": [low, high],
-        })
-    return out
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (z for 95%)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # the interval always holds the observed rate (at 0 or 1 rounding could put a bound past it)
-    return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -437,86 +209,21 @@ def _age_sex_strata(p: _Prepared, config: EvaluationConfig) -> tuple[np.ndarray 
     return strata, None
 
 
-class _Resampled:
-    """Collects per-resample values of several rank metrics over blocks of bootstrap resamples."""
-
-    def __init__(self):
-        self.values: dict[str, list[np.ndarray]] = {}
-
-    def add(self, name: str, values: np.ndarray) -> None:
-        self.values.setdefault(name, []).append(values)
-
-    def get(self, name: str) -> np.ndarray:
-        return np.concatenate(self.values[name]) if name in self.values else np.array([])
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
-
-
-def _rng_for(config: EvaluationConfig, task: str, horizon: int, subset: str) -> np.random.Generator:
-    """The same stream for every model of one (task, horizon): identical cohorts get identical resamples,
-    so paired comparisons (oracle share) are possible."""
-    return np.random.default_rng([config.seed, zlib.crc32(task.encode()), horizon, zlib.crc32(subset.encode())])
-
-
-def _bootstrap(labels, scores, config: EvaluationConfig, rng, weightings: dict[str, np.ndarray | None],
-               strata: np.ndarray | None, subsets: dict[str, np.ndarray]) -> _Resampled:
-    """Stratified bootstrap of AUROC/AP: ``weightings`` maps a name to per-row weights (multiplied by the
-    resample multiplicities; None = 1 per row), ``strata`` adds the within-stratum AUROC, ``subsets`` adds
-    AUROC on a row subset of the same resamples (for paired differences)."""
-    index = RankIndex(labels, scores)
-    n_positive, n_negative = len(index.positive_rows), len(index.negative_rows)
-    # Row -> its position among the rows of its class, to cut strata and subsets out of the class matrices.
-    class_position = np.empty(len(labels), dtype=np.int64)
-    class_position[index.positive_rows] = np.arange(n_positive)
-    class_position[index.negative_rows] = np.arange(n_negative)
-
-    def part(rows: np.ndarray):
-        positive = rows[labels[rows]]
-        return class_position[positive], class_position[rows[~labels[rows]]], RankIndex(labels[rows], scores[rows])
-
-    parts = {}
-    if strata is not None:
-        for s in np.unique(strata):
-            rows = np.flatnonzero(strata == s)
-            if s != "" and labels[rows].any() and not labels[rows].all():
-                parts[("stratum", s)] = part(rows)
-    for name, mask in subsets.items():
-        parts[("subset", name)] = part(np.flatnonzero(mask))
-    class_weights = {name: None if w is None else (w[index.positive_rows], w[index.negative_rows])
-                     for name, w in weightings.items()}
-
-    out = _Resampled()
-    block = max(1, min(config.n_bootstrap, config.bootstrap_block_cells // max(1, len(labels))))
-    done = 0
-    while done < config.n_bootstrap:
-        size = min(block, config.n_bootstrap - done)
-        positive, negative = class_multiplicities(n_positive, n_negative, size, rng)
-        for name, weights in class_weights.items():
-            if weights is None:
-                concordant, pairs, ap = index.class_sums(positive, negative)
-            else:
-                concordant, pairs, ap = index.class_sums(positive * weights[0], negative * weights[1])
-            out.add(f"{name}.auroc", _ratio(concordant, pairs))
-            out.add(f"{name}.auprc", ap)
-        stratified = np.zeros((2, size))
-        for (kind, name), (positions_pos, positions_neg, sub) in parts.items():
-            concordant, pairs, _ = sub.class_sums(positive[:, positions_pos], negative[:, positions_neg])
-            if kind == "stratum":
-                stratified += (concordant, pairs)
-            else:
-                out.add(f"{name}.auroc", _ratio(concordant, pairs))
-        if any(kind == "stratum" for kind, _ in parts):
-            out.add("stratified.auroc", _ratio(stratified[0], stratified[1]))
-        done += size
-    return out
-
-
 def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: list[str]) -> tuple[dict, dict]:
     """(table row, plot data) for one model on one task and horizon."""
     p = _prepare(pred, config, warnings)
+    row = _model_row(pred, p, config, warnings)
+    plot = {"model": pred.name, "kind": pred.kind}
+    _rank_metrics(pred, p, config, row, plot)
+    _calibration_metrics(p, config, row, plot)
+    _threshold_metrics(p, config, row)
+    row["_keys"] = p.keys
+    row["_prepared"] = p
+    return row, plot
+
+
+def _model_row(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, warnings: list[str]) -> dict:
+    """The table row's identity and counts, before any metric."""
     split = config.report_split
     n_pos, n_neg = int(p.labels.sum()), int((~p.labels).sum())
     censored, censored_scope = censored_count(pred.label_counts, pred.task, pred.horizon_days, split)
@@ -527,7 +234,7 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
     if 0 < n_pos < config.min_positives_for_ci:
         warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {n_pos} {split} positives; "
                         "its intervals rest on very few cases")
-    row = {
+    return {
         "model": pred.name, "kind": pred.kind, "source": pred.source, "is_oracle": pred.kind == ORACLE,
         "repeat_regularization": repeat_setting(pred.config),
         "counts": {
@@ -541,47 +248,56 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
             "rows_in_file": p.counts["rows"],
         },
     }
-    plot = {"model": pred.name, "kind": pred.kind}
-    problem = p.no_labels or _class_problem(p.labels, split)
+
+
+def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, row: dict, plot: dict) -> None:
+    """AUROC/AUPRC (sample- and subject-weighted) and the age-sex-stratified AUROC with bootstrap CIs, and
+    the ROC/PR curves, into ``row`` and ``plot``; n/a for all of them without both classes."""
+    problem = p.no_labels or _class_problem(p.labels, config.report_split)
     rank_names = ("auroc", "auprc", "auroc_subject_weighted", "auprc_subject_weighted", "auroc_age_sex_stratified")
     if problem:
         for name in rank_names:
             row[name] = not_available(problem)
+        return
+    per_subject = subject_weights(p.subject_ids)
+    strata, strata_problem = _age_sex_strata(p, config)
+    ones = np.ones(len(p.labels))
+    concordant, pairs, ap = RankIndex(p.labels, p.scores).pair_sums(np.vstack([ones, per_subject]))
+    # Next-visit tasks: new-onset AUROC on the same resamples, for the paired inflation difference.
+    subsets = {"new_onsets": ~p.prior} if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None else {}
+    boot = stratified_bootstrap(p.labels, p.scores, config.n_bootstrap, config.bootstrap_block_cells,
+                                rng_for(config.seed, pred.task, pred.horizon_days, "all"),
+                                {"sample": None, "subject": per_subject}, strata, subsets)
+    row["auroc"] = metric(concordant[0] / pairs[0], percentile_interval(boot.get("sample.auroc"), config.confidence))
+    row["auprc"] = metric(ap[0], percentile_interval(boot.get("sample.auprc"), config.confidence))
+    row["auroc_subject_weighted"] = metric(concordant[1] / pairs[1],
+                                           percentile_interval(boot.get("subject.auroc"), config.confidence))
+    row["auprc_subject_weighted"] = metric(ap[1], percentile_interval(boot.get("subject.auprc"), config.confidence))
+    row["_boot_auroc"] = boot.get("sample.auroc")
+    row["_boot_new_onset_auroc"] = boot.get("new_onsets.auroc")
+    if strata is None:
+        row["auroc_age_sex_stratified"] = not_available(strata_problem)
     else:
-        subject_weights = _subject_weights(p.subject_ids)
-        strata, strata_problem = _age_sex_strata(p, config)
-        ones = np.ones(len(p.labels))
-        concordant, pairs, ap = RankIndex(p.labels, p.scores).pair_sums(np.vstack([ones, subject_weights]))
-        # Next-visit tasks: new-onset AUROC on the same resamples, for the paired inflation difference.
-        subsets = {"new_onsets": ~p.prior} if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None else {}
-        boot = _bootstrap(p.labels, p.scores, config, _rng_for(config, pred.task, pred.horizon_days, "all"),
-                          {"sample": None, "subject": subject_weights}, strata, subsets)
-        row["auroc"] = metric(concordant[0] / pairs[0], percentile_interval(boot.get("sample.auroc"), config.confidence))
-        row["auprc"] = metric(ap[0], percentile_interval(boot.get("sample.auprc"), config.confidence))
-        row["auroc_subject_weighted"] = metric(concordant[1] / pairs[1],
-                                               percentile_interval(boot.get("subject.auroc"), config.confidence))
-        row["auprc_subject_weighted"] = metric(ap[1], percentile_interval(boot.get("subject.auprc"), config.confidence))
-        row["_boot_auroc"] = boot.get("sample.auroc")
-        row["_boot_new_onset_auroc"] = boot.get("new_onsets.auroc")
-        if strata is None:
-            row["auroc_age_sex_stratified"] = not_available(strata_problem)
+        known = strata != ""
+        value = stratified_auroc(p.labels[known], p.scores[known], strata[known])
+        if np.isfinite(value):
+            row["auroc_age_sex_stratified"] = metric(value, percentile_interval(boot.get("stratified.auroc"),
+                                                                                config.confidence))
         else:
-            known = strata != ""
-            value = stratified_auroc(p.labels[known], p.scores[known], strata[known])
-            if np.isfinite(value):
-                row["auroc_age_sex_stratified"] = metric(value, percentile_interval(boot.get("stratified.auroc"),
-                                                                                    config.confidence))
-            else:
-                row["auroc_age_sex_stratified"] = not_available("no age-sex stratum holds both classes")
-            row["counts"]["age_sex_rows_excluded"] = int((~known).sum())
-            row["counts"]["age_sex_strata_used"] = int(sum(
-                1 for s in np.unique(strata[known]) if 0 < p.labels[strata == s].sum() < (strata == s).sum()))
-        plot.update(_curves(p.labels, p.scores, config.max_curve_points))
-        plot["auroc"], plot["auprc"], plot["prevalence"] = row["auroc"]["value"], row["auprc"]["value"], n_pos / len(p.labels)
+            row["auroc_age_sex_stratified"] = not_available("no age-sex stratum holds both classes")
+        row["counts"]["age_sex_rows_excluded"] = int((~known).sum())
+        row["counts"]["age_sex_strata_used"] = int(sum(
+            1 for s in np.unique(strata[known]) if 0 < p.labels[strata == s].sum() < (strata == s).sum()))
+    plot.update(roc_pr_curves(p.labels, p.scores, config.max_curve_points))
+    prevalence = int(p.labels.sum()) / len(p.labels)
+    plot["auroc"], plot["auprc"], plot["prevalence"] = row["auroc"]["value"], row["auprc"]["value"], prevalence
 
-    # Calibration and Brier need labels and scores that are probabilities, not both classes.
+
+def _calibration_metrics(p: _Prepared, config: EvaluationConfig, row: dict, plot: dict) -> None:
+    """Brier score and calibration bins into ``row`` and ``plot``. They need labels and scores that are
+    probabilities, not both classes."""
     if p.no_labels or len(p.labels) == 0:
-        reason = p.no_labels or f"no labelled {split} rows"
+        reason = p.no_labels or f"no labelled {config.report_split} rows"
         row["brier"] = not_available(reason)
         row["calibration"] = not_available(reason)
     elif p.scores.min() < 0 or p.scores.max() > 1:
@@ -597,7 +313,9 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
         row["observed_rate"] = metric(np.mean(p.labels))
         plot["calibration"] = bins
 
-    # F1 at the tuning split's best threshold, applied to held_out.
+
+def _threshold_metrics(p: _Prepared, config: EvaluationConfig, row: dict) -> None:
+    """F1, precision and recall at the tuning split's best threshold, applied to held_out, into ``row``."""
     if p.no_labels:
         tuning_problem = p.no_labels
     elif len(p.tuning_labels) == 0:
@@ -609,44 +327,17 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
     if tuning_problem:
         for name in ("threshold", "f1", "precision", "recall"):
             row[name] = not_available(tuning_problem)
+        return
+    threshold, tuning_f1 = best_f1_threshold(p.tuning_labels, p.tuning_scores)
+    row["threshold"] = metric(threshold)
+    row["threshold"]["tuning_f1"] = tuning_f1
+    if len(p.labels) == 0:
+        for name in ("f1", "precision", "recall"):
+            row[name] = not_available(f"no labelled {config.report_split} rows")
     else:
-        threshold, tuning_f1 = best_f1_threshold(p.tuning_labels, p.tuning_scores)
-        row["threshold"] = metric(threshold)
-        row["threshold"]["tuning_f1"] = tuning_f1
-        if len(p.labels) == 0:
-            for name in ("f1", "precision", "recall"):
-                row[name] = not_available(f"no labelled {split} rows")
-        else:
-            at = classification_at(p.labels, p.scores, threshold)
-            row.update(precision=at["precision"], recall=at["recall"], f1=at["f1"])
-            row["counts"]["predicted_positive"] = at["predicted_positive"]
-
-    row["_keys"] = p.keys
-    row["_prepared"] = p
-    return row, plot
-
-
-def _subject_weights(subject_ids: np.ndarray) -> np.ndarray:
-    """1 / (rows of the subject) per row, so each subject weighs 1 in total."""
-    _, inverse, rows_per_subject = np.unique(subject_ids, return_inverse=True, return_counts=True)
-    return 1.0 / rows_per_subject[inverse]
-
-
-def _curves(labels: np.ndarray, scores: np.ndarray, max_points: int) -> dict:
-    """ROC and precision-recall curves at every distinct threshold, thinned to about ``max_points``."""
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_group = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    true_pos = np.cumsum(sorted_labels)[last_of_group].astype(float)
-    false_pos = np.cumsum(~sorted_labels)[last_of_group].astype(float)
-    keep = np.unique(np.linspace(0, len(true_pos) - 1, min(len(true_pos), max_points)).round().astype(int))
-    tpr = true_pos / true_pos[-1]
-    fpr = false_pos / false_pos[-1]
-    precision = true_pos / (true_pos + false_pos)
-    return {
-        "roc": {"fpr": [0.0, *fpr[keep].tolist()], "tpr": [0.0, *tpr[keep].tolist()]},
-        "pr": {"recall": [0.0, *tpr[keep].tolist()], "precision": [float(precision[keep][0]), *precision[keep].tolist()]},
-    }
+        at = classification_at(p.labels, p.scores, threshold)
+        row.update(precision=at["precision"], recall=at["recall"], f1=at["f1"])
+        row["counts"]["predicted_positive"] = at["predicted_positive"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -723,8 +414,9 @@ def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConf
             entry["new_onsets"]["auroc"] = not_available(problem)
             entry["difference"] = not_available(problem)
         else:
-            rng = _rng_for(config, task, horizon, "new_onsets")
-            boot = _bootstrap(labels, scores, config, rng, {"sample": None}, None, {})
+            rng = rng_for(config.seed, task, horizon, "new_onsets")
+            boot = stratified_bootstrap(labels, scores, config.n_bootstrap, config.bootstrap_block_cells, rng,
+                                        {"sample": None}, None, {})
             value = auroc(labels, scores)
             entry["new_onsets"]["auroc"] = metric(value, percentile_interval(boot.get("sample.auroc"), config.confidence))
             if r["auroc"]["value"] is None:
@@ -764,63 +456,22 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     from tqdm import tqdm
 
     from nextvisit import __version__
-    from nextvisit.evaluate.report import write_report
 
     config = config or EvaluationConfig(n_bootstrap=n_bootstrap, seed=seed)
-    if isinstance(prediction_paths, (str, Path)):
-        prediction_paths = [prediction_paths]
-    if not prediction_paths:
-        raise UserError("no predictions given; pass one or more prediction folders")
     warnings: list[str] = []
-    files: list[Path] = []
-    for path in prediction_paths:
-        for file in find_prediction_files(Path(path)):
-            if file.resolve() not in {f.resolve() for f in files}:
-                files.append(file)
-    entries: list[ModelPredictions] = []
-    inputs = []
-    for file in files:
-        loaded = read_predictions(file, warnings)
-        entries += loaded
-        inputs.append({"file": str(file), "model": loaded[0].name if loaded else None,
-                       "kind": loaded[0].kind if loaded else None,
-                       "task_horizons": [[e.task, e.horizon_days] for e in loaded]})
-    _disambiguate(entries, warnings)
-
-    groups: dict[tuple[str, int], list[ModelPredictions]] = {}
-    for e in entries:
-        groups.setdefault((e.task, e.horizon_days), []).append(e)
-    for key in groups:  # the oracle first, then models in the order given
-        groups[key].sort(key=lambda e: e.kind != ORACLE)
-
+    entries, inputs = _load(prediction_paths, warnings)
     tasks, inflation, plots, models = [], [], [], {}
     bar = tqdm(total=len(entries), desc="evaluate", unit="model", file=sys.stderr, disable=not progress)
-    for (task, horizon), group in sorted(groups.items()):
-        where = f"{task} at {horizon} days"
+    for (task, horizon), group in sorted(_by_task_horizon(entries).items()):
         rows, curves = [], []
         for e in group:
             bar.set_postfix_str(f"{task}@{horizon} {e.name}")
             row, curve = _evaluate_model(e, config, warnings)
             rows.append(row)
             curves.append(curve)
-            model = models.setdefault(e.name, {"kind": e.kind, "repeat_regularization": row["repeat_regularization"],
-                                               "sources": [], "configs": []})
-            if e.source not in model["sources"]:
-                model["sources"].append(e.source)
-            if e.config not in model["configs"]:
-                model["configs"].append(e.config)
+            _record_model(models, e, row)
             bar.update(1)
-        oracle = _oracle_shares(rows, config, warnings, where)
-        if any(not _same_cohort(r, rows[0]) for r in rows[1:]):
-            sizes = ", ".join(f"{r['model']} {r['counts']['rows']}" for r in rows)
-            warnings.append(f"{where}: models were not evaluated on the same {config.report_split} rows "
-                            f"(rows or labels differ; row counts: {sizes}); compare them with care")
-        if task.endswith(NEXT_VISIT_SUFFIX):
-            inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config, warnings)})
-        for r in rows:
-            for private in [k for k in r if k.startswith("_")]:
-                del r[private]
-        tasks.append({"task": task, "horizon_days": horizon, "oracle": oracle, "rows": rows})
+        tasks.append(_task_table(task, horizon, rows, config, warnings, inflation))
         plots.append(curves)
     bar.close()
 
@@ -840,6 +491,67 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     metrics["figures"] = write_report(metrics, plots, out_dir)
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _load(prediction_paths, warnings: list[str]) -> tuple[list[ModelPredictions], list[dict]]:
+    """Every (file, task, horizon) of the given folders/files, each file once, with same-named models
+    renamed apart; and the ``inputs`` entry of metrics.json per file."""
+    if isinstance(prediction_paths, (str, Path)):
+        prediction_paths = [prediction_paths]
+    if not prediction_paths:
+        raise UserError("no predictions given; pass one or more prediction folders")
+    files: list[Path] = []
+    for path in prediction_paths:
+        for file in find_prediction_files(Path(path)):
+            if file.resolve() not in {f.resolve() for f in files}:
+                files.append(file)
+    entries: list[ModelPredictions] = []
+    inputs = []
+    for file in files:
+        loaded = read_predictions(file, warnings)
+        entries += loaded
+        inputs.append({"file": str(file), "model": loaded[0].name if loaded else None,
+                       "kind": loaded[0].kind if loaded else None,
+                       "task_horizons": [[e.task, e.horizon_days] for e in loaded]})
+    _disambiguate(entries, warnings)
+    return entries, inputs
+
+
+def _by_task_horizon(entries: list[ModelPredictions]) -> dict[tuple[str, int], list[ModelPredictions]]:
+    groups: dict[tuple[str, int], list[ModelPredictions]] = {}
+    for e in entries:
+        groups.setdefault((e.task, e.horizon_days), []).append(e)
+    for key in groups:  # the oracle first, then models in the order given
+        groups[key].sort(key=lambda e: e.kind != ORACLE)
+    return groups
+
+
+def _record_model(models: dict, e: ModelPredictions, row: dict) -> None:
+    """The ``models`` entry of metrics.json: kind, repeat setting, and every source and config seen."""
+    model = models.setdefault(e.name, {"kind": e.kind, "repeat_regularization": row["repeat_regularization"],
+                                       "sources": [], "configs": []})
+    if e.source not in model["sources"]:
+        model["sources"].append(e.source)
+    if e.config not in model["configs"]:
+        model["configs"].append(e.config)
+
+
+def _task_table(task: str, horizon: int, rows: list[dict], config: EvaluationConfig, warnings: list[str],
+                inflation: list[dict]) -> dict:
+    """One (task, horizon) table of metrics.json from its models' rows: oracle shares, the same-cohort
+    check, and (next-visit tasks) the inflation block appended to ``inflation``."""
+    where = f"{task} at {horizon} days"
+    oracle = _oracle_shares(rows, config, warnings, where)
+    if any(not _same_cohort(r, rows[0]) for r in rows[1:]):
+        sizes = ", ".join(f"{r['model']} {r['counts']['rows']}" for r in rows)
+        warnings.append(f"{where}: models were not evaluated on the same {config.report_split} rows "
+                        f"(rows or labels differ; row counts: {sizes}); compare them with care")
+    if task.endswith(NEXT_VISIT_SUFFIX):
+        inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config, warnings)})
+    for r in rows:
+        for private in [k for k in r if k.startswith("_")]:
+            del r[private]
+    return {"task": task, "horizon_days": horizon, "oracle": oracle, "rows": rows}
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -867,71 +579,6 @@ def _json_default(value):
     if isinstance(value, (np.bool_,)):
         return bool(value)
     return str(value)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The headline table
-
-
-HEADLINE_COLUMNS = (
-    ("model", "model"), ("kind", "kind"), ("AUROC [95% CI]", "auroc"), ("AUPRC [95% CI]", "auprc"),
-    ("F1", "f1"), ("age-sex AUROC", "auroc_age_sex_stratified"), ("oracle share", "oracle_share"),
-    ("pos/neg", None),
-)
-
-
-def _short(m: dict, with_ci: bool = True) -> str:
-    """A table cell: the number, or just 'n/a' (the reason is in the report and metrics.json)."""
-    return format_metric(m, with_ci=with_ci) if m and m.get("value") is not None else "n/a"
-
-
-def headline_table(metrics: dict) -> str:
-    """The comparison tables (and the inflation table) as plain text, for the terminal."""
-    lines = []
-    for group in metrics["tasks"]:
-        header = f"{group['task']}, {group['horizon_days']} days"
-        if group["horizon_days"] == 0:
-            header = f"{group['task']} (next visit)"
-        lines.append(header)
-        table = [[title for title, _ in HEADLINE_COLUMNS]]
-        for r in group["rows"]:
-            cells = [r["model"] + (" (oracle)" if r["is_oracle"] else ""), r["kind"]]
-            for _, key in HEADLINE_COLUMNS[2:-1]:
-                if key == "oracle_share" and r["is_oracle"]:
-                    cells.append("ref")
-                else:
-                    cells.append(_short(r.get(key), with_ci=key in ("auroc", "auprc")))
-            cells.append(f"{r['counts']['positives']}/{r['counts']['negatives']}")
-            table.append(cells)
-        lines += _text_table(table)
-        for r in group["rows"]:  # why each n/a is n/a, one line per model
-            reasons: dict[str, list[str]] = {}
-            for title, key in HEADLINE_COLUMNS[2:-1]:
-                m = r.get(key)
-                if not (key == "oracle_share" and r["is_oracle"]) and isinstance(m, dict) and m.get("value") is None:
-                    reasons.setdefault(m.get("reason") or "undefined", []).append(title.split(" [")[0])
-            if reasons:
-                lines.append(f"  n/a for {r['model']}: "
-                             + "; ".join(f"{', '.join(titles)}: {reason}" for reason, titles in reasons.items()))
-        lines.append("")
-    for block in metrics["inflation"]:
-        lines.append(f"Inflation: {block['task']} (AUROC, all occurrences vs new onsets)")
-        table = [["model", "repeat regularization", "all occurrences", "new onsets", "difference"]]
-        for m in block["models"]:
-            table.append([m["model"], m["repeat_regularization"], _short(m["all_occurrences"]["auroc"]),
-                          _short(m["new_onsets"]["auroc"]), _short(m["difference"])])
-        lines += _text_table(table)
-        lines.append("")
-    if metrics["warnings"]:
-        lines.append(f"{len(metrics['warnings'])} warning(s); see metrics.json or the report")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _text_table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    out.insert(1, "  " + "  ".join("-" * w for w in widths))
-    return out
 
 
 def run_cli(args) -> int:

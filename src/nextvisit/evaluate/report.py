@@ -2,7 +2,11 @@
 precision-recall and calibration plots (PNG files beside it) and every model's configuration.
 
 Every number in a table cell carries ``data-metric="<path in metrics.json>"``, so a test (or a reader) can
-check the page against ``metrics.json``; numbers are formatted by `nextvisit.evaluate.evaluation.format_metric` only.
+check the page against ``metrics.json``; numbers are formatted by `nextvisit.evaluate.tables.format_metric` only.
+
+Contract: `write_report` takes the metrics.json document and the plot data and writes files into the report
+folder; it computes no metric, and of the package it imports only the formatting module
+(`nextvisit.evaluate.tables`), so the driver (`nextvisit.evaluate.evaluation`) can import it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 from matplotlib.figure import Figure  # noqa: E402
 
-from nextvisit.evaluate.evaluation import format_metric  # noqa: E402
+from nextvisit.evaluate.tables import format_metric  # noqa: E402
 
 FIGURE_SIZE = (5.0, 4.2)  # inches
 FIGURE_DPI = 100

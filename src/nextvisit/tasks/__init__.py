@@ -36,11 +36,8 @@ false`` a death within the horizon censors the row instead (``censored_death``).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,15 +46,15 @@ import numpy as np
 import polars as pl
 import yaml
 
+from nextvisit.artifacts.folders import atomic_folder, check_out
 from nextvisit.errors import UserError
+from nextvisit.units import DAYS_PER_YEAR, END_OF_DAY
 from nextvisit.data.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
 from nextvisit.tokenize.store import SUPERVISED_KINDS, Vocabulary
 
 TASK_DIR = Path(__file__).resolve().parent
 SEX_PREFIX = "GENDER//"
 # The end of a visit day: a prediction at this time knows every event of the day.
-END_OF_DAY = timedelta(days=1) - timedelta(microseconds=1)
-DAYS_PER_YEAR = 365.25
 
 POSITIVE = "positive"
 NEGATIVE = "negative"
@@ -538,33 +535,6 @@ def format_counts(counts: dict) -> str:
 
 
 # -- files -------------------------------------------------------------------------------------------------
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless ``overwrite``; call before the work, not after."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-
-
-@contextmanager
-def atomic_folder(out: Path, overwrite: bool):
-    """Yield a temporary sibling folder to write into; on success it replaces ``out``."""
-    out = Path(out)
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
 
 
 def write_labels(out: Path, result: LabelResult, task: Task, overwrite: bool = False) -> Path:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nextvisit.data.meds import SPLITS  # noqa: F401 - the MEDS split names, re-exported for the store
 from nextvisit.errors import UserError
 
 STORE_FORMAT = "nextvisit-token-store"
 STORE_VERSION = 1
-SPLITS = ("train", "tuning", "held_out")
 NO_DAY = np.iinfo(np.int32).min
 
 SPECIAL_TOKENS = ("PAD", "SEP", "MASK", "CLS", "UNK", "EOW")

@@ -1,4 +1,4 @@
-"""`nextvisit simulate` and `nextvisit oracle`."""
+"""`nextvisit simulate` (`nextvisit oracle` lives in ``nextvisit.baselines.oracle``)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,4 @@ def run(args) -> int:
         f"wrote {args.out}: {stats['subjects']} subjects, {stats['visits']} visits "
         f"({stats['visits'] / stats['subjects']:.1f} per subject), {stats['events']} events, {stats['deaths']} deaths; "
         f"new diagnoses after the first visit: dementia {incident['dementia']}, knee OA {incident['knee_oa']}\n")
-    return 0
-
-
-def oracle_run(args) -> int:
-    from nextvisit.data.simulate.oracle import OracleConfig, write_oracle_predictions
-
-    config = OracleConfig(n_samples=getattr(args, "samples", OracleConfig.n_samples))
-    write_oracle_predictions(args.meds_dir, args.labels, args.out, overwrite=args.overwrite, config=config,
-                             workers=getattr(args, "workers", None))
     return 0

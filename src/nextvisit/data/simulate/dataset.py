@@ -1,8 +1,8 @@
 """Running the simulator over a cohort and writing it as a MEDS 0.4 dataset.
 
 Subjects ``1..N`` are simulated in chunks (in worker processes) and streamed into data shards of at most
-``shard_size`` subjects, so memory does not grow with N. The dataset is written into a temporary sibling
-folder and renamed into place at the end: an interrupted run leaves nothing behind.
+``shard_size`` subjects, so memory does not grow with N. The dataset is written into a staging folder
+(``nextvisit.artifacts.folders``) and published at the end: an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,24 +10,25 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
+import meds
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nextvisit.errors import UserError
+from nextvisit.artifacts.folders import atomic_folder
 from nextvisit.data.simulate import engine
 from nextvisit.data.simulate.engine import TABLES, SimulationConfig
+from nextvisit.errors import UserError
+from nextvisit.units import US_PER_DAY
 
 SIMULATOR_VERSION = "1"  # bump whenever the same seed would give different records
 SIMULATOR_FILE = "simulator.json"  # metadata/ sibling of dataset.json: what the oracle needs to re-create subjects
-SPLIT_SHARES = (("train", 0.8), ("tuning", 0.1), ("held_out", 0.1))
-US_PER_DAY = 86_400_000_000
+SPLIT_SHARES = ((meds.train_split, 0.8), (meds.tuning_split, 0.1), (meds.held_out_split, 0.1))
 NO_TIME = np.iinfo(np.int64).min  # the day of static rows (null time)
 DATA_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()),
                          ("numeric_value", pa.float32())])
@@ -143,33 +144,6 @@ def _merge_stats(total: dict, stats: dict) -> dict:
     return total
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` and return a fresh temporary sibling folder to write into."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: folder is not empty; choose another folder or pass --overwrite to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "data").mkdir(parents=True)
-        (tmp / "metadata").mkdir()
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    return tmp
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def simulate(n_subjects: int, out, seed: int = 0, *, workers: int | None = None, overwrite: bool = False,
              config: SimulationConfig | None = None, options: WriteOptions | None = None,
              progress: bool = True) -> dict:
@@ -183,26 +157,21 @@ def simulate(n_subjects: int, out, seed: int = 0, *, workers: int | None = None,
         raise UserError(f"--subjects {n_subjects}: must be at least 1")
     if seed < 0:
         raise UserError(f"--seed {seed}: must be zero or positive")
-    out = Path(out)
-    tmp = _prepare_out(out, overwrite)
     workers = max(1, min(workers or os.cpu_count() or 1, -(-n_subjects // options.chunk_size)))
     jobs = []
     for shard_start in range(0, n_subjects, options.shard_size):
         shard_end = min(shard_start + options.shard_size, n_subjects)
         for first in range(shard_start, shard_end, options.chunk_size):
             jobs.append((first + 1, min(options.chunk_size, shard_end - first), seed, cfg))
-    try:
+    with atomic_folder(Path(out), overwrite) as tmp:
+        (tmp / "data").mkdir()
+        (tmp / "metadata").mkdir()
         summary = _run_jobs(jobs, tmp, options, workers, progress, n_subjects)
         _write_metadata(tmp, summary, n_subjects, seed, cfg, options)
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary["stats"]
 
 
 def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bool, n_subjects: int) -> dict:
-    import meds
     from tqdm import tqdm
 
     codes_seen = np.zeros(len(TABLES.book.codes), bool)
@@ -238,8 +207,6 @@ def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bo
 
 def _write_metadata(tmp: Path, summary: dict, n_subjects: int, seed: int, cfg: SimulationConfig,
                     options: WriteOptions) -> None:
-    import meds
-
     book = TABLES.book
     seen = np.nonzero(summary["codes_seen"])[0]
     codes = pa.table({"code": pa.array([book.codes[i] for i in seen], pa.string()),
@@ -263,8 +230,6 @@ def _write_metadata(tmp: Path, summary: dict, n_subjects: int, seed: int, cfg: S
 
 
 def _meds_version() -> str:
-    import meds
-
     return getattr(meds, "__version__", "0.4")
 
 

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import ndtri
 
 from nextvisit.data.simulate import catalog
 from nextvisit.data.simulate.catalog import CONDITIONS, DRUGS, LABS, PROCEDURES
+from nextvisit.units import DAYS_PER_YEAR
 
-DAYS_PER_YEAR = 365.25
 EPOCH = date(1970, 1, 1)
 OUT, ED, IP = 0, 1, 2
 NEVER = np.iinfo(np.int64).max // 4  # a day that never comes
@@ -82,8 +83,8 @@ class SimulationConfig:
     recode_inpatient: float = 1.1
     intake_recode: float = 0.85  # chance a known condition is coded at the first visit in care
     drug_record_emergency: float = 0.3  # multiplier of p_refill at emergency visits
-    drug_stop: float = 0.05
-    later_start_share: float = 0.08  # log-scale share of a drug's start chance at visits after the diagnosis  # chance per visit that a running drug is stopped
+    drug_stop: float = 0.05  # chance per visit that a running drug is stopped
+    later_start_share: float = 0.08  # log-scale share of a drug's start chance at visits after the diagnosis
     # sizes
     max_age_years: int = 96
 
@@ -446,6 +447,51 @@ class StepResult:
     values: list
 
 
+class _Hazards(NamedTuple):
+    """Visit rates per year by kind and the death rate per day, each row's own, constant over the step."""
+
+    outpatient: np.ndarray
+    emergency: np.ndarray
+    inpatient: np.ndarray
+    death_per_day: np.ndarray
+
+
+class _NextEvent(NamedTuple):
+    """Each row's next event; gaps are days after ``st.day``."""
+
+    onset_time: np.ndarray  # [R, C] days to each condition's next stage (inf when impossible)
+    acute_gap: np.ndarray  # [R, A] day of each onset of ACUTE_COLUMNS that would bring the subject in, or inf
+    triggered: np.ndarray  # the visit is the one an acute onset brings
+    visit_at: np.ndarray
+    died: np.ndarray
+    ended: np.ndarray
+    new_day: np.ndarray
+
+
+class _VisitRows(NamedTuple):
+    """The rows with a visit in this step, at the visit day, before anything is diagnosed."""
+
+    v: np.ndarray  # row indices
+    U: np.ndarray  # their uniforms
+    intake: np.ndarray  # the first visit in care
+    kind: np.ndarray
+    age: np.ndarray  # years
+    stage: np.ndarray  # [V, C] after the onsets up to the visit day
+    bmi: np.ndarray
+    brought_in: np.ndarray  # [V, A] the onset of ACUTE_COLUMNS that brought the subject in
+
+
+class _Care(NamedTuple):
+    """What the visit found and prescribed."""
+
+    newly: np.ndarray  # [V, C] diagnosed at this visit
+    cond_emit: np.ndarray  # [V, C] a code of the condition is recorded
+    drugs: np.ndarray | slice  # the drug columns decided (all, or ROLLOUT_DRUGS)
+    drug_on: np.ndarray  # [V, len(drugs)] after the visit
+    drug_emit: np.ndarray  # [V, len(drugs)] the drug is recorded
+    coded_now: np.ndarray  # [V, C] the condition (or one of its event drugs) is recorded
+
+
 def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = False, emit: bool = True) -> StepResult:
     """Advance every row to its next event (in place) and return what was recorded.
 
@@ -454,15 +500,53 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     data's), only the records of ``ROLLOUT_TARGETS`` are decided, and nothing is emitted.
     ``st.offset`` days after ``st.day`` are known to hold no visit and no death.
     """
-    T = TABLES
     lay = ROLLOUT if rollout else STEP
     emit = emit and not rollout
     R = len(st)
     first = st.offset < 0
-    offset = np.maximum(st.offset, 0)
     age = (st.day - st.birth_day) / DAYS_PER_YEAR
-    rate = _onset_rates(st, age, cfg) / DAYS_PER_YEAR  # [R, C] per day
-    rate[first] = 0.0
+    hazards = _hazards(st, age, cfg)
+    nxt = _next_event(st, U, lay, cfg, age, hazards, rollout)
+    rows_out, codes_out, values_out = [], [], []
+    if nxt.died.any() and emit:
+        idx = np.nonzero(nxt.died)[0]
+        rows_out.append(idx), codes_out.append(np.full(len(idx), TABLES.static_codes["death"], np.int32))
+        values_out.append(np.full(len(idx), np.nan, np.float32))
+    newly_coded = np.zeros((R, C), bool)
+    visit = ~nxt.ended
+    if not visit.any():
+        st.day = nxt.new_day
+        return StepResult(np.full(R, -1), nxt.new_day, nxt.died, nxt.ended, newly_coded, rows_out, codes_out,
+                          values_out)
+
+    # From here on only the rows with a visit change.
+    rows = _at_visit(st, np.nonzero(visit)[0], U, lay, nxt, hazards, first)
+    v = rows.v
+    care = _diagnose_and_treat(st, rows, lay, cfg, rollout)
+    newly_coded[v] = care.coded_now & ~st.coded[v]
+
+    # write back
+    st.stage[v] = rows.stage
+    st.bmi[v] = rows.bmi
+    if rollout:
+        on_all = st.drug_on[v]
+        on_all[:, care.drugs] = care.drug_on
+        st.drug_on[v] = on_all
+    else:
+        st.drug_on[v] = care.drug_on
+    st.coded[v] |= care.coded_now
+    st.visits[v] += 1
+    st.offset[:] = 0
+    st.day = nxt.new_day
+
+    if emit:
+        _emit_visit(_visit_context(st, rows, care), _Recorder(v, rows_out, codes_out, values_out))
+    return StepResult(_kinds(R, v, rows.kind), nxt.new_day, nxt.died, nxt.ended, newly_coded, rows_out, codes_out,
+                      values_out)
+
+
+def _hazards(st: State, age: np.ndarray, cfg: SimulationConfig) -> _Hazards:
+    T = TABLES
     diagnosed = st.stage == 3
     burden = np.minimum(diagnosed.astype(np.float64) @ T.visit_lhr, cfg.max_burden_log_hr)
     hidden = ((st.stage[:, COND["dementia"]] == 1) | (st.stage[:, COND["dementia"]] == 2)
@@ -474,56 +558,60 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
                                           + 0.5 * burden)
     ip_rate = cfg.inpatient_rate * np.exp(cfg.inpatient_age_slope * (age - 40) + cfg.frailty_visit_log_hr * st.frailty
                                           + burden)
-    visit_rate = (out_rate + ed_rate + ip_rate) / DAYS_PER_YEAR
     present = st.stage >= 2
     death_rate = np.maximum(cfg.death_rate_at_60 * np.exp(cfg.death_age_slope * (age - 60)), cfg.death_floor) * np.exp(
         present.astype(np.float64) @ T.death_lhr + cfg.frailty_death_log_hr * st.frailty) / DAYS_PER_YEAR
+    return _Hazards(out_rate, ed_rate, ip_rate, death_rate)
 
-    def wait(u, rate_per_day):
-        with np.errstate(divide="ignore"):
-            return np.floor(np.minimum(_exponential(u) / rate_per_day, 1e12)).astype(np.int64) + 1
 
-    visit_gap = np.where(first, 1, wait(U[:, lay.visit][:, 0], visit_rate) + offset)
-    death_gap = np.where(first, NEVER, wait(U[:, lay.death][:, 0], death_rate) + offset)
+def _wait(u: np.ndarray, rate_per_day: np.ndarray) -> np.ndarray:
+    """Whole days to a geometric event, at least one (a day with rate 0 never comes)."""
+    with np.errstate(divide="ignore"):
+        return np.floor(np.minimum(_exponential(u) / rate_per_day, 1e12)).astype(np.int64) + 1
+
+
+def _next_event(st: State, U: np.ndarray, lay: _Layout, cfg: SimulationConfig, age: np.ndarray,
+                hazards: _Hazards, rollout: bool) -> _NextEvent:
+    R = len(st)
+    first = st.offset < 0
+    offset = np.maximum(st.offset, 0)
+    rate = _onset_rates(st, age, cfg) / DAYS_PER_YEAR  # [R, C] per day
+    rate[first] = 0.0
+    visit_rate = (hazards.outpatient + hazards.emergency + hazards.inpatient) / DAYS_PER_YEAR
+    visit_gap = np.where(first, 1, _wait(U[:, lay.visit][:, 0], visit_rate) + offset)
+    death_gap = np.where(first, NEVER, _wait(U[:, lay.death][:, 0], hazards.death_per_day) + offset)
     if rollout:
         loss_gap = np.full(R, NEVER)
         admin_gap = np.full(R, NEVER)
     else:
         loss_rate = np.where((age >= 18) & (age < 40), cfg.loss_rate_young, cfg.loss_rate) / DAYS_PER_YEAR
-        loss_gap = np.where(first, NEVER, wait(U[:, lay.loss][:, 0], loss_rate))
+        loss_gap = np.where(first, NEVER, _wait(U[:, lay.loss][:, 0], loss_rate))
         admin_gap = cfg.end_day - st.day
     with np.errstate(divide="ignore"):
         onset_time = _exponential(U[:, lay.onset]) / rate  # [R, C] days (inf when impossible)
-    acute_cols = ACUTE_COLUMNS
-    acute_onset = onset_time[:, acute_cols]
-    acute_gap_a = np.where(np.isfinite(acute_onset), np.floor(np.minimum(acute_onset, 1e12)) + 1 + offset[:, None],
-                           np.inf)
-    acute_first = acute_gap_a.min(axis=1)
+    acute_onset = onset_time[:, ACUTE_COLUMNS]
+    acute_gap = np.where(np.isfinite(acute_onset), np.floor(np.minimum(acute_onset, 1e12)) + 1 + offset[:, None],
+                         np.inf)
+    acute_first = acute_gap.min(axis=1)
     triggered = acute_first < visit_gap
     visit_at = np.where(triggered, acute_first, visit_gap).astype(np.int64)
     died = (death_gap <= visit_at) & (death_gap <= loss_gap) & (death_gap <= admin_gap)
     ended = died | (loss_gap < visit_at) | (admin_gap < visit_at)
     visit = ~ended
     new_day = st.day + np.where(died, death_gap, np.where(visit, visit_at, np.minimum(loss_gap, admin_gap)))
+    return _NextEvent(onset_time, acute_gap, triggered, visit_at, died, ended, new_day)
 
-    rows_out, codes_out, values_out = [], [], []
-    if died.any() and emit:
-        idx = np.nonzero(died)[0]
-        rows_out.append(idx), codes_out.append(np.full(len(idx), T.static_codes["death"], np.int32))
-        values_out.append(np.full(len(idx), np.nan, np.float32))
-    newly_coded = np.zeros((R, C), bool)
-    if not visit.any():
-        st.day = new_day
-        return StepResult(np.full(R, -1), new_day, died, ended, newly_coded, rows_out, codes_out, values_out)
 
-    # From here on only the rows with a visit change.
-    v = np.nonzero(visit)[0]
+def _at_visit(st: State, v: np.ndarray, U: np.ndarray, lay: _Layout, nxt: _NextEvent, hazards: _Hazards,
+              first: np.ndarray) -> _VisitRows:
+    """Onsets and BMI drift up to the visit day, and the kind of visit."""
+    T = TABLES
     Uv = U[v]
-    gap_days = (visit_at[v]).astype(np.float64)
-    age_v = (new_day[v] - st.birth_day[v]) / DAYS_PER_YEAR
+    gap_days = (nxt.visit_at[v]).astype(np.float64)
+    age_v = (nxt.new_day[v] - st.birth_day[v]) / DAYS_PER_YEAR
     stage = st.stage[v]
-    onset = onset_time[v] < gap_days[:, None]
-    onset[:, acute_cols] = acute_gap_a[v] <= gap_days[:, None]
+    onset = nxt.onset_time[v] < gap_days[:, None]
+    onset[:, ACUTE_COLUMNS] = nxt.acute_gap[v] <= gap_days[:, None]
     stage = np.where(onset, np.where((stage == 0) & T.has_prodrome, 1, 2), stage).astype(np.int8)
     dt = gap_days / DAYS_PER_YEAR
     bmi = np.maximum(st.bmi[v] + _bmi_drift(age_v, st.bmi_slope[v]) * dt
@@ -531,22 +619,29 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     ob = COND["obesity"]
     stage[:, ob] = np.where((stage[:, ob] == 0) & (bmi >= 30), 2, stage[:, ob])
 
-    lam = np.stack([out_rate[v], ed_rate[v], ip_rate[v]], axis=1)
+    lam = np.stack([hazards.outpatient[v], hazards.emergency[v], hazards.inpatient[v]], axis=1)
     cum = np.cumsum(lam, axis=1) / lam.sum(axis=1, keepdims=True)
     kind = (Uv[:, lay.kind] > cum[:, :2]).sum(axis=1)
-    trig = triggered[v]
+    trig = nxt.triggered[v]
     if trig.any():
-        trig_cond = acute_cols[np.argmin(acute_gap_a[v], axis=1)]
+        trig_cond = ACUTE_COLUMNS[np.argmin(nxt.acute_gap[v], axis=1)]
         kind = np.where(trig, T.acute_kind[trig_cond], kind)
     intake = first[v]
     kind = np.where(intake, OUT, kind)
+    brought_in = (nxt.acute_gap[v] == gap_days[:, None]) & trig[:, None]
+    return _VisitRows(v, Uv, intake, kind, age_v, stage, bmi, brought_in)
 
+
+def _diagnose_and_treat(st: State, rows: _VisitRows, lay: _Layout, cfg: SimulationConfig, rollout: bool) -> _Care:
+    """Diagnoses, codes of diagnosed conditions, and drugs at the visits of ``rows`` (``rows.stage`` in place)."""
+    T = TABLES
+    Uv, kind, intake, stage = rows.U, rows.kind, rows.intake, rows.stage
     # Diagnosis: present conditions are found at a visit with a chance by visit kind; an onset that
     # brought the subject in is always found.
     p_detect = T.p_detect[:, kind].T  # [V, C]
     newly = (stage == 2) & (Uv[:, lay.detect] < p_detect)
-    if trig.any():
-        newly[:, acute_cols] |= (stage[:, acute_cols] == 2) & (acute_gap_a[v] == gap_days[:, None]) & trig[:, None]
+    if rows.brought_in.any():
+        newly[:, ACUTE_COLUMNS] |= (stage[:, ACUTE_COLUMNS] == 2) & rows.brought_in
     stage[newly] = 3
     diag = stage == 3
     recode_mult = np.array([cfg.recode_outpatient, cfg.recode_emergency, cfg.recode_inpatient])[kind]
@@ -560,43 +655,20 @@ def step(st: State, U: np.ndarray, cfg: SimulationConfig, *, rollout: bool = Fal
     if rollout:
         targets = ROLLOUT_COLUMNS
         drugs = ROLLOUT_DRUGS
-        cond_emit = np.zeros((len(v), C), bool)
+        cond_emit = np.zeros((len(rows.v), C), bool)
         cond_emit[:, targets] = newly[:, targets] | (diag[:, targets] & (Uv[:, lay.recode] < p_recode))
-        u_start, u_refill = Uv[:, lay.drug_start], Uv[:, lay.drug_refill]
     else:
         drugs = slice(None)
         cond_emit = newly | (diag & (Uv[:, lay.recode] < p_recode))
-        u_start, u_refill = Uv[:, lay.drug_start], Uv[:, lay.drug_refill]
+    u_start, u_refill = Uv[:, lay.drug_start], Uv[:, lay.drug_refill]
     p_start = 1.0 - np.exp(start_weight @ T.start_log1m[:, drugs])
-    on_before = st.drug_on[v][:, drugs]
+    on_before = st.drug_on[rows.v][:, drugs]
     start = ~on_before & (u_start < p_start)
     stopped = on_before & (u_refill > 1.0 - cfg.drug_stop)
     drug_on = (on_before & ~stopped) | start
     drug_emit = start | (on_before & ~stopped & (u_refill < T.drug_refill[drugs] * refill_mult[:, None]))
     coded_now = cond_emit | (drug_emit.astype(np.float64) @ T.event_drugs[:, drugs].T.astype(np.float64) > 0)
-    newly_coded[v] = coded_now & ~st.coded[v]
-
-    # write back
-    st.stage[v] = stage
-    st.bmi[v] = bmi
-    if rollout:
-        on_all = st.drug_on[v]
-        on_all[:, drugs] = drug_on
-        st.drug_on[v] = on_all
-    else:
-        st.drug_on[v] = drug_on
-    st.coded[v] |= coded_now
-    st.visits[v] += 1
-    st.offset[:] = 0
-    st.day = new_day
-
-    if emit:
-        variant = st.variant[v]
-        cond_code = np.take_along_axis(T.dx_code, variant.T.astype(np.int64), axis=1).T  # [V, C]
-        cond_code = np.where((T.recur_code >= 0) & ~newly, T.recur_code, cond_code)
-        _emit_visit(st, v, Uv, kind, age_v, stage, newly, cond_emit, cond_code, drug_emit, bmi, rows_out, codes_out,
-                    values_out)
-    return StepResult(_kinds(R, v, kind), new_day, died, ended, newly_coded, rows_out, codes_out, values_out)
+    return _Care(newly, cond_emit, drugs, drug_on, drug_emit, coded_now)
 
 
 def _kinds(R: int, v: np.ndarray, kind: np.ndarray) -> np.ndarray:
@@ -605,65 +677,130 @@ def _kinds(R: int, v: np.ndarray, kind: np.ndarray) -> np.ndarray:
     return out
 
 
-def _emit_visit(st, v, Uv, kind, age, stage, newly, cond_emit, cond_code, drug_emit, bmi, rows_out, codes_out,
-                values_out):
-    """Append the codes recorded at the visits of rows ``v``."""
-    T = TABLES
-    nv = len(v)
-    nan = np.float32(np.nan)
+# -- what a visit records ------------------------------------------------------------------------------------
 
-    def add(mask_or_idx, code, value=None):
-        if mask_or_idx.dtype == bool:
-            r, c = np.nonzero(mask_or_idx) if mask_or_idx.ndim == 2 else (np.nonzero(mask_or_idx)[0], None)
+class _Visit(NamedTuple):
+    """The visits of rows ``v`` after the step's write-back: everything the emitters read."""
+
+    v: np.ndarray
+    U: np.ndarray  # [V, STEP.width]
+    kind: np.ndarray
+    age: np.ndarray
+    stage: np.ndarray  # [V, C]
+    newly: np.ndarray  # [V, C] diagnosed at this visit
+    cond_emit: np.ndarray  # [V, C]
+    cond_code: np.ndarray  # [V, C] the code each condition is recorded with
+    drug_emit: np.ndarray  # [V, D]
+    drug_on: np.ndarray  # [V, D] after the visit
+    bmi: np.ndarray
+    male: np.ndarray
+    height: np.ndarray  # adult height, metres
+    latent: dict  # name of a State z-score field -> its values at these rows
+
+    def has(self, name: str) -> np.ndarray:
+        """Present (diagnosed or not): what the latent state, and so the lab values, follow."""
+        return self.stage[:, COND[name]] >= 2
+
+    def diagnosed(self, name: str) -> np.ndarray:
+        return self.stage[:, COND[name]] >= 3
+
+    def any_diagnosed(self, *names: str) -> np.ndarray:
+        return np.any([self.diagnosed(n) for n in names], axis=0)
+
+    def new(self, name: str) -> np.ndarray:
+        return self.newly[:, COND[name]]
+
+    def on(self, *names: str) -> np.ndarray:
+        return np.any([self.drug_on[:, DRUG[n]] for n in names], axis=0)
+
+
+_LATENT_FIELDS = ("sbp_z", "hba1c_z", "ldl_z", "hdl_z", "egfr_z")
+
+
+def _visit_context(st: State, rows: _VisitRows, care: _Care) -> _Visit:
+    T = TABLES
+    v = rows.v
+    cond_code = np.take_along_axis(T.dx_code, st.variant[v].T.astype(np.int64), axis=1).T  # [V, C]
+    cond_code = np.where((T.recur_code >= 0) & ~care.newly, T.recur_code, cond_code)
+    return _Visit(v, rows.U, rows.kind, rows.age, rows.stage, care.newly, care.cond_emit, cond_code, care.drug_emit,
+                 st.drug_on[v], rows.bmi, st.male[v], st.height[v],
+                 {name: getattr(st, name)[v] for name in _LATENT_FIELDS})
+
+
+class _Recorder:
+    """Appends codes recorded at the visits of rows ``v`` to a step's emission lists."""
+
+    def __init__(self, v: np.ndarray, rows: list, codes: list, values: list):
+        self.v, self.rows, self.codes, self.values = v, rows, codes, values
+
+    def add(self, mask: np.ndarray, code, value: np.ndarray | None = None) -> None:
+        """``mask``: [V] or [V, K] bool; ``code`` (and ``value``): a scalar, [V], [K] or [V, K] to pick from."""
+        if mask.ndim == 2:
+            r, c = np.nonzero(mask)
         else:
-            r, c = mask_or_idx, None
+            r, c = np.nonzero(mask)[0], None
         if len(r) == 0:
             return
-        rows_out.append(v[r])
-        codes_out.append((code[r, c] if c is not None and np.ndim(code) == 2 else
-                          code[c] if c is not None else code[r] if np.ndim(code) else np.full(len(r), code)).astype(np.int32))
-        if value is None:
-            values_out.append(np.full(len(r), nan, np.float32))
+        self.rows.append(self.v[r])
+        if c is not None:
+            picked = code[r, c] if np.ndim(code) == 2 else code[c]
         else:
-            values_out.append((value[r, c] if c is not None else value[r]).astype(np.float32))
+            picked = code[r] if np.ndim(code) else np.full(len(r), code)
+        self.codes.append(picked.astype(np.int32))
+        if value is None:
+            self.values.append(np.full(len(r), np.float32(np.nan), np.float32))
+        else:
+            self.values.append((value[r, c] if c is not None else value[r]).astype(np.float32))
 
-    everyone = np.ones(nv, bool)
-    add(everyone, T.visit_code[kind])
-    # evaluation and management code
-    u_em = Uv[:, STEP.em][:, 0]
+
+def _emit_visit(x: _Visit, rec: _Recorder) -> None:
+    """Append the codes recorded at the visits; the order of the calls is the order of same-day rows."""
+    T = TABLES
+    everyone = np.ones(len(x.v), bool)
+    rec.add(everyone, T.visit_code[x.kind])
+    rec.add(everyone, T.proc_code[_management_procedure(x)])
+    rec.add(x.cond_emit, x.cond_code)
+    rec.add(x.drug_emit, T.drug_code)
+    symptom, knee_pain = _symptoms(x)  # first: MoCA and imaging depend on them
+    rec.add(symptom, T.prodrome_code)
+    _emit_on_demand_drugs(x, knee_pain, rec)
+    drawn = _emit_labs(x, symptom, rec)
+    rec.add(x.U[:, STEP.procedures] < _procedure_chances(x, drawn, symptom), T.proc_code)
+    _emit_background(x, rec)
+
+
+def _management_procedure(x: _Visit) -> np.ndarray:
+    """The evaluation and management code of each visit (an index into PROCEDURES)."""
+    kind, age = x.kind, x.age
+    u_em = x.U[:, STEP.em][:, 0]
     preventive = (kind == OUT) & (u_em < 0.1) & (age >= 40)
-    em = np.where(kind == ED, PROC["ed_visit"], np.where(kind == IP, PROC["inpatient_admission"], np.where(
+    return np.where(kind == ED, PROC["ed_visit"], np.where(kind == IP, PROC["inpatient_admission"], np.where(
         preventive, np.where(age >= 65, PROC["preventive_senior"], PROC["preventive_adult"]),
         np.where(u_em < 0.62, PROC["office_visit_low"], PROC["office_visit_moderate"]))))
-    add(everyone, T.proc_code[em])
-    add(cond_emit, cond_code)
-    add(drug_emit, T.drug_code)
 
-    # latent state -> lab values
-    dx = stage >= 3
-    present = stage >= 2
-    has = lambda name: present[:, COND[name]]  # noqa: E731
-    on = lambda *names: np.any([st.drug_on[v][:, DRUG[n]] for n in names], axis=0)  # noqa: E731
-    noise = _normal(Uv[:, STEP.lab_noise])
+
+def _lab_values(x: _Visit) -> tuple[np.ndarray, dict]:
+    """[V, L] every lab's value from the latent state, and each lab's standard normal noise by name."""
+    age, bmi, kind, male, has, on, zs = x.age, x.bmi, x.kind, x.male, x.has, x.on, x.latent
+    noise = _normal(x.U[:, STEP.lab_noise])
     z = {lab.name: noise[:, i] for i, lab in enumerate(LABS)}
-    male = st.male[v]
     adult = np.clip((age - 2) / 16, 0.35, 1.0)
-    height = st.height[v] * np.clip(0.45 + 0.55 * age / 18, 0.45, 1.0)
+    height = x.height * np.clip(0.45 + 0.55 * age / 18, 0.45, 1.0)
     antihypertensive = on("lisinopril", "amlodipine", "hydrochlorothiazide", "losartan", "metoprolol", "carvedilol")
-    sbp = (108 + 0.45 * np.maximum(age - 20, 0) * adult + 0.6 * (bmi - 25) + 7 * st.sbp_z[v] + 16 * has("hypertension")
+    sbp = (108 + 0.45 * np.maximum(age - 20, 0) * adult + 0.6 * (bmi - 25) + 7 * zs["sbp_z"] + 16 * has("hypertension")
            - 11 * antihypertensive) * np.where(age < 12, 0.85, 1.0) + 9 * z["sbp"]
     dbp = 0.55 * sbp + 8 + 6 * z["dbp"]
-    hba1c = (5.3 + 0.03 * (bmi - 25) + 0.006 * age + 0.25 * st.hba1c_z[v] + 2.0 * has("type2_diabetes")
+    hba1c = (5.3 + 0.03 * (bmi - 25) + 0.006 * age + 0.25 * zs["hba1c_z"] + 2.0 * has("type2_diabetes")
              - 0.7 * on("metformin") - 0.5 * on("insulin_glargine", "glipizide", "empagliflozin") + 0.2 * z["hba1c"])
     hba1c = np.maximum(hba1c, 4.0)
     glucose = np.maximum(28.7 * hba1c - 46.7 + 14 * z["glucose"], 50)
-    ldl = np.maximum(112 + 28 * st.ldl_z[v] + 35 * has("hyperlipidemia") - 45 * on("atorvastatin", "simvastatin")
+    ldl = np.maximum(112 + 28 * zs["ldl_z"] + 35 * has("hyperlipidemia") - 45 * on("atorvastatin", "simvastatin")
                      + 10 * z["ldl"], 30)
-    hdl = np.maximum(50 + 10 * (~male) + 11 * st.hdl_z[v] - 0.3 * (bmi - 25) + 4 * z["hdl"], 20)
-    egfr = np.clip(110 - 0.8 * np.maximum(age - 20, 0) + 10 * st.egfr_z[v] - 28 * has("ckd") - 6 * has("type2_diabetes")
+    hdl = np.maximum(50 + 10 * (~male) + 11 * zs["hdl_z"] - 0.3 * (bmi - 25) + 4 * z["hdl"], 20)
+    egfr = np.clip(110 - 0.8 * np.maximum(age - 20, 0) + 10 * zs["egfr_z"] - 28 * has("ckd") - 6 * has("type2_diabetes")
                    - 4 * has("hypertension") + 5 * z["egfr"], 5, 150)
     creatinine = np.where(male, 1.0, 0.8) * (np.maximum(egfr, 5) / 90.0) ** -1.1 * np.exp(0.04 * z["creatinine"])
-    values = np.zeros((nv, L))
+    values = np.zeros((len(x.v), L))
     values[:, LAB["sbp"]] = sbp
     values[:, LAB["dbp"]] = dbp
     values[:, LAB["bmi"]] = bmi + 0.3 * z["bmi"]
@@ -683,17 +820,19 @@ def _emit_visit(st, v, Uv, kind, age, stage, newly, cond_emit, cond_code, drug_e
     values[:, LAB["tsh"]] = np.exp(np.log(2.0) + 1.4 * (has("hypothyroidism") & ~on("levothyroxine")) + 0.4 * z["tsh"])
     values[:, LAB["alt"]] = np.exp(np.log(24) + 0.01 * (bmi - 25) * 3 + 0.35 * z["alt"])
     values[:, LAB["nt_probnp"]] = np.exp(np.log(60) + age / 40 + 2.4 * has("heart_failure") + 0.6 * z["nt_probnp"])
-    dementia = stage[:, COND["dementia"]]
+    dementia = x.stage[:, COND["dementia"]]
     values[:, LAB["moca"]] = np.clip(np.round(27.5 - 0.04 * np.maximum(age - 60, 0) - 4 * has("mci")
                                               - 2.5 * (dementia == 1) - 7 * (dementia >= 2) + 1.6 * z["moca"]), 0, 30)
+    return values, z
 
-    # which panels were drawn
-    out = kind == OUT
-    hosp = ~out
-    dxn = lambda name: dx[:, COND[name]]  # noqa: E731
-    prodromes = Uv[:, STEP.prodromes]
-    # prodromes and symptoms first (MoCA and imaging depend on them)
-    knee = stage[:, COND["knee_oa"]]
+
+def _symptoms(x: _Visit) -> tuple[np.ndarray, np.ndarray]:
+    """[V, Q] the prodromes and symptoms recorded, and knee pain on either side."""
+    age, bmi, has, dxn = x.age, x.bmi, x.has, x.diagnosed
+    hosp = x.kind != OUT
+    prodromes = x.U[:, STEP.prodromes]
+    dementia = x.stage[:, COND["dementia"]]
+    knee = x.stage[:, COND["knee_oa"]]
     old = np.maximum(age - 65, 0)
     p_memory = (np.minimum(0.002 * np.exp(0.06 * (age - 65)), 0.04) + 0.16 * (dementia == 1) + 0.3 * (dementia == 2)
                 + 0.1 * (dementia == 3) + 0.12 * dxn("mci"))
@@ -703,23 +842,32 @@ def _emit_visit(st, v, Uv, kind, age, stage, newly, cond_emit, cond_code, drug_e
     p_knee_pain = (0.01 + 0.004 * np.maximum(bmi - 25, 0) + 0.03 * dxn("knee_injury") + 0.28 * (knee == 1)
                    + 0.4 * (knee == 2) + 0.3 * (knee == 3))
     p_walk = (0.003 + 0.005 * (age > 75) + 0.05 * (knee == 2) + 0.03 * (dementia >= 2) + 0.05 * has("parkinsons"))
-    symptom = np.zeros((nv, Q), bool)
+    symptom = np.zeros((len(x.v), Q), bool)
     symptom[:, PRODROME["memory_complaint"]] = prodromes[:, PRODROME["memory_complaint"]] < p_memory
     symptom[:, PRODROME["cognitive_decline"]] = prodromes[:, PRODROME["cognitive_decline"]] < p_decline
     symptom[:, PRODROME["repeated_falls"]] = prodromes[:, PRODROME["repeated_falls"]] < p_falls
     symptom[:, PRODROME["fall"]] = prodromes[:, PRODROME["fall"]] < p_fall
     knee_pain = prodromes[:, PRODROME["knee_pain_right"]] < p_knee_pain
-    right = Uv[:, STEP.knee_side][:, 0] < 0.5
+    right = x.U[:, STEP.knee_side][:, 0] < 0.5
     symptom[:, PRODROME["knee_pain_right"]] = knee_pain & right
     symptom[:, PRODROME["knee_pain_left"]] = knee_pain & ~right
     symptom[:, PRODROME["difficulty_walking"]] = prodromes[:, PRODROME["difficulty_walking"]] < p_walk
-    add(symptom, T.prodrome_code)
-    pain = knee_pain | (dxn("low_back_pain") & cond_emit[:, COND["low_back_pain"]])
-    on_demand = pain & (Uv[:, STEP.on_demand][:, 0] < 0.3)
-    add(on_demand, T.on_demand_code[(Uv[:, STEP.on_demand][:, 1] < 0.5).astype(np.int64)])
+    return symptom, knee_pain
 
-    any_dx = lambda *names: np.any([dxn(n) for n in names], axis=0)  # noqa: E731
-    panel_p = np.zeros((nv, len(PANELS)))
+
+def _emit_on_demand_drugs(x: _Visit, knee_pain: np.ndarray, rec: _Recorder) -> None:
+    """Pain relief for knee pain or recorded low back pain."""
+    pain = knee_pain | (x.diagnosed("low_back_pain") & x.cond_emit[:, COND["low_back_pain"]])
+    on_demand = pain & (x.U[:, STEP.on_demand][:, 0] < 0.3)
+    rec.add(on_demand, TABLES.on_demand_code[(x.U[:, STEP.on_demand][:, 1] < 0.5).astype(np.int64)])
+
+
+def _emit_labs(x: _Visit, symptom: np.ndarray, rec: _Recorder) -> np.ndarray:
+    """Record the labs of the panels drawn; returns [V, len(PANELS)] which panels were drawn."""
+    T = TABLES
+    age, bmi, kind, dxn, any_dx = x.age, x.bmi, x.kind, x.diagnosed, x.any_diagnosed
+    out = kind == OUT
+    panel_p = np.zeros((len(x.v), len(PANELS)))
     panel_p[:, 0] = np.where(out, 0.5, 0.9)
     panel_p[:, 1] = np.where(out, 0.08 + 0.15 * any_dx("hypertension", "type2_diabetes", "ckd", "heart_failure"),
                              np.where(kind == ED, 0.6, 0.95))
@@ -732,16 +880,24 @@ def _emit_visit(st, v, Uv, kind, age, stage, newly, cond_emit, cond_code, drug_e
     panel_p[:, 6] = np.where(out, 0.04, 0.4)
     panel_p[:, 7] = np.where(out, 0.25 * dxn("heart_failure"), 0.15 + 0.5 * dxn("heart_failure"))
     panel_p[:, 8] = np.where(out, 0.25 * any_dx("mci", "dementia") + 0.15 * symptom[:, PRODROME["memory_complaint"]], 0.0)
-    drawn = Uv[:, STEP.panels] < panel_p
+    drawn = x.U[:, STEP.panels] < panel_p
+    values, z = _lab_values(x)
     lab_mask = drawn[:, T.lab_panel]
     # heart rate and weight are taken at about half of the vital-sign sets
     lab_mask[:, LAB["heart_rate"]] &= z["dbp"] > 0
     lab_mask[:, LAB["weight"]] &= z["sbp"] < 0
-    add(lab_mask, T.lab_code, values)
+    rec.add(lab_mask, T.lab_code, values)
+    return drawn
 
-    # procedures
-    new = lambda name: newly[:, COND[name]]  # noqa: E731
-    pp = np.zeros((nv, P))
+
+def _procedure_chances(x: _Visit, drawn: np.ndarray, symptom: np.ndarray) -> np.ndarray:
+    """[V, P] the chance of each procedure at each visit."""
+    age, kind, male, dxn, new = x.age, x.kind, x.male, x.diagnosed, x.new
+    out = kind == OUT
+    hosp = ~out
+    knee = x.stage[:, COND["knee_oa"]]
+    dementia = x.stage[:, COND["dementia"]]
+    pp = np.zeros((len(x.v), P))
     blood = drawn[:, 1:8].any(axis=1)
     pp[:, PROC["venipuncture"]] = np.where(out & blood, 0.5, 0.0)
     pp[:, PROC["ecg"]] = np.where(out, 0.03 + 0.4 * new("atrial_fibrillation") + 0.1 * dxn("atrial_fibrillation"),
@@ -762,24 +918,31 @@ def _emit_visit(st, v, Uv, kind, age, stage, newly, cond_emit, cond_code, drug_e
     pp[:, PROC["mammography"]] = np.where(out & ~male & (age >= 40) & (age < 75), 0.1, 0.0)
     pp[:, PROC["colonoscopy"]] = np.where(out & (age >= 45) & (age < 75), 0.02, 0.0)
     pp[:, PROC["chest_xray"]] = np.where(out, 0.02, np.where(kind == ED, 0.3, 0.5)) + 0.4 * new("copd") + 0.5 * new("heart_failure")
-    add(Uv[:, STEP.procedures] < pp, T.proc_code)
+    return pp
 
-    # background acute problems
-    present_u = Uv[:, STEP.acute_present]
-    choice_u = Uv[:, STEP.acute_choice]
+
+def _emit_background(x: _Visit, rec: _Recorder) -> None:
+    """Background acute problems unrelated to the catalog's conditions, and a drug for some of them."""
+    T = TABLES
+    kind = x.kind
+    out = kind == OUT
+    hosp = ~out
+    present_u = x.U[:, STEP.acute_present]
+    choice_u = x.U[:, STEP.acute_choice]
     first_p = np.where(out, 0.35, 0.97)
     second_p = np.where(out, 0.12, 0.45)
     slot1 = present_u[:, 0] < first_p
     code1 = np.where(out, T.acute_out_code[_pick(T.acute_out_cum, choice_u[:, 0])],
                      T.acute_hosp_code[_pick(T.acute_hosp_cum, choice_u[:, 0])])
-    add(slot1, code1)
+    rec.add(slot1, code1)
     code2 = np.where(out, T.acute_out_code[_pick(T.acute_out_cum, choice_u[:, 1])],
                      T.acute_hosp_code[_pick(T.acute_hosp_cum, choice_u[:, 1])])
-    add(present_u[:, 1] < second_p, code2)
-    add(hosp & (present_u[:, 2] < 0.15), T.acute_out_code[_pick(T.acute_out_cum, choice_u[:, 2])])
-    acute_drug = slot1 & (kind != IP) & (Uv[:, STEP.acute_drug][:, 0] < 0.3)
-    add(acute_drug, T.acute_drug_code[np.minimum((Uv[:, STEP.acute_drug][:, 1] * len(T.acute_drug_code)).astype(np.int64),
-                                                 len(T.acute_drug_code) - 1)])
+    rec.add(present_u[:, 1] < second_p, code2)
+    rec.add(hosp & (present_u[:, 2] < 0.15), T.acute_out_code[_pick(T.acute_out_cum, choice_u[:, 2])])
+    acute_drug = slot1 & (kind != IP) & (x.U[:, STEP.acute_drug][:, 0] < 0.3)
+    n_drugs = len(T.acute_drug_code)
+    rec.add(acute_drug, T.acute_drug_code[np.minimum((x.U[:, STEP.acute_drug][:, 1] * n_drugs).astype(np.int64),
+                                                     n_drugs - 1)])
 
 
 def draw(gens: list, group: np.ndarray, width: int, one_row_per_group: bool) -> np.ndarray:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,14 +35,11 @@ from nextvisit.errors import UserError
 from nextvisit.data.simulate import engine
 from nextvisit.data.simulate.dataset import SIMULATOR_FILE, SIMULATOR_VERSION, config_from_dict
 from nextvisit.data.simulate.engine import COND, SimulationConfig
-from nextvisit.tasks import label_counts, read_labels
 
 ORACLE_STREAM = 7919  # keeps the futures' random numbers apart from the record's
 DAY_SHIFT = 1_000_000  # SeedSequence wants non-negative entropy; days before 1970 are negative
 # Task names (labels.parquet `task`, task.yaml `name`) the oracle knows, and the simulator condition of each.
-TASK_CONDITIONS = {"dementia": "dementia", "knee_oa": "knee_oa"}
-CONDITIONS = tuple(TASK_CONDITIONS.values())
-US_PER_DAY = 86_400_000_000
+CONDITIONS = ("dementia", "knee_oa")  # the conditions whose first diagnosis the oracle can time
 
 
 @dataclass(frozen=True)
@@ -246,85 +241,3 @@ def _futures(snaps: list, pairs: np.ndarray, max_horizon: np.ndarray, sim: Simul
 
 
 # -- predictions for a labels folder ------------------------------------------------------------------------
-
-PREDICTION_COLUMNS = ("subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split", "age_years",
-                      "sex")
-PREDICTION_SPLITS = ("tuning", "held_out")
-
-
-def _task_condition(labels_dir: Path, tasks) -> dict:
-    """Map each task name in the labels to a simulator condition (task.yaml's name is honoured)."""
-    mapping = {}
-    yaml_path = labels_dir / "task.yaml"
-    yaml_name = None
-    if yaml_path.exists():
-        import yaml
-
-        data = yaml.safe_load(yaml_path.read_text()) or {}
-        yaml_name = data.get("name") if isinstance(data, dict) else None
-    for task in tasks:
-        key = task if task in TASK_CONDITIONS else yaml_name if yaml_name in TASK_CONDITIONS else None
-        if key is None:
-            raise UserError(f"{labels_dir / 'labels.parquet'}: task {task!r} has no ground truth in the simulator; "
-                            f"the oracle knows tasks {', '.join(TASK_CONDITIONS)}")
-        mapping[task] = TASK_CONDITIONS[key]
-    return mapping
-
-
-def write_oracle_predictions(meds_dir, labels_dir, out, *, overwrite: bool = False,
-                             config: OracleConfig | None = None, workers: int | None = None,
-                             splits=PREDICTION_SPLITS, progress: bool = True) -> dict:
-    """Score the labelled rows (non-null ``boolean_value``) of ``splits`` with the oracle and write
-    ``out/predictions.parquet`` and ``out/info.json`` (docs/interfaces.md section 6)."""
-    import polars as pl
-
-    cfg = config or OracleConfig()
-    meds_dir, labels_dir, out = Path(meds_dir), Path(labels_dir), Path(out)
-    sim = Simulator.from_meds(meds_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
-    labels = read_labels(labels_dir)  # validated against the label schema, errors name the file
-    total = labels.height
-    labelled = labels.filter(pl.col("boolean_value").is_not_null())
-    scored = labelled.filter(pl.col("split").is_in(list(splits)))
-    mapping = _task_condition(labels_dir if labels_dir.is_dir() else labels_dir.parent,
-                              scored["task"].unique().to_list())
-    times = scored["prediction_time"].dt.epoch("d").to_numpy()
-    risks, prevalent = oracle_risks(
-        sim, scored["subject_id"].to_numpy(), times.astype(np.int64),
-        [mapping[t] for t in scored["task"].to_list()], scored["horizon_days"].to_numpy(), config=cfg,
-        workers=workers or os.cpu_count() or 1, progress=progress)
-    if prevalent.any():
-        sys.stderr.write(f"oracle: {int(prevalent.sum())} labelled row(s) already had the condition recorded at the "
-                         "prediction time (risk 0); the task's code set and the labels disagree\n")
-    predictions = scored.select(list(PREDICTION_COLUMNS)).with_columns(
-        pl.Series("predicted_boolean_probability", risks, dtype=pl.Float64), pl.lit("oracle").alias("model"))
-    tasks = sorted(scored["task"].unique().to_list())
-    info = {
-        "model": "oracle", "kind": "oracle", "task": tasks[0] if len(tasks) == 1 else tasks,
-        "config": {"method": "monte_carlo", "n_samples": cfg.n_samples, "seed": sim.seed,
-                   "simulator_version": SIMULATOR_VERSION, "splits": list(splits),
-                   "standard_error": "sqrt(p(1-p)/n_samples) per row"},
-        "label_counts": label_counts(labels),
-        "rows": {"total": total, "labelled": labelled.height, "scored": scored.height,
-                 "not_in_scored_splits": labelled.height - scored.height, "prevalent_at_time": int(prevalent.sum())},
-    }
-    tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        predictions.write_parquet(tmp / "predictions.parquet")
-        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    sys.stderr.write(f"oracle: wrote {out / 'predictions.parquet'} ({scored.height} rows of splits "
-                     f"{', '.join(splits)}; {total - labelled.height} censored rows skipped)\n")
-    return info

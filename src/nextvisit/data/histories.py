@@ -1,0 +1,102 @@
+"""The one cut of MEDS history at a prediction time, used by every model that is compared.
+
+A *history* is one distinct (subject_id, prediction_time) of the labels; rows for several horizons of the
+same landmark share it. An event is known at the prediction time iff its time is null (static rows) or
+``time <= prediction_time`` (events at exactly the prediction time are known: the same rule as
+``nextvisit label``). Codes of the task's ``remove_from_inputs`` set are dropped. Nothing after the
+prediction time reaches any model: the zero-shot forecast, the masked baseline and the count baseline all
+read their inputs through ``read_histories``.
+
+``read_histories`` streams the MEDS shards once: for each shard, the label subjects' events, cut per
+history, in chunks of at most ``histories_per_chunk`` histories. A label subject that the data does not
+hold is an error before any work; every event not passed on is counted (``after_prediction_time``,
+``removed_from_inputs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+
+from nextvisit.data.meds import data_files
+from nextvisit.errors import UserError
+
+HISTORY_COLUMNS = ("history_id", "subject_id", "prediction_time")
+EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
+
+
+def history_table(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per distinct (subject_id, prediction_time) of ``rows``: ``history_id`` (0.., by subject then
+    time), ``subject_id``, ``prediction_time``."""
+    return (
+        rows.select("subject_id", "prediction_time").unique().sort("subject_id", "prediction_time")
+        .with_row_index("history_id").with_columns(pl.col("history_id").cast(pl.Int64))
+    )
+
+
+def cut(events: pl.DataFrame, histories: pl.DataFrame, remove_from_inputs=None) -> tuple[pl.DataFrame, dict]:
+    """The events of ``events`` (MEDS core columns) known at each history's prediction time, minus
+    ``remove_from_inputs`` (a ``CodeSet`` or None): ``history_id, subject_id, prediction_time, time, code,
+    numeric_value`` sorted by history and time (static rows first), and the counts of what was cut."""
+    joined = events.join(histories.select(HISTORY_COLUMNS), on="subject_id", how="inner")
+    known = pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time"))
+    removed = remove_from_inputs.expr() if remove_from_inputs else pl.lit(False)
+    after, dropped = joined.select((~known).sum().alias("after"), (known & removed).sum().alias("removed")).row(0)
+    kept = (
+        joined.filter(known & ~removed)
+        .select(*HISTORY_COLUMNS, "time", "code", "numeric_value")
+        .sort("history_id", "time", nulls_last=False, maintain_order=True)
+    )
+    return kept, {"after_prediction_time": int(after), "removed_from_inputs": int(dropped)}
+
+
+def check_subjects_in_data(meds_dir: Path, subject_ids: pl.Series) -> None:
+    """Fail before any work when the labels name subjects the data does not hold (reads one column)."""
+    wanted = set(subject_ids.to_list())
+    present = (pl.scan_parquet(data_files(meds_dir)).select("subject_id")
+               .filter(pl.col("subject_id").is_in(subject_ids.implode())).unique().collect())
+    missing = wanted - set(present["subject_id"].to_list())
+    if missing:
+        raise UserError(f"{meds_dir}: subject {min(missing)} of the labels is not in the data "
+                        f"({len(missing)} such subject(s)); give the MEDS dataset the labels were made from")
+
+
+@dataclass
+class HistoryChunk:
+    source: Path  # the MEDS shard
+    histories: pl.DataFrame  # HISTORY_COLUMNS, sorted by subject and time
+    events: pl.DataFrame  # the cut (``cut``'s columns)
+    counts: dict  # events not passed on, by reason
+
+
+def read_histories(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs=None,
+                   histories_per_chunk: int | None = None) -> Iterator[HistoryChunk]:
+    """The cut of every history of ``histories`` (``history_table``), shard by shard, in chunks."""
+    ids = histories["subject_id"].unique().sort()
+    check_subjects_in_data(meds_dir, ids)
+    for path in data_files(meds_dir):
+        events = (
+            pl.scan_parquet(path).select(EVENT_COLUMNS).filter(pl.col("subject_id").is_in(ids.implode())).collect()
+            .sort("subject_id", maintain_order=True)
+        )
+        if events.height == 0:
+            continue
+        shard = histories.filter(pl.col("subject_id").is_in(events["subject_id"].unique().implode()))
+        size = histories_per_chunk or max(shard.height, 1)
+        subjects = events["subject_id"]
+        for begin in range(0, shard.height, size):
+            chunk = shard.slice(begin, size)
+            # histories are sorted by subject: the chunk's events are one contiguous slice
+            first = subjects.search_sorted(chunk["subject_id"].min(), "left")
+            last = subjects.search_sorted(chunk["subject_id"].max(), "right")
+            kept, counts = cut(events.slice(first, last - first), chunk, remove_from_inputs)
+            yield HistoryChunk(source=path, histories=chunk, events=kept, counts=counts)
+
+
+def add_counts(total: dict, part: dict) -> dict:
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+    return total
