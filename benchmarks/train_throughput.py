@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from nextvisit.config import LossConfig, preset
-from nextvisit.model.losses import next_visit_loss_from_hidden
+from nextvisit.model.fused_head import next_visit_loss_from_hidden
 from nextvisit.model.transformer import LayerMask, NextVisitModel, apply_rotary, attention_allowed, rotary_tables
 from nextvisit.model.sequence import TrainingPlan
 from nextvisit.tokenize.store import SPECIAL_TOKENS, SplitWriter, TokenStore, Vocabulary, write_store_info
 from nextvisit.model.optim import make_optimizer
 from nextvisit.model.run import autocast_for
-from nextvisit.train.trainer import keep_large_buffers_in_the_heap
+from nextvisit.train.memory import keep_large_buffers_in_the_heap
 
 PAPER_VOCAB = 42_343  # paper: vocabulary size
 TOKENS_PER_VISIT = 11  # paper: 11.2 tokens per visit on average

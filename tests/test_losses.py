@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from nextvisit.config import LossConfig
-from nextvisit.model.losses import (ValidationTotals, best_constant_logits, frequency_bands, negative_term,
-                              next_visit_loss, next_visit_loss_from_hidden, positive_term, repeat_weight)
+from nextvisit.model.fused_head import next_visit_loss_from_hidden
+from nextvisit.model.losses import negative_term, next_visit_loss, positive_term, repeat_weight
 from nextvisit.model.sequence import Window, windows_batch
 from nextvisit.tokenize.store import Subject
+from nextvisit.train.validation import ValidationTotals, best_constant_logits, frequency_bands
 
 
 def test_repeat_weights_follow_the_paper():
@@ -188,15 +189,15 @@ def test_fused_head_loss_equals_logits_then_loss(monkeypatch, kind, gamma, with_
     gradients of hidden states, weight and bias of the plain path: logits = hidden @ weight.T + bias, then
     ``next_visit_loss``. Small chunks put positives on chunk edges; an incoming gradient of 1 (the trainer's
     loss.backward()) hands the saved gradients over unscaled, any other factor scales them."""
-    import nextvisit.model.losses as losses_module
+    import nextvisit.model.fused_head as fused_head_module
 
-    monkeypatch.setattr(losses_module, "head_chunk_columns", lambda n, v, device: chunk)
+    monkeypatch.setattr(fused_head_module, "head_chunk_columns", lambda n, v, device: chunk)
     hidden, weight, bias, supervised, rows, tokens, repeats = _head_case()
     config = LossConfig(kind=kind, gamma=gamma)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     b = leaves[2] if with_bias else None
-    fused = losses_module.next_visit_loss_from_hidden(leaves[0], leaves[1], b, rows, tokens, repeats, supervised,
-                                                      config)
+    fused = fused_head_module.next_visit_loss_from_hidden(leaves[0], leaves[1], b, rows, tokens, repeats,
+                                                          supervised, config)
     (fused * factor).backward()
     plain_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     logits = plain_leaves[0] @ plain_leaves[1].T + (plain_leaves[2] if with_bias else 0)

@@ -11,8 +11,10 @@ import torch
 
 from nextvisit.config import ModelConfig
 from nextvisit.errors import UserError
+import nextvisit.model.kernels as kernels_module
 import nextvisit.model.transformer as model_module
-from nextvisit.model.transformer import NextVisitModel, attention_allowed, attention_kernel
+from nextvisit.model.kernels import attention_kernel
+from nextvisit.model.transformer import NextVisitModel, attention_allowed
 from nextvisit.model.sequence import Window, query_batch, split_visits, subject_windows, visit_cap, windows_batch
 from nextvisit.tokenize.store import EOW, SEP, Subject
 
@@ -144,7 +146,7 @@ def test_key_ranges_leave_out_only_keys_masked_for_the_whole_block():
                            packed_rows=[[0, 1], [2]])
     allowed = attention_allowed(packed.att_days, packed.doc_ids)[:, None]
     T = allowed.shape[-1]
-    ranges = model_module.key_ranges(allowed, block=4)
+    ranges = kernels_module.key_ranges(allowed, block=4)
     assert [(q0, q1) for q0, q1, _, _ in ranges] == [(q0, min(q0 + 4, T)) for q0 in range(0, T, 4)]
     for q0, q1, k0, k1 in ranges:
         block = allowed[..., q0:q1, :]
@@ -164,15 +166,15 @@ def test_blocked_matmul_attention_equals_the_whole_softmax(monkeypatch):
     T = allowed.shape[-1]
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ranges = model_module.key_ranges(allowed, block=4)
+    ranges = kernels_module.key_ranges(allowed, block=4)
     assert len(ranges) > 2
-    blocked = model_module.matmul_attention(q, k, v, mask, ranges=ranges)
+    blocked = kernels_module.matmul_attention(q, k, v, mask, ranges=ranges)
     grads = torch.autograd.grad(blocked.sum(), (q, k, v))
     whole = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + mask, dim=-1) @ v
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, torch.autograd.grad(whole.sum(), (q, k, v))):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    monkeypatch.setattr(model_module, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(kernels_module, "QUERY_BLOCK", 4)
     torch.testing.assert_close(logits(model(attention="matmul"), packed), logits(model(attention="sdpa"), packed),
                                atol=1e-5, rtol=1e-5)
 
@@ -190,13 +192,13 @@ def test_auto_attention_uses_matmuls_on_cpu_only():
 def test_split_heads_equals_rotary_on_permuted_heads(monkeypatch, short_half):
     """The fused layout + rotary function gives apply_rotary's values and the same gradients (float64),
     also when some of its outputs get no gradient, whichever way it turns the heads."""
-    monkeypatch.setattr(model_module, "SHORT_HALF", short_half)
+    monkeypatch.setattr(kernels_module, "SHORT_HALF", short_half)
     torch.manual_seed(0)
     B, T, H, d = 2, 7, 3, 8
     days = torch.tensor([[0, 0, 3, 3, 40, 41, 300], [5, 9, 9, 9, 10, 700, 700]], dtype=torch.float64)
     cos, sin = model_module.rotary_tables(days, d, 10_000.0)
     x = torch.randn(B, T, 3, H, d, dtype=torch.float64, requires_grad=True)
-    q, k, v = model_module.split_heads(x, cos, sin, rotated=2)
+    q, k, v = kernels_module.split_heads(x, cos, sin, rotated=2)
     assert all(t.is_contiguous() and t.shape == (B, H, T, d) for t in (q, k, v))
     heads = x.permute(2, 0, 3, 1, 4)
     want = (model_module.apply_rotary(heads[0], cos, sin), model_module.apply_rotary(heads[1], cos, sin), heads[2])
@@ -210,7 +212,7 @@ def test_split_heads_equals_rotary_on_permuted_heads(monkeypatch, short_half):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     small = torch.randn(1, 3, 2, 2, 4, dtype=torch.float64, requires_grad=True)
     c, s = model_module.rotary_tables(days[:1, :3] * 1000, 4, 10_000.0)
-    assert torch.autograd.gradcheck(lambda t: model_module.split_heads(t, c.double(), s.double(), 1), (small,))
+    assert torch.autograd.gradcheck(lambda t: kernels_module.split_heads(t, c.double(), s.double(), 1), (small,))
 
 
 def test_blocked_attention_backward_with_dropout():
@@ -221,14 +223,14 @@ def test_blocked_attention_backward_with_dropout():
     allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
     q, k, v = (torch.randn(1, 2, T, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ranges = model_module.key_ranges(allowed, block=2)
+    ranges = kernels_module.key_ranges(allowed, block=2)
 
     def dropped(q, k, v, seed=1):
         torch.manual_seed(seed)
-        return model_module.matmul_attention(q, k, v, mask, dropout_p=0.3, ranges=ranges)
+        return kernels_module.matmul_attention(q, k, v, mask, dropout_p=0.3, ranges=ranges)
 
     assert torch.autograd.gradcheck(dropped, (q, k, v))
-    plain = model_module.matmul_attention(q, k, v, mask, ranges=ranges).detach()
+    plain = kernels_module.matmul_attention(q, k, v, mask, ranges=ranges).detach()
     assert not torch.allclose(dropped(q, k, v), plain)
     with torch.no_grad():
         mean = torch.stack([dropped(q, k, v, seed) for seed in range(4000)]).mean(0)
@@ -240,7 +242,7 @@ def test_blocked_attention_is_first_order_frees_its_blocks_and_follows_autocast(
     T = 6
     mask = torch.zeros(1, 1, T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     q, k, v = (torch.randn(1, 2, T, 4, requires_grad=True) for _ in range(3))
-    out = model_module.matmul_attention(q, k, v, mask, ranges=model_module.key_ranges(mask == 0, block=2))
+    out = kernels_module.matmul_attention(q, k, v, mask, ranges=kernels_module.key_ranges(mask == 0, block=2))
     out.sum().backward(retain_graph=False)
     with pytest.raises(RuntimeError, match="second time|freed"):  # the saved blocks are gone after backward
         out.sum().backward()
@@ -251,14 +253,14 @@ def test_blocked_attention_is_first_order_frees_its_blocks_and_follows_autocast(
         return sum(map(tensors, value)) if isinstance(value, (list, tuple)) else 0
 
     assert tensors(list(vars(out.grad_fn).values())) == 0  # and nothing else on the node holds them
-    (dq,) = torch.autograd.grad(model_module.matmul_attention(q, k, v, mask).pow(2).sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(kernels_module.matmul_attention(q, k, v, mask).pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):  # second-order gradients are refused, not silently wrong
         torch.autograd.grad(dq.sum(), k)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs: computed in bf16 throughout
-        mixed = model_module.matmul_attention(q, k, v, mask)
+        mixed = kernels_module.matmul_attention(q, k, v, mask)
         grads = torch.autograd.grad(mixed.sum(), (q, k, v))
     assert mixed.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
-    for got, want in zip(grads, torch.autograd.grad(model_module.matmul_attention(q, k, v, mask).sum(), (q, k, v))):
+    for got, want in zip(grads, torch.autograd.grad(kernels_module.matmul_attention(q, k, v, mask).sum(), (q, k, v))):
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
 
 
@@ -266,7 +268,7 @@ def test_bf16_autocast_training_gradients_stay_near_float32():
     """A training step's parameter gradients under bf16 autocast (the blocked kernel, split heads, the last
     layer at positions) point where the float32 ones do."""
     from nextvisit.config import LossConfig
-    from nextvisit.model.losses import next_visit_loss_from_hidden
+    from nextvisit.model.fused_head import next_visit_loss_from_hidden
 
     other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
     packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
@@ -295,11 +297,9 @@ def test_bf16_autocast_training_gradients_stay_near_float32():
 def test_bf16_autocast_on_cpu_keeps_the_attention_rule(monkeypatch):
     """Under bf16 autocast on CPU the default kernel is the explicit matmul one; the predicted visit still cannot
     leak into its SEP, and the logits stay close to float32."""
-    import nextvisit.model.transformer as model_module
-
     calls = []
-    real = model_module.matmul_attention
-    monkeypatch.setattr(model_module, "matmul_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels_module.matmul_attention
+    monkeypatch.setattr(kernels_module, "matmul_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = model()
     assert m.config.attention == "auto"
     changed = subject([[10, 11], [30, 31], [32, 33, 34, 35]], [100, 105, 106])
@@ -417,7 +417,7 @@ def test_last_layer_at_sep_positions_equals_the_whole_last_layer(kernel):
 
 def test_no_positions_gives_empty_outputs_and_a_connected_zero_loss():
     from nextvisit.config import LossConfig
-    from nextvisit.model.losses import next_visit_loss_from_hidden
+    from nextvisit.model.fused_head import next_visit_loss_from_hidden
 
     m = model(output_bias=True).train()
     b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, 64)

@@ -113,23 +113,23 @@ def test_learns_beyond_code_frequency_baseline(store, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_loss_curve(store, tmp_path, monkeypatch):
-    import nextvisit.train.trainer as train_module
+    import nextvisit.train.loop as loop_module
 
     config = tiny_config(max_steps=12, eval_every=1000, checkpoint_every=4)
     train(store, tmp_path / "full", config, progress=False)
     # interrupted at step 10 (after the step-8 checkpoint, with rows 9 and 10 already in metrics.csv)
-    real = train_module.learning_rate
+    real = loop_module.learning_rate
 
     def interrupt(step, train_config):
         if step == 10:
             raise KeyboardInterrupt
         return real(step, train_config)
 
-    monkeypatch.setattr(train_module, "learning_rate", interrupt)
+    monkeypatch.setattr(loop_module, "learning_rate", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(store, tmp_path / "parts", tiny_config(max_steps=12, eval_every=1000, checkpoint_every=4), progress=False)
     assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["step"] == 8
-    monkeypatch.setattr(train_module, "learning_rate", real)
+    monkeypatch.setattr(loop_module, "learning_rate", real)
     train(store, tmp_path / "parts", RunConfig(), resume=True, progress=False)
     full = [(int(r["step"]), float(r["loss"])) for r in read_metrics(tmp_path / "full") if r["loss"]]
     parts = [(int(r["step"]), float(r["loss"])) for r in read_metrics(tmp_path / "parts") if r["loss"]]
@@ -141,6 +141,25 @@ def test_time_budget_stops_with_a_checkpoint(store, tmp_path):
     last = train(store, tmp_path / "run", tiny_config(max_steps=10_000), max_minutes=0.05, progress=False)
     step = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"]
     assert 0 < step < 10_000 and int(last["step"]) == step and last["val_loss"]
+
+
+def test_max_steps_overrides_the_configured_step_limit(store, tmp_path):
+    """``max_steps`` stops this invocation after that many optimizer steps, with a logged loss, a validation and
+    a checkpoint at that step, and leaves the run's config.yaml as configured (as ``max_minutes`` does)."""
+    run = tmp_path / "run"
+    last = train(store, run, tiny_config(max_steps=12, log_every=5, eval_every=1000, checkpoint_every=1000),
+                 max_steps=3, progress=False)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and (state["epoch"], state["index"]) == (0, 3 * 8)  # 3 steps of 8 contexts
+    assert int(last["step"]) == 3 and last["val_loss"]
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows if r["loss"]] == [3]  # the limit's step is logged, as train.max_steps's is
+    assert int(rows[-1]["step"]) == 3 and rows[-1]["val_loss"]
+    assert RunConfig.load(run / "config.yaml").train.max_steps == 12
+    # it counts from the run's start, also on resume, and may lie beyond train.max_steps
+    last = train(store, run, RunConfig(), resume=True, max_steps=15, progress=False)
+    assert int(last["step"]) == 15
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 15
 
 
 def test_bad_inputs_are_user_errors(store, tmp_path):
@@ -176,9 +195,9 @@ def test_store_without_train_subjects_leaves_no_run_folder(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    import nextvisit.train.trainer as train_module
+    import nextvisit.model.fused_head as fused_head_module
 
-    real = train_module.next_visit_loss_from_hidden
+    real = fused_head_module.next_visit_loss_from_hidden
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -186,7 +205,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypa
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 12 else loss  # step 7 onwards (2 micro-batches per step)
 
-    monkeypatch.setattr(train_module, "next_visit_loss_from_hidden", poisoned)
+    monkeypatch.setattr(fused_head_module, "next_visit_loss_from_hidden", poisoned)
     with pytest.raises(UserError, match="nan at step 6.*step 4"):
         train(store, run, tiny_config(), progress=False)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
@@ -246,7 +265,7 @@ def test_ddp_two_processes_match_one_process(store, tmp_path):
 
 
 def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):
-    import nextvisit.train.trainer as train_module
+    import nextvisit.model.fused_head as fused_head_module
     from safetensors.torch import load_file, save_file
 
     run = tmp_path / "run"
@@ -255,7 +274,7 @@ def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monk
     def exhausted(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
 
-    monkeypatch.setattr(train_module, "next_visit_loss_from_hidden", exhausted)
+    monkeypatch.setattr(fused_head_module, "next_visit_loss_from_hidden", exhausted)
     with pytest.raises(UserError, match="out of memory.*lower train.micro_batch"):
         train(store, tmp_path / "oom", tiny_config(), progress=False)
     monkeypatch.undo()
@@ -269,7 +288,7 @@ def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monk
 
 ALLOCATION_PROBE = r"""
 import ctypes, sys, torch
-from nextvisit.train.trainer import keep_large_buffers_in_the_heap
+from nextvisit.train.memory import keep_large_buffers_in_the_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

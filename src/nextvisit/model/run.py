@@ -47,17 +47,26 @@ def copy_tokenizer_files(source: Path, run_dir: Path) -> None:
             shutil.copyfile(Path(source) / name, Path(run_dir) / name)
 
 
-def read_tokenizer(run_dir: Path, for_histories: bool = True):
-    """The run's own tokenizer (vocab.json, tokenizer.yaml, lab statistics). With ``for_histories`` its
+def read_tokenizer(run_dir: Path, for_histories: bool = True, vocab: Vocabulary | None = None):
+    """The run's own tokenizer (vocab.json, tokenizer.yaml, lab statistics); ``vocab`` when the caller has
+    read it already (``load_next_visit_run``), so the vocabulary is read once. With ``for_histories`` its
     guard against future dates is off: histories are already cut at each label's prediction time, so it has
     nothing left to guard, and it would refuse date-shifted cohorts (MIMIC's records lie in the 22nd
     century)."""
+    import polars as pl
+
+    from nextvisit.tokenize.config import TokenizerConfig
     from nextvisit.tokenize.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(run_dir)
+    run_dir = Path(run_dir)
+    missing = [name for name in TOKENIZER_FILES if not (run_dir / name).exists()]
+    if missing:
+        raise UserError(f"{run_dir}: {', '.join(missing)} missing; expected a model run folder (`nextvisit pretrain`)")
+    config = TokenizerConfig.load(run_dir / "tokenizer.yaml")
     if for_histories:
-        tokenizer = Tokenizer(replace(tokenizer.config, max_time=None), tokenizer.vocab, tokenizer.lab_stats)
-    return tokenizer
+        config = replace(config, max_time=None)
+    vocab = vocab if vocab is not None else Vocabulary.load(run_dir / VOCAB_FILE)
+    return Tokenizer(config, vocab, pl.read_parquet(run_dir / "lab_stats.parquet"))
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

@@ -216,7 +216,7 @@ class HorizonQueryModel(ComparedModel):
     def __init__(self, run: Path, config: ForecastConfig, device: str | None = None, progress: bool = True):
         self.run, self.config, self.progress = Path(run), config.validate(), progress
         self.model, self.vocab, self.run_config = load_next_visit_run(run, resolve_device(device))
-        self.tokenizer = read_tokenizer(run)  # the run's own vocab.json, lab statistics and tokenizer.yaml
+        self.tokenizer = read_tokenizer(run, vocab=self.vocab)  # the run's own lab statistics and tokenizer.yaml
         self.name = model_name(run, config)
         self.scored: dict = {}
 

@@ -1,0 +1,65 @@
+"""The run's checkpoint (``RUN/checkpoint/``: weights, optimizer, RNG, step and data position) for an exact
+``--resume``, written atomically: a complete folder replaces the old one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nextvisit.errors import UserError
+from nextvisit.model.run import CHECKPOINT, WEIGHTS_FILE, load_weights, save_weights
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
+    """Write checkpoint/ atomically (a complete folder replaces the old one) and model.safetensors."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    save_weights(model, run_dir / WEIGHTS_FILE)
+
+
+def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+    """Restore weights, optimizer and RNG from the checkpoint; returns its state (step, epoch, index, tokens,
+    elapsed_s)."""
+    folder = run_dir / CHECKPOINT
+    if not folder.exists() and (run_dir / (CHECKPOINT + ".old")).exists():
+        folder = run_dir / (CHECKPOINT + ".old")  # interrupted between the two renames
+    if not (folder / "state.json").exists():
+        raise UserError(f"{run_dir}: no checkpoint to resume from; start without --resume")
+    load_weights(model, folder / WEIGHTS_FILE)
+    try:
+        extra = torch.load(folder / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(extra["optimizer"])
+        state = json.loads((folder / "state.json").read_text())
+    except Exception as exc:  # any unreadable part means the checkpoint cannot be trusted
+        raise UserError(f"{folder}: corrupt checkpoint ({type(exc).__name__}: {exc}); start a new run") from None
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return state
+
+
+def checkpoint_step(run_dir: Path):
+    """The step of the run's checkpoint, or "none yet"."""
+    path = run_dir / CHECKPOINT / "state.json"
+    return json.loads(path.read_text())["step"] if path.exists() else "none yet"

@@ -1,0 +1,44 @@
+"""The run folder at the start of ``nextvisit pretrain`` (the contract: ``nextvisit.model.run``): a new run gets
+the store's tokenizer files and its resolved config; a resumed run continues with the config in the folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nextvisit.config import RunConfig
+from nextvisit.errors import UserError
+from nextvisit.model.run import CONFIG_FILE, VOCAB_FILE, copy_tokenizer_files
+from nextvisit.tokenize.store import TokenStore, Vocabulary
+from nextvisit.train.distributed import Distributed
+
+
+def prepare_run_dir(run_dir: Path, store: TokenStore, config: RunConfig, resume: bool) -> RunConfig:
+    """The run's config: for a new run ``config`` with the store's vocabulary size, written with the tokenizer
+    files into the (empty or absent) folder; for ``resume`` the folder's own, checked against the store."""
+    vocab_path = run_dir / VOCAB_FILE
+    if resume:
+        if not (run_dir / CONFIG_FILE).exists():
+            raise UserError(f"{run_dir}: no {CONFIG_FILE}; nothing to resume (start without --resume)")
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+        if not vocab_path.exists() or Vocabulary.load(vocab_path).tokens != store.vocab.tokens:
+            raise UserError(f"{run_dir}: the run's vocabulary differs from the store {store.path}'s; resume with the "
+                            f"store it was trained on, or start a new run folder")
+        return config
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir}: folder is not empty; use --resume to continue that run or choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer_files(store.path, run_dir)
+    config.model.vocab_size = len(store.vocab)
+    config.save(run_dir / CONFIG_FILE)
+    return config
+
+
+def shared_run_config(run_dir: Path, store: TokenStore, config: RunConfig, resume: bool,
+                      dist: Distributed) -> RunConfig:
+    """Process 0 prepares the folder (``prepare_run_dir``); the others then read the config it wrote."""
+    if dist.main:
+        config = prepare_run_dir(run_dir, store, config, resume)
+    dist.barrier()
+    if not dist.main:
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+    return config
