@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 import yaml
 
-from nextvisit.baselines import common, counts
+from nextvisit.baselines import counts
+from nextvisit.compare import Labels
 from nextvisit.errors import UserError
 
 T0 = datetime(2020, 6, 1)
@@ -83,9 +84,10 @@ def _hand_dataset(tmp_path):
 
 def test_counts_match_hand_computation(tmp_path):
     meds_dir, labels_dir = _hand_dataset(tmp_path)
-    labelled, label_counts = common.load_labels(labels_dir)
+    labels = Labels.load(labels_dir)
+    label_counts = labels.counts
     config = counts.CountsConfig(min_code_count=1)
-    rows, features, inputs = counts.build_features(meds_dir, labelled, common.removed_input_codes(labels_dir), config)
+    rows, features, inputs = counts.build_features(meds_dir, labels, config)
     # the vocabulary is fit on train histories only, without removed codes or codes seen after the cut
     names = features.names
     assert names == ["365d:visits", "365d:A", "365d:B", "365d:C", "365d:D",
@@ -116,8 +118,7 @@ def test_count_window_edges(tmp_path):
     labels_dir = write_labels(tmp_path / "labels", [
         {"subject_id": 1, "prediction_time": T0, "boolean_value": True, "split": "train"},
         {"subject_id": 2, "prediction_time": T0, "boolean_value": False, "split": "train"}])
-    labelled, _ = common.load_labels(labels_dir)
-    rows, features, _ = counts.build_features(meds_dir, labelled, None, counts.CountsConfig(min_code_count=1))
+    rows, features, _ = counts.build_features(meds_dir, Labels.load(labels_dir), counts.CountsConfig(min_code_count=1))
     history = rows.filter(pl.col("subject_id") == 1)["history_id"].item()
     got = dict(zip(features.names, features.matrix[history].toarray().ravel()))
     assert got["365d:EDGE_OUT"] == 0 and got["all:EDGE_OUT"] == 1
@@ -198,7 +199,7 @@ def test_count_config_rejects_unknown_field(tmp_path):
 
 def test_missing_labels_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="labels.parquet"):
-        common.load_labels(tmp_path)
+        Labels.load(tmp_path)
 
 
 # -- masked transformer -----------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_masked_window_layout():
     assert types.tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]  # visit 3 shares the last (clipped) type
     # a 9-token context keeps CLS + the last two visits (4 + 2 tokens with their SEPs)
     small = masked.MaskedModelConfig(vocab_size=20, context=9)
-    start = masked.recent_start(masked.visit_costs(subject, small.context), small.context - 1)
+    start = masked.recent_start(subject, small.context)
     assert start == 1
     tokens, days, _ = masked.window_arrays(subject, start, 3, small, cls_day=230)
     assert tokens.tolist() == [CLS, 12, 13, 14, SEP, 15, SEP] and days.tolist() == [100, 0, 0, 0, 0, 70, 70]
