@@ -195,6 +195,24 @@ def test_count_config_rejects_unknown_field(tmp_path):
     path.write_text("default_c: 1e-1\nlookback_days: [30, null]\nclass_weight: null\n")
     config = counts.CountsConfig.from_yaml(path, model="gbt")
     assert config.default_c == 0.1 and config.lookback_days == [30, None] and config.model == "gbt"
+    # numeric text inside a list is a number too; a bare number for a list field is one clear error
+    path.write_text("c_values: [1e-3, 1e-2]\n")
+    assert counts.CountsConfig.from_yaml(path).c_values == [0.001, 0.01]
+    path.write_text("lookback_days: 365\n")
+    with pytest.raises(UserError, match="lookback_days must be a list"):
+        counts.CountsConfig.from_yaml(path)
+
+
+def test_labels_with_a_subject_in_two_splits_or_null_keys_are_refused(tmp_path):
+    base = {"subject_id": 1, "prediction_time": T0, "boolean_value": True}
+    mixed = write_labels(tmp_path / "mixed", [{**base, "split": "train"},
+                                              {**base, "prediction_time": T0 + timedelta(days=400), "split": "held_out"}])
+    with pytest.raises(UserError, match="subject 1 has rows in more than one split"):
+        Labels.load(mixed)
+    null_time = write_labels(tmp_path / "null", [{**base, "split": "train"}, {**base, "prediction_time": None,
+                                                                              "split": "train"}])
+    with pytest.raises(UserError, match="null prediction_time"):
+        Labels.load(null_time)
 
 
 def test_missing_labels_is_a_user_error(tmp_path):

@@ -62,6 +62,15 @@ class Labels:
             row = bad.row(0, named=True)
             raise UserError(f"{path}: subject {row['subject_id']} has split {row['split']!r}; expected "
                             f"{', '.join(SPLITS)}")
+        for column in ("subject_id", "prediction_time", "split"):
+            nulls = labels.filter(pl.col(column).is_null()).height
+            if nulls:
+                raise UserError(f"{path}: {nulls} row(s) with a null {column}; every label row needs one")
+        mixed = labels.group_by("subject_id").agg(pl.col("split").n_unique().alias("n")).filter(pl.col("n") > 1)
+        if mixed.height:
+            raise UserError(f"{path}: subject {mixed['subject_id'].min()} has rows in more than one split "
+                            f"({mixed.height} such subject(s)); a subject belongs to one split, or held-out labels "
+                            "could reach a fit")
         labelled = labels.filter(pl.col("boolean_value").is_not_null()).with_row_index("row")
         if require_train and labelled.filter(pl.col("split") == meds.train_split).height == 0:
             raise UserError(f"{path}: no labelled train-split rows; a baseline needs train labels to fit")
@@ -109,6 +118,7 @@ def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overw
     if probability.shape != (scored.height,):
         raise RuntimeError(f"{model.name}: {probability.shape} probabilities for {scored.height} rows")
     info = {"model": model.name, "kind": model.kind, **model.info(), "label_counts": labels.counts,
+            "inputs_from": {"meds_dir": str(meds_dir), "labels": str(labels_dir)},
             "removed_from_inputs": {"code_prefixes": list(labels.remove_from_inputs.code_prefixes),
                                     "codes": list(labels.remove_from_inputs.codes)},
             "rows": {"labelled": labels.rows.height, "scored": scored.height, "splits": list(splits)},

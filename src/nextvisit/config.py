@@ -188,8 +188,14 @@ def merge(base, overrides: dict | None, source: str, prefix: str = ""):
         if value is None:
             if current is not None and "None" not in declared:
                 raise UserError(f"{source}: {name} cannot be null; give a value or leave the field out")
-        elif isinstance(current, tuple) or (current is None and "tuple" in declared):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        elif isinstance(current, (list, tuple)) or (current is None and declared.startswith(("tuple", "list"))):
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{source}: {name} must be a list, got {value!r}")
+            numbers = [v for v in (current or ()) if v is not None]
+            if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                whole = all(isinstance(v, int) for v in numbers)
+                value = [v if v is None else _number(v, f"{name}[{i}]", source, whole) for i, v in enumerate(value)]
+            value = tuple(value) if isinstance(current, tuple) or current is None else list(value)
         elif isinstance(current, bool) or (current is None and declared.startswith("bool")):
             if not isinstance(value, bool):
                 raise UserError(f"{source}: {name} must be true or false, got {value!r}")

@@ -100,10 +100,6 @@ def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], t
     return risks
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @dataclass
 class Forecast:
     predictions: pl.DataFrame  # PREDICTION_COLUMNS + PROBABILITY + model

@@ -3,15 +3,15 @@ condition's token ids in the run's vocabulary, and the checks that a run, its st
 
 from __future__ import annotations
 
-import meds
 import torch
 
+from nextvisit.artifacts.predictions import PREDICTION_SPLITS
 from nextvisit.errors import UserError
 from nextvisit.tasks import Task
 from nextvisit.tokenize.store import SPLITS, Vocabulary
 
 AGGREGATORS = ("sum_logits", "noisy_or", "max", "logsumexp")
-SCORED_SPLITS = (meds.tuning_split, meds.held_out_split)  # zero-shot needs no train rows
+SCORED_SPLITS = PREDICTION_SPLITS  # zero-shot needs no train rows
 
 
 def aggregate(logits: torch.Tensor, token_ids: torch.Tensor, aggregator: str = "sum_logits") -> torch.Tensor:
