@@ -18,6 +18,7 @@ their ``fit`` learns nothing, and they need no train rows (``needs_train_labels 
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ class Labels:
         return cls(source=path, rows=rows, histories=histories, counts=label_counts(labels), task=task)
 
 
-class ComparedModel:
+class ComparedModel(ABC):
     """The interface (see the module docstring). Subclasses set ``name`` and ``kind`` (one of
     ``nextvisit.artifacts.predictions.KINDS``) and implement ``read`` and ``predict_proba``."""
 
@@ -89,14 +90,16 @@ class ComparedModel:
     needs_train_labels: bool = True
     needs_task: bool = True  # the task's remove_from_inputs codes must be known before reading histories
 
+    @abstractmethod
     def read(self, meds_dir: Path, labels: Labels):
-        raise NotImplementedError
+        """What the model reads of each history (cut at its prediction time)."""
 
     def fit(self, inputs, train: pl.DataFrame, tuning: pl.DataFrame) -> "ComparedModel":
         return self
 
+    @abstractmethod
     def predict_proba(self, inputs, rows: pl.DataFrame) -> np.ndarray:
-        raise NotImplementedError
+        """One probability per row of ``rows``, in their order."""
 
     def info(self) -> dict:
         return {}
