@@ -34,7 +34,10 @@ PREDICTION_COLUMNS = ("subject_id", "prediction_time", LABEL, "task", "horizon_d
 PREDICTION_SPLITS = (meds.tuning_split, meds.held_out_split)  # rows every model scores (train fits them)
 REQUIRED_COLUMNS = ("subject_id", "task", "horizon_days", "split", PROBABILITY)
 ZERO_SHOT, FINE_TUNED, COUNT_FEATURES, ORACLE = "zero-shot", "fine-tuned", "count-features", "oracle"
-KINDS = (ZERO_SHOT, FINE_TUNED, COUNT_FEATURES, ORACLE)
+# The best model of what is observable (all history, age, sex, time since each code's first occurrence):
+# the reachable reference, beside the oracle's unreachable ceiling (it sees the simulator's latent state).
+OBSERVABLE_REFERENCE = "observable-reference"
+KINDS = (ZERO_SHOT, FINE_TUNED, COUNT_FEATURES, ORACLE, OBSERVABLE_REFERENCE)
 SORT_KEYS = ("task", "horizon_days", "split", "subject_id", "prediction_time")
 
 
