@@ -14,7 +14,7 @@ import yaml
 from nextvisit.cli import main
 from nextvisit.errors import UserError
 from nextvisit.tasks import (
-    END_OF_DAY, LABEL_SCHEMA, Task, builtin_tasks, load_task, make_labels, read_labels,
+    END_OF_DAY, FOLLOW_UP_SCHEMA, LABEL_SCHEMA, Task, builtin_tasks, load_task, make_labels, read_labels,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -173,7 +173,7 @@ def test_horizons_choose_their_own_landmarks_sharing_where_they_can(tmp_path):
 
 def test_label_columns(cohort):
     labels = make_labels(cohort, simple_task(), progress=False).labels
-    assert dict(labels.schema) == LABEL_SCHEMA
+    assert dict(labels.schema) == {**LABEL_SCHEMA, **FOLLOW_UP_SCHEMA}
     row = label_row(labels, 2, "2011-01-01")
     assert row["sex"] == "M" and row["split"] == "held_out" and row["task"] == "dementia_test"
     assert row["age_years"] == pytest.approx((d("2011-01-01") + END_OF_DAY - d("1940-03-01")).days / 365.25, abs=0.01)
@@ -434,3 +434,20 @@ def test_label_cli_warns_when_the_condition_never_occurs(cohort, tmp_path, capsy
     task_file.write_text(yaml.safe_dump(simple_task().to_dict()))
     assert main(["label", str(cohort), str(task_file), "--out", str(tmp_path / "l2")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_follow_up_columns_and_censoring_weights(cohort):
+    result = make_labels(cohort, simple_task(), progress=False)
+    labels = result.labels
+    censored = labels.filter(pl.col("boolean_value").is_null())
+    labelled = labels.filter(pl.col("boolean_value").is_not_null())
+    assert censored.height and labelled.height
+    assert censored["censoring_weight"].is_null().all()
+    assert (labelled["censoring_weight"] >= 1).all()
+    positive = labels.filter(pl.col("reason") == "positive")
+    assert ((positive["event_days"] >= 1) & (positive["event_days"] <= positive["horizon_days"])).all()
+    assert (labels.filter(pl.col("reason") == "negative").select(pl.col("followup_days") >= pl.col("horizon_days"))
+            .to_series().all())
+    assert (censored["followup_days"] < censored["horizon_days"]).all()
+    assert (labels["days_after_horizon"] >= 0).all()  # every horizon ends inside the data
+    assert set(result.counts["censoring_model"]) == {str(h) for h in simple_task().horizons_days}

@@ -3,8 +3,9 @@
 On disk (docs/interfaces.md §6), one folder per model:
 
 - ``predictions.parquet``: one row per scored label row, ``PREDICTION_COLUMNS`` (the label row's own
-  columns) + ``predicted_boolean_probability`` (float64) + ``model`` (string), sorted by task, horizon, split,
-  subject and prediction time. A stage may add columns (``nextvisit occurrence`` adds ``prior_occurrence``).
+  columns) + ``predicted_boolean_probability`` (float64) + ``model`` (string) + the label's
+  ``CARRIED_LABEL_COLUMNS`` where it has them, sorted by task, horizon, split, subject and prediction time.
+  A stage may add columns (``nextvisit occurrence`` adds ``prior_occurrence``).
 - ``info.json``: ``model``, ``kind`` (one of ``KINDS``), ``task`` (a name or a list), ``config`` (what made
   the predictions), ``label_counts`` (rows per task@horizon and split, censored ones included), and anything
   else the model reports.
@@ -39,14 +40,21 @@ ZERO_SHOT, FINE_TUNED, COUNT_FEATURES, ORACLE = "zero-shot", "fine-tuned", "coun
 OBSERVABLE_REFERENCE = "observable-reference"
 KINDS = (ZERO_SHOT, FINE_TUNED, COUNT_FEATURES, ORACLE, OBSERVABLE_REFERENCE)
 SORT_KEYS = ("task", "horizon_days", "split", "subject_id", "prediction_time")
+# Label columns carried into the predictions where the labels have them (nextvisit.tasks.FOLLOW_UP_SCHEMA):
+# the censoring weight and the days of data after the horizon, for the weighted and sensitivity figures.
+CENSORING_WEIGHT = "censoring_weight"
+DAYS_AFTER_HORIZON = "days_after_horizon"
+CARRIED_LABEL_COLUMNS = (CENSORING_WEIGHT, DAYS_AFTER_HORIZON)
 
 
 def prediction_frame(rows: pl.DataFrame, probability, model: str, extra_columns=()) -> pl.DataFrame:
     """The schema's columns of label ``rows`` with ``probability`` (a column name of ``rows`` or an array of
     one value per row) and the model name, in the schema's order and sort."""
     risk = pl.col(probability) if isinstance(probability, str) else pl.Series(PROBABILITY, probability)
+    carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns and c not in extra_columns]
     return rows.select(
-        *PREDICTION_COLUMNS, risk.cast(pl.Float64).alias(PROBABILITY), pl.lit(model).alias("model"), *extra_columns,
+        *PREDICTION_COLUMNS, risk.cast(pl.Float64).alias(PROBABILITY), pl.lit(model).alias("model"), *carried,
+        *extra_columns,
     ).sort(*SORT_KEYS)
 
 

@@ -31,6 +31,10 @@ Follow-up, per horizon H (day-level, like visits): positive if the first conditi
 or later), or if the subject died within the horizon (a competing event: ``negative_competing_death``);
 otherwise censored (``boolean_value`` null, ``censored_lost_to_followup``). With ``death_is_competing:
 false`` a death within the horizon censors the row instead (``censored_death``).
+
+Censoring is handled, not only counted: every row also carries its follow-up in days (``FOLLOW_UP_SCHEMA``)
+and an inverse-probability-of-censoring weight from a censoring model fit on the train split
+(``nextvisit.tasks.censoring``), so the evaluation can report weighted figures beside the complete-case ones.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from nextvisit.artifacts.folders import atomic_folder, check_out
 from nextvisit.errors import UserError
 from nextvisit.units import DAYS_PER_YEAR, END_OF_DAY
 from nextvisit.data.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
+from nextvisit.tasks.censoring import WEIGHT, add_censoring_weights
 from nextvisit.tokenize.store import SUPERVISED_KINDS, Vocabulary
 
 TASK_DIR = Path(__file__).resolve().parent
@@ -79,6 +84,16 @@ LABEL_SCHEMA = {
     "split": pl.String,
     "age_years": pl.Float64,
     "sex": pl.String,
+}
+# Written by `nextvisit label` for the censoring analysis (nextvisit.tasks.censoring; optional on read, so
+# labels written by other tools stay readable): days from the landmark day to the first onset (null: none in
+# the record), to the record's last event, the days of data after the horizon's last day (null: no data end),
+# and the inverse-probability-of-censoring weight (null for a censored row).
+FOLLOW_UP_SCHEMA = {
+    "event_days": pl.Int32,
+    "followup_days": pl.Int32,
+    "days_after_horizon": pl.Int32,
+    WEIGHT: pl.Float64,
 }
 
 
@@ -400,8 +415,9 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
     return pl.concat(chosen), subjects.select("subject_id", "reason"), per_horizon
 
 
-def _follow_up(chosen: pl.DataFrame, task: Task) -> pl.DataFrame:
-    """The label of each chosen (landmark, horizon) row (module docstring, follow-up)."""
+def _follow_up(chosen: pl.DataFrame, task: Task, end_of_data: datetime | None = None) -> pl.DataFrame:
+    """The label of each chosen (landmark, horizon) row (module docstring, follow-up), with the follow-up
+    columns of ``FOLLOW_UP_SCHEMA`` (the censoring weight still null)."""
     horizon = pl.duration(days=pl.col("horizon_days"))
     horizon_end = pl.col("prediction_time") + horizon
     last_day = pl.col("day").cast(pl.Datetime("us")) + horizon
@@ -420,8 +436,16 @@ def _follow_up(chosen: pl.DataFrame, task: Task) -> pl.DataFrame:
         .when(pl.col("reason").is_in([NEGATIVE, NEGATIVE_DEATH])).then(False)
         .otherwise(None)
     )
-    return chosen.with_columns(reason=reason).with_columns(boolean_value=value, task=pl.lit(task.name)).select(
-        [pl.col(name).cast(dtype) for name, dtype in LABEL_SCHEMA.items()]
+    day = pl.col("day").cast(pl.Date)
+    days_after = (pl.lit(end_of_data.date()) - day).dt.total_days() - pl.col("horizon_days") if end_of_data else pl.lit(None)
+    follow = dict(
+        event_days=(pl.col("first_condition_time").dt.date() - day).dt.total_days(),
+        followup_days=(pl.col("last_event_time").dt.date() - day).dt.total_days(),
+        days_after_horizon=days_after,
+        **{WEIGHT: pl.lit(None, dtype=pl.Float64)},
+    )
+    return chosen.with_columns(reason=reason, **follow).with_columns(boolean_value=value, task=pl.lit(task.name)).select(
+        [pl.col(name).cast(dtype) for name, dtype in {**LABEL_SCHEMA, **FOLLOW_UP_SCHEMA}.items()]
     )
 
 
@@ -464,8 +488,12 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
                 per_horizon[h][key] += n
     chosen = pl.concat(chosen_parts)
     reasons = pl.concat(reason_parts)
-    labels = _follow_up(chosen, task).sort("subject_id", "prediction_time", "horizon_days")
+    labels = _follow_up(chosen, task, end_of_data)
+    # The censoring model is fit on the train rows only; every row gets its weight (null when censored).
+    labels, censoring = add_censoring_weights(labels)
+    labels = labels.sort("subject_id", "prediction_time", "horizon_days")
     counts = _counts(meds_dir, task, reasons, labels, per_horizon)
+    counts["censoring_model"] = censoring
     # subjects with eligible visits, none of them with any horizon inside the data (step 4)
     counts["subjects"]["excluded"][PAST_END] = eligible_subjects - counts["subjects"]["with_landmarks"]
     # subjects with eligible visits of which none was sampled (step 5)
@@ -568,6 +596,12 @@ def read_labels(labels: Path) -> pl.DataFrame:
                 frame = frame.with_columns(pl.col(name).cast(dtype, strict=True))
             except pl.exceptions.PolarsError:
                 raise UserError(f"{path}: column '{name}' is {frame.schema[name]}, expected {dtype}") from None
+    for name, dtype in FOLLOW_UP_SCHEMA.items():
+        if name in frame.columns and frame.schema[name] != dtype:
+            try:
+                frame = frame.with_columns(pl.col(name).cast(dtype, strict=True))
+            except pl.exceptions.PolarsError:
+                raise UserError(f"{path}: column '{name}' is {frame.schema[name]}, expected {dtype}") from None
     return frame
 
 
@@ -580,8 +614,22 @@ def label_counts(labels: pl.DataFrame) -> dict:
     ...                       "boolean_value": [True, False, None]})
     >>> label_counts(frame)
     {'t@730': {'held_out': {'labelled': 2, 'positive': 1, 'negative': 1, 'censored': 1}}}
+
+    With prediction times, each split also gets its rows and censored rows by calendar year of the horizon's
+    end (``censored_by_horizon_end_year``: ``{year: {"rows": n, "censored": n}}``).
     """
     counts: dict = {}
+    by_year: dict = {}
+    if "prediction_time" in labels.columns:
+        years = (
+            labels.with_columns(year=(pl.col("prediction_time") + pl.duration(days=pl.col("horizon_days"))).dt.year())
+            .group_by("task", "horizon_days", "split", "year")
+            .agg(pl.len().alias("rows"), pl.col("boolean_value").is_null().sum().alias("censored"))
+            .sort("task", "horizon_days", "split", "year")
+        )
+        for r in years.iter_rows(named=True):
+            by_year.setdefault((r["task"], r["horizon_days"], r["split"]), {})[str(r["year"])] = {
+                "rows": int(r["rows"]), "censored": int(r["censored"])}
     summary = (
         labels.group_by("task", "horizon_days", "split")
         .agg(
@@ -598,6 +646,9 @@ def label_counts(labels: pl.DataFrame) -> dict:
             "negative": int(r["negative"]),
             "censored": int(r["censored"]),
         }
+        key = (r["task"], r["horizon_days"], r["split"])
+        if key in by_year:
+            counts[f"{r['task']}@{r['horizon_days']}"][r["split"]]["censored_by_horizon_end_year"] = by_year[key]
     return counts
 
 
