@@ -248,6 +248,9 @@ def _add_baseline(verbs) -> None:
     q.add_argument("--out", type=Path, required=True, help="predictions folder")
     q.add_argument("--model", default=None, choices=["logistic", "gbt"],
                    help="classifier (default: the --config file's model, else logistic)")
+    q.add_argument("--observable", dest="features", action="store_const", const="observable", default=None,
+                   help="the observable reference: counts plus time since each code's first visit "
+                        "(kind observable-reference; default: the --config file's features, else counts)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding count-model fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.set_defaults(func=_handler("nextvisit.baselines.counts:run_cli"))
@@ -268,6 +271,28 @@ def _add_evaluate(verbs) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="bootstrap seed (default 0); the same seed gives the same numbers")
     p.set_defaults(func=_handler("nextvisit.evaluate.evaluation:run_cli"))
+
+
+def _add_export_meds_eval(verbs) -> None:
+    p = verbs.add_parser(
+        "export-meds-eval",
+        help="write predictions as files meds-evaluation accepts (one per task, horizon and split)",
+        description=(
+            "Split a predictions folder into one parquet per task, horizon and split in meds-evaluation's "
+            "prediction schema (subject_id, prediction_time, boolean_value, predicted_boolean_value, "
+            "predicted_boolean_probability; no other column), plus manifest.json saying what each file holds "
+            "and how many rows were skipped and why (unlabelled, missing score). Score a file with "
+            "`meds-evaluation-cli predictions_path=FILE output_file=RESULTS.json` (pip install meds-evaluation; "
+            "not needed to export). Layout: docs/interfaces.md §6."
+        ),
+    )
+    p.add_argument("predictions", type=Path, metavar="PRED", help="a predictions folder (or its predictions.parquet)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (DIR/<task>/<horizon>d/<split>.parquet)")
+    p.add_argument("--split", default="held_out",
+                   help="split to export (default held_out), or several separated by commas, e.g. tuning,held_out; "
+                        "each gets its own files, since meds-evaluation scores a file as one set")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_handler("nextvisit.artifacts.meds_evaluation:run_cli"))
 
 
 def _add_demo(verbs) -> None:
@@ -309,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_oracle(verbs)
     _add_baseline(verbs)
     _add_evaluate(verbs)
+    _add_export_meds_eval(verbs)
     _add_demo(verbs)
     return parser
 

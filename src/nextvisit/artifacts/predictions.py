@@ -94,6 +94,7 @@ class ModelPredictions:
     config: dict = field(default_factory=dict)
     label_counts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # the whole info.json
 
 
 def find_prediction_files(path: Path) -> list[Path]:
@@ -170,7 +171,7 @@ def read_predictions(file: Path, warnings: list[str]) -> list[ModelPredictions]:
         out.append(ModelPredictions(
             name=str(name), kind=kind, task=str(task), horizon_days=int(horizon), frame=part,
             source=str(file.parent if file.name == PREDICTIONS_FILE else file),
-            config=info.get("config") or {}, label_counts=info.get("label_counts") or {},
+            config=info.get("config") or {}, label_counts=info.get("label_counts") or {}, info=info,
         ))
     if not out:
         warnings.append(f"{file}: no rows to evaluate")

@@ -38,13 +38,13 @@ import numpy as np
 import polars as pl
 
 from nextvisit.artifacts.predictions import (
-    LABEL, ORACLE, PROBABILITY, ModelPredictions, find_prediction_files,
+    CENSORING_WEIGHT, DAYS_AFTER_HORIZON, LABEL, ORACLE, PROBABILITY, ModelPredictions, find_prediction_files,
     read_predictions,
 )
 from nextvisit.errors import UserError
-from nextvisit.evaluate.bootstrap import percentile_interval, rng_for, stratified_bootstrap
+from nextvisit.evaluate.bootstrap import METHOD, View, percentile_interval, rng_for, subject_bootstrap
 from nextvisit.evaluate.metrics import (
-    RankIndex, auroc, best_f1_threshold, calibration_bins, classification_at, metric, not_available,
+    auroc, average_precision, best_f1_threshold, calibration_bins, classification_at, metric, not_available,
     roc_pr_curves, stratified_auroc, subject_weights,
 )
 from nextvisit.evaluate.report import write_report
@@ -58,17 +58,21 @@ NEXT_VISIT_SUFFIX = "_next_visit"
 class EvaluationConfig:
     """Every number with meaning in the evaluation."""
 
-    n_bootstrap: int = 1000  # the paper's 1,000 stratified resamples
+    n_bootstrap: int = 1000  # 1,000 subject-level resamples, stratified by subject outcome
     seed: int = 0
     confidence: float = 0.95  # percentile bootstrap interval
+    interval_method: str = METHOD
     report_split: str = "held_out"
     threshold_split: str = "tuning"  # only used to pick the F1 threshold
     # Age bands for the stratified AUROC: 5-year bands where incidence of the demo's conditions climbs
     # steeply (dementia, knee OA), wider bands below 50. Upper edges are exclusive.
     age_band_edges: tuple[float, ...] = (0, 18, 30, 40, 50, 55, 60, 65, 70, 75, 80, 85, 90, 200)
     calibration_bins: int = 10  # equal-count (quantile) bins of predicted risk
-    # Below this many positives a bootstrap interval says little (a handful of cases are resampled); warn.
-    min_positives_for_ci: int = 10
+    # Below this many positive subjects a bootstrap interval says little (a handful of cases are resampled); warn.
+    min_positive_subjects_for_ci: int = 10
+    # The sensitivity analysis drops landmarks whose horizon ends within this many days of the data end, where
+    # censoring is heaviest (a record has little time left to show the subject was still there).
+    final_days_excluded: int = 365
     max_curve_points: int = 400  # ROC / PR curves are thinned to this many points for the plots
     # Bootstrap work is done in blocks of at most this many resample x row cells (memory bound, ~16 MB each).
     bootstrap_block_cells: int = 2_000_000
@@ -129,8 +133,12 @@ class _Prepared:
     ages: np.ndarray | None
     sexes: np.ndarray | None
     prior: np.ndarray | None
+    weights: np.ndarray | None  # the labels' censoring weights (nextvisit.tasks.censoring), None when absent
+    weights_problem: str | None  # why there are no usable weights
+    days_after_horizon: np.ndarray | None  # days of data after each row's horizon (NaN: no data end)
     tuning_labels: np.ndarray
     tuning_scores: np.ndarray
+    tuning_subject_ids: np.ndarray
     counts: dict
     no_labels: str | None
 
@@ -180,12 +188,29 @@ def _prepare(pred: ModelPredictions, config: EvaluationConfig, warnings: list[st
     prior = None
     if PRIOR_OCCURRENCE in held.columns:
         prior = held[PRIOR_OCCURRENCE].cast(pl.Boolean).to_numpy()
+    weights, weights_problem = _censoring_weights(held)
+    days_after = None
+    if DAYS_AFTER_HORIZON in held.columns:
+        days_after = held[DAYS_AFTER_HORIZON].cast(pl.Float64).fill_null(np.nan).to_numpy()
     return _Prepared(
         labels=held[LABEL].to_numpy().astype(bool), scores=held[PROBABILITY].to_numpy(),
         subject_ids=held["subject_id"].to_numpy(), keys=keys, ages=ages, sexes=sexes, prior=prior,
+        weights=weights, weights_problem=weights_problem, days_after_horizon=days_after,
         tuning_labels=tuning[LABEL].to_numpy().astype(bool), tuning_scores=tuning[PROBABILITY].to_numpy(),
-        counts=counts, no_labels=no_labels,
+        tuning_subject_ids=tuning["subject_id"].to_numpy(), counts=counts, no_labels=no_labels,
     )
+
+
+def _censoring_weights(held: pl.DataFrame) -> tuple[np.ndarray | None, str | None]:
+    """The held-out rows' censoring weights, or (None, why not)."""
+    if CENSORING_WEIGHT not in held.columns:
+        return None, ("the labels carry no censoring weights (write them again with `nextvisit label`, which fits "
+                      "the censoring model on train)")
+    weights = held[CENSORING_WEIGHT].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    bad = int((~np.isfinite(weights) | (weights <= 0)).sum())
+    if bad:
+        return None, f"{bad} labelled row(s) have no finite positive censoring weight"
+    return weights, None
 
 
 def _class_problem(labels: np.ndarray, split: str) -> str | None:
@@ -222,72 +247,171 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
     return row, plot
 
 
+def _positive_subjects(labels: np.ndarray, subject_ids: np.ndarray) -> int:
+    return int(len(np.unique(subject_ids[labels]))) if len(labels) else 0
+
+
 def _model_row(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, warnings: list[str]) -> dict:
     """The table row's identity and counts, before any metric."""
     split = config.report_split
     n_pos, n_neg = int(p.labels.sum()), int((~p.labels).sum())
+    n_subjects = int(len(np.unique(p.subject_ids)))
+    positive_subjects = _positive_subjects(p.labels, p.subject_ids)
     censored, censored_scope = censored_count(pred.label_counts, pred.task, pred.horizon_days, split)
     if censored is None and p.counts.get("censored_rows_in_file"):
         censored, censored_scope = p.counts["censored_rows_in_file"], "rows in the predictions file"
     if censored is None and pred.task.endswith(NEXT_VISIT_SUFFIX):
         censored_scope = "not applicable: every scored visit boundary has an observed next visit"
-    if 0 < n_pos < config.min_positives_for_ci:
-        warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {n_pos} {split} positives; "
-                        "its intervals rest on very few cases")
+    if 0 < positive_subjects < config.min_positive_subjects_for_ci:
+        warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {positive_subjects} {split} "
+                        f"positive subjects ({n_pos} positive rows); its intervals rest on very few cases")
     return {
         "model": pred.name, "kind": pred.kind, "source": pred.source, "is_oracle": pred.kind == ORACLE,
         "repeat_regularization": repeat_setting(pred.config),
+        "selection": _selection(pred),
         "counts": {
             "positives": n_pos, "negatives": n_neg, "rows": len(p.labels),
-            "subjects": int(len(np.unique(p.subject_ids))),
+            "subjects": n_subjects, "positive_subjects": positive_subjects,
+            "negative_subjects": n_subjects - positive_subjects,
             "censored": ({"value": int(censored), "ci": None, "reason": None} if censored is not None
                          else not_available(censored_scope)),
             "censored_scope": censored_scope if censored is not None else None,
             "tuning_rows": len(p.tuning_labels), "tuning_positives": int(p.tuning_labels.sum()),
+            "tuning_positive_subjects": _positive_subjects(p.tuning_labels, p.tuning_subject_ids),
             **{k: v for k, v in p.counts.items() if k != "rows"},
             "rows_in_file": p.counts["rows"],
         },
     }
 
 
-def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, row: dict, plot: dict) -> None:
-    """AUROC/AUPRC (sample- and subject-weighted) and the age-sex-stratified AUROC with bootstrap CIs, and
-    the ROC/PR curves, into ``row`` and ``plot``; n/a for all of them without both classes."""
-    problem = p.no_labels or _class_problem(p.labels, config.report_split)
-    rank_names = ("auroc", "auprc", "auroc_subject_weighted", "auprc_subject_weighted", "auroc_age_sex_stratified")
-    if problem:
-        for name in rank_names:
-            row[name] = not_available(problem)
-        return
-    per_subject = subject_weights(p.subject_ids)
+def _selection(pred: ModelPredictions) -> dict | None:
+    """How the model chose its hyperparameters (info.json ``selection``, per ``task@H`` or for the model)."""
+    selection = pred.info.get("selection") if isinstance(pred.info, dict) else None
+    if not isinstance(selection, dict):
+        return None
+    return selection.get(f"{pred.task}@{pred.horizon_days}", selection)
+
+
+def one_landmark_per_subject(subject_ids: np.ndarray, times: np.ndarray, seed: int) -> np.ndarray:
+    """A row mask keeping one row per subject, chosen by a seeded hash of (subject, prediction time), so
+    every model scored on the same rows keeps the same rows.
+
+    >>> mask = one_landmark_per_subject(np.array([1, 1, 2, 3, 3, 3]), np.arange(6), seed=0)
+    >>> int(mask.sum()), sorted(set(np.array([1, 1, 2, 3, 3, 3])[mask].tolist()))
+    (3, [1, 2, 3])
+    """
+    with np.errstate(over="ignore"):
+        key = (np.asarray(subject_ids).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+               ^ (np.asarray(times).astype(np.int64).astype(np.uint64) + np.uint64(seed)) * np.uint64(0xBF58476D1CE4E5B9))
+        key ^= key >> np.uint64(31)
+        key *= np.uint64(0x94D049BB133111EB)
+        key ^= key >> np.uint64(29)
+    order = np.lexsort((key, subject_ids))
+    first = np.r_[True, subject_ids[order][1:] != subject_ids[order][:-1]]
+    mask = np.zeros(len(subject_ids), dtype=bool)
+    mask[order[first]] = True
+    return mask
+
+
+def _views(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig) -> dict[str, tuple[View, str | None]]:
+    """Every view of the held-out rows scored on the same subject-level resamples, each with the reason it is
+    n/a (None when it can be computed)."""
+    probabilities = bool(len(p.scores)) and p.scores.min() >= 0 and p.scores.max() <= 1
+    views = {"sample": (View(brier=probabilities), None),
+             "subject": (View(weights=subject_weights(p.subject_ids)), None)}
     strata, strata_problem = _age_sex_strata(p, config)
-    ones = np.ones(len(p.labels))
-    concordant, pairs, ap = RankIndex(p.labels, p.scores).pair_sums(np.vstack([ones, per_subject]))
-    # Next-visit tasks: new-onset AUROC on the same resamples, for the paired inflation difference.
-    subsets = {"new_onsets": ~p.prior} if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None else {}
-    boot = stratified_bootstrap(p.labels, p.scores, config.n_bootstrap, config.bootstrap_block_cells,
-                                rng_for(config.seed, pred.task, pred.horizon_days, "all"),
-                                {"sample": None, "subject": per_subject}, strata, subsets)
-    row["auroc"] = metric(concordant[0] / pairs[0], percentile_interval(boot.get("sample.auroc"), config.confidence))
-    row["auprc"] = metric(ap[0], percentile_interval(boot.get("sample.auprc"), config.confidence))
-    row["auroc_subject_weighted"] = metric(concordant[1] / pairs[1],
-                                           percentile_interval(boot.get("subject.auroc"), config.confidence))
-    row["auprc_subject_weighted"] = metric(ap[1], percentile_interval(boot.get("subject.auprc"), config.confidence))
-    row["_boot_auroc"] = boot.get("sample.auroc")
-    row["_boot_new_onset_auroc"] = boot.get("new_onsets.auroc")
     if strata is None:
-        row["auroc_age_sex_stratified"] = not_available(strata_problem)
+        views["stratified"] = (View(), strata_problem)
     else:
+        has_both = any(0 < p.labels[strata == s].sum() < (strata == s).sum() for s in np.unique(strata[strata != ""]))
+        views["stratified"] = (View(strata=strata), None if has_both else "no age-sex stratum holds both classes")
+    views["ipcw"] = (View(weights=p.weights, brier=probabilities), p.weights_problem)
+    times = p.keys[:, 1] if p.keys is not None else np.zeros(len(p.labels))
+    one = one_landmark_per_subject(p.subject_ids, times, config.seed)
+    views["one_landmark"] = (View(rows=one), _class_problem(p.labels[one], f"{config.report_split} one-landmark"))
+    if p.days_after_horizon is None:
+        reason = f"the predictions carry no {DAYS_AFTER_HORIZON} column (labels written before it existed)"
+        views["excluding_final_year"] = (View(), reason)
+        views["ipcw_excluding_final_year"] = (View(), reason)
+    else:
+        keep = ~(p.days_after_horizon < config.final_days_excluded)
+        problem = _class_problem(p.labels[keep], f"{config.report_split} (final year excluded)")
+        views["excluding_final_year"] = (View(rows=keep), problem)
+        views["ipcw_excluding_final_year"] = (View(rows=keep, weights=p.weights), problem or p.weights_problem)
+    if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None:
+        new = ~p.prior
+        views["new_onsets"] = (View(rows=new), _class_problem(p.labels[new], f"{config.report_split} new-onset"))
+    return views
+
+
+# (metrics.json name, view, metric): what each view contributes to the table row.
+_RANK_FIGURES = (
+    ("auroc", "sample", "auroc"), ("auprc", "sample", "auprc"),
+    ("auroc_subject_weighted", "subject", "auroc"), ("auprc_subject_weighted", "subject", "auprc"),
+    ("auroc_age_sex_stratified", "stratified", "auroc"),
+    ("auroc_ipcw", "ipcw", "auroc"), ("auprc_ipcw", "ipcw", "auprc"),
+    ("auroc_one_landmark", "one_landmark", "auroc"),
+    ("auroc_excluding_final_year", "excluding_final_year", "auroc"),
+    ("auroc_ipcw_excluding_final_year", "ipcw_excluding_final_year", "auroc"),
+)
+
+
+def _point(view: View, metric_name: str, p: _Prepared) -> float:
+    rows = np.ones(len(p.labels), dtype=bool) if view.rows is None else view.rows
+    labels, scores = p.labels[rows], p.scores[rows]
+    weights = None if view.weights is None else view.weights[rows]
+    if view.strata is not None:
+        strata = np.asarray(view.strata)[rows]
         known = strata != ""
-        value = stratified_auroc(p.labels[known], p.scores[known], strata[known])
-        if np.isfinite(value):
-            row["auroc_age_sex_stratified"] = metric(value, percentile_interval(boot.get("stratified.auroc"),
-                                                                                config.confidence))
-        else:
-            row["auroc_age_sex_stratified"] = not_available("no age-sex stratum holds both classes")
-        row["counts"]["age_sex_rows_excluded"] = int((~known).sum())
-        row["counts"]["age_sex_strata_used"] = int(sum(
+        return stratified_auroc(labels[known], scores[known], strata[known])
+    if metric_name == "auroc":
+        return auroc(labels, scores, weights)
+    if metric_name == "auprc":
+        return average_precision(labels, scores, weights)
+    weights = np.ones(len(labels)) if weights is None else weights
+    return float(np.sum(weights * (scores - labels) ** 2) / np.sum(weights))
+
+
+def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, row: dict, plot: dict) -> None:
+    """Every rank figure of ``_RANK_FIGURES`` with its subject-level bootstrap CI (and the IPCW Brier score),
+    and the ROC/PR curves, into ``row`` and ``plot``; n/a with the reason where a view cannot be computed."""
+    problem = p.no_labels or _class_problem(p.labels, config.report_split)
+    if problem:
+        for name, _, _ in _RANK_FIGURES:
+            row[name] = not_available(problem)
+        row["_boot"] = None
+        return
+    views = _views(pred, p, config)
+    usable = {name: view for name, (view, reason) in views.items() if reason is None}
+    boot = subject_bootstrap(p.labels, p.scores, p.subject_ids, config.n_bootstrap, config.bootstrap_block_cells,
+                             rng_for(config.seed, pred.task, pred.horizon_days, "all"), usable)
+    for name, view_name, metric_name in _RANK_FIGURES:
+        view, reason = views[view_name]
+        if reason is not None:
+            row[name] = not_available(reason)
+            continue
+        value = _point(view, metric_name, p)
+        row[name] = metric(value, percentile_interval(boot.get(f"{view_name}.{metric_name}"), config.confidence))
+    if views["ipcw"][1] is None and views["ipcw"][0].brier:
+        row["brier_ipcw"] = metric(_point(views["ipcw"][0], "brier", p),
+                                   percentile_interval(boot.get("ipcw.brier"), config.confidence))
+    else:
+        row["brier_ipcw"] = not_available(views["ipcw"][1] or "scores outside [0, 1] are not probabilities")
+    if views["sample"][0].brier:
+        row["_brier_ci"] = percentile_interval(boot.get("sample.brier"), config.confidence)
+    counts = row["counts"]
+    strata = views["stratified"][0].strata
+    if strata is not None:
+        known = strata != ""
+        counts["age_sex_rows_excluded"] = int((~known).sum())
+        counts["age_sex_strata_used"] = int(sum(
             1 for s in np.unique(strata[known]) if 0 < p.labels[strata == s].sum() < (strata == s).sum()))
+    for view_name in ("one_landmark", "excluding_final_year", "new_onsets"):
+        if view_name in views and views[view_name][0].rows is not None:
+            rows = views[view_name][0].rows
+            counts[view_name] = {"rows": int(rows.sum()), "positives": int(p.labels[rows].sum()),
+                                 "positive_subjects": _positive_subjects(p.labels[rows], p.subject_ids[rows])}
+    row["_boot"] = boot
     plot.update(roc_pr_curves(p.labels, p.scores, config.max_curve_points))
     prevalence = int(p.labels.sum()) / len(p.labels)
     plot["auroc"], plot["auprc"], plot["prevalence"] = row["auroc"]["value"], row["auprc"]["value"], prevalence
@@ -305,13 +429,16 @@ def _calibration_metrics(p: _Prepared, config: EvaluationConfig, row: dict, plot
         row["brier"] = not_available(reason)
         row["calibration"] = not_available(reason)
     else:
-        row["brier"] = metric(np.mean((p.scores - p.labels) ** 2))
+        row["brier"] = metric(np.mean((p.scores - p.labels) ** 2), row.pop("_brier_ci", None))
         bins = calibration_bins(p.labels, p.scores, config.calibration_bins)
         row["calibration"] = {"value": None, "ci": None, "reason": None, "bins": bins,
                               "strategy": f"{config.calibration_bins} equal-count bins of predicted risk"}
         row["mean_predicted"] = metric(np.mean(p.scores))
         row["observed_rate"] = metric(np.mean(p.labels))
         plot["calibration"] = bins
+    row.pop("_brier_ci", None)
+    if "brier_ipcw" not in row:
+        row["brier_ipcw"] = not_available(row["brier"]["reason"] or "no labelled rows")
 
 
 def _threshold_metrics(p: _Prepared, config: EvaluationConfig, row: dict) -> None:
@@ -377,8 +504,9 @@ def _oracle_shares(rows: list[dict], config: EvaluationConfig, warnings: list[st
             ci = None
             if _same_cohort(r, oracle):
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    margin = oracle["_boot_auroc"] - 0.5
-                    paired = np.where(margin > 0, (r["_boot_auroc"] - 0.5) / np.where(margin > 0, margin, 1), np.nan)
+                    margin = oracle["_boot"].get("sample.auroc") - 0.5
+                    model_margin = r["_boot"].get("sample.auroc") - 0.5
+                    paired = np.where(margin > 0, model_margin / np.where(margin > 0, margin, 1), np.nan)
                 ci = percentile_interval(paired, config.confidence)
             else:
                 warnings.append(f"{where}: {r['model']!r} and the oracle were evaluated on different rows; "
@@ -388,12 +516,14 @@ def _oracle_shares(rows: list[dict], config: EvaluationConfig, warnings: list[st
 
 
 def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConfig, warnings: list[str]) -> dict:
-    """AUROC on all occurrences vs new onsets (prior_occurrence == False), per model."""
+    """AUROC on all occurrences vs new onsets (prior_occurrence == False), per model, both from the same
+    subject-level resamples (so the difference has a paired interval)."""
     models = []
     for r in rows:
         p: _Prepared = r["_prepared"]
         entry = {"model": r["model"], "kind": r["kind"], "repeat_regularization": r["repeat_regularization"],
                  "all_occurrences": {"auroc": r["auroc"], "positives": int(p.labels.sum()),
+                                     "positive_subjects": _positive_subjects(p.labels, p.subject_ids),
                                      "negatives": int((~p.labels).sum())}}
         if p.prior is None:
             reason = f"no {PRIOR_OCCURRENCE} column"
@@ -403,28 +533,27 @@ def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConf
             continue
         new = ~p.prior
         labels, scores = p.labels[new], p.scores[new]
-        entry["new_onsets"] = {"positives": int(labels.sum()), "negatives": int((~labels).sum())}
-        if 0 < labels.sum() < config.min_positives_for_ci:
-            warnings.append(f"{r['model']} on {task}: only {int(labels.sum())} new-onset {config.report_split} "
-                            "positives; the new-onset interval rests on very few cases")
+        new_subjects = _positive_subjects(labels, p.subject_ids[new])
+        entry["new_onsets"] = {"positives": int(labels.sum()), "positive_subjects": new_subjects,
+                               "negatives": int((~labels).sum())}
+        if 0 < new_subjects < config.min_positive_subjects_for_ci:
+            warnings.append(f"{r['model']} on {task}: only {new_subjects} new-onset {config.report_split} positive "
+                            f"subjects ({int(labels.sum())} rows); the new-onset interval rests on very few cases")
         entry["recurrence_share_of_positives"] = (
             metric(float(p.labels[p.prior].sum()) / p.labels.sum()) if p.labels.sum() else not_available("0 positives"))
         problem = p.no_labels or _class_problem(labels, f"{config.report_split} new-onset")
-        if problem:
+        if problem or r.get("_boot") is None:
+            problem = problem or r["auroc"]["reason"]
             entry["new_onsets"]["auroc"] = not_available(problem)
             entry["difference"] = not_available(problem)
         else:
-            rng = rng_for(config.seed, task, horizon, "new_onsets")
-            boot = stratified_bootstrap(labels, scores, config.n_bootstrap, config.bootstrap_block_cells, rng,
-                                        {"sample": None}, None, {})
+            boot = r["_boot"]
             value = auroc(labels, scores)
-            entry["new_onsets"]["auroc"] = metric(value, percentile_interval(boot.get("sample.auroc"), config.confidence))
-            if r["auroc"]["value"] is None:
-                entry["difference"] = not_available(r["auroc"]["reason"])
-            else:
-                # Paired: AUROC on all rows minus AUROC on the new-onset rows of the same resamples.
-                diff = r["_boot_auroc"] - r["_boot_new_onset_auroc"]
-                entry["difference"] = metric(r["auroc"]["value"] - value, percentile_interval(diff, config.confidence))
+            entry["new_onsets"]["auroc"] = metric(value, percentile_interval(boot.get("new_onsets.auroc"),
+                                                                             config.confidence))
+            # Paired: AUROC on all rows minus AUROC on the new-onset rows of the same resamples.
+            diff = boot.get("sample.auroc") - boot.get("new_onsets.auroc")
+            entry["difference"] = metric(r["auroc"]["value"] - value, percentile_interval(diff, config.confidence))
         models.append(entry)
     return {"task": task, "models": models}
 
@@ -471,7 +600,7 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
             curves.append(curve)
             _record_model(models, e, row)
             bar.update(1)
-        tasks.append(_task_table(task, horizon, rows, config, warnings, inflation))
+        tasks.append(_task_table(task, horizon, rows, config, warnings, inflation, [e.label_counts for e in group]))
         plots.append(curves)
     bar.close()
 
@@ -537,7 +666,7 @@ def _record_model(models: dict, e: ModelPredictions, row: dict) -> None:
 
 
 def _task_table(task: str, horizon: int, rows: list[dict], config: EvaluationConfig, warnings: list[str],
-                inflation: list[dict]) -> dict:
+                inflation: list[dict], group_counts: list[dict] = ()) -> dict:
     """One (task, horizon) table of metrics.json from its models' rows: oracle shares, the same-cohort
     check, and (next-visit tasks) the inflation block appended to ``inflation``."""
     where = f"{task} at {horizon} days"
@@ -548,10 +677,26 @@ def _task_table(task: str, horizon: int, rows: list[dict], config: EvaluationCon
                         f"(rows or labels differ; row counts: {sizes}); compare them with care")
     if task.endswith(NEXT_VISIT_SUFFIX):
         inflation.append({"horizon_days": horizon, **_inflation(task, horizon, rows, config, warnings)})
+    censoring = _censoring_by_year(task, horizon, group_counts, config.report_split)
     for r in rows:
         for private in [k for k in r if k.startswith("_")]:
             del r[private]
-    return {"task": task, "horizon_days": horizon, "oracle": oracle, "rows": rows}
+    table = {"task": task, "horizon_days": horizon, "oracle": oracle, "rows": rows}
+    if censoring is not None:
+        table["censoring"] = censoring
+    return table
+
+
+def _censoring_by_year(task: str, horizon: int, label_counts: list[dict], split: str) -> dict | None:
+    """Rows and censored rows of ``split`` by calendar year of the horizon's end, from the first info.json
+    ``label_counts`` that records them (``nextvisit.tasks.label_counts``)."""
+    for counts in label_counts:
+        years = (counts or {}).get(f"{task}@{horizon}", {}).get(split, {}).get("censored_by_horizon_end_year")
+        if isinstance(years, dict) and years:
+            table = [{"year": int(year), "rows": int(v["rows"]), "censored": int(v["censored"]),
+                      "rate": v["censored"] / v["rows"] if v["rows"] else None} for year, v in sorted(years.items())]
+            return {"split": split, "by_horizon_end_year": table}
+    return None
 
 
 def _write_json(path: Path, payload: dict) -> None:
