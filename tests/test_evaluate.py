@@ -28,7 +28,8 @@ FAST = 200  # bootstrap resamples in end-to-end tests
 
 def write_predictions(folder: Path, model: str, kind: str = "zero-shot", task: str = "dementia",
                       horizons=(730,), n_rows: int = 600, noise: float = 1.0, seed: int = 0, config=None,
-                      label_counts=None, prior_occurrence: bool = False, drop=(), info_overrides=None) -> Path:
+                      label_counts=None, prior_occurrence: bool = False, drop=(), info_overrides=None,
+                      censoring: bool = False) -> Path:
     """A predictions folder in the contract's schema. Every model of a (task, horizon) shares one cohort
     (labels drawn from a fixed seed); ``noise`` blurs the model's score around the true log-odds; the
     oracle's score is the true risk. Two rows per subject."""
@@ -58,6 +59,9 @@ def write_predictions(folder: Path, model: str, kind: str = "zero-shot", task: s
         }
         if prior_occurrence:
             columns["prior_occurrence"] = prior
+        if censoring:  # the label stage's carried columns (nextvisit.tasks.censoring)
+            columns["censoring_weight"] = 1.0 + cohort.exponential(0.5, n_rows)
+            columns["days_after_horizon"] = cohort.integers(0, 2000, n_rows).astype(np.int32)
         frames.append(pl.DataFrame(columns).drop(list(drop)))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -473,3 +477,50 @@ def test_wilson_interval_holds_the_observed_rate_at_the_extremes():
         k = n // 3
         low, high = wilson_interval(k, n)
         assert low <= k / n <= high
+
+
+def test_weighted_one_landmark_and_final_year_figures_match_their_definitions(tmp_path):
+    folder = write_predictions(tmp_path / "p" / "m", "m", censoring=True)
+    metrics = ev.evaluate([folder], tmp_path / "report", n_bootstrap=FAST, seed=0, progress=False)
+    r = row_for(metrics, "dementia", 730, "m")
+    rows = held_out(folder)
+    y = rows["boolean_value"].to_numpy()
+    p = rows["predicted_boolean_probability"].to_numpy()
+    w = rows["censoring_weight"].to_numpy()
+    subjects = rows["subject_id"].to_numpy()
+    assert r["auroc_ipcw"]["value"] == pytest.approx(roc_auc_score(y, p, sample_weight=w))
+    assert r["auprc_ipcw"]["value"] == pytest.approx(average_precision_score(y, p, sample_weight=w))
+    assert r["brier_ipcw"]["value"] == pytest.approx(brier_score_loss(y, p, sample_weight=w))
+    keep = rows["days_after_horizon"].to_numpy() >= 365
+    assert r["auroc_excluding_final_year"]["value"] == pytest.approx(roc_auc_score(y[keep], p[keep]))
+    assert r["auroc_ipcw_excluding_final_year"]["value"] == pytest.approx(
+        roc_auc_score(y[keep], p[keep], sample_weight=w[keep]))
+    assert r["counts"]["excluding_final_year"]["rows"] == keep.sum()
+    one = ev.one_landmark_per_subject(subjects, rows["prediction_time"].cast(pl.Int64).to_numpy(), 0)
+    assert len(np.unique(subjects[one])) == one.sum() == len(np.unique(subjects))
+    assert r["auroc_one_landmark"]["value"] == pytest.approx(roc_auc_score(y[one], p[one]))
+    assert r["counts"]["positive_subjects"] == len(np.unique(subjects[y]))
+    assert r["counts"]["negative_subjects"] == len(np.unique(subjects)) - len(np.unique(subjects[y]))
+    for name in ("auroc_ipcw", "auroc_one_landmark", "auroc_excluding_final_year", "brier_ipcw"):
+        low, high = r[name]["ci"]
+        assert low < r[name]["value"] < high, name
+    assert metrics["settings"]["interval_method"].startswith("percentile interval of subject-level")
+
+
+def test_without_censoring_columns_the_weighted_figures_are_na_with_the_reason(tmp_path):
+    folder = write_predictions(tmp_path / "p" / "m", "m")
+    r = row_for(ev.evaluate([folder], tmp_path / "r", n_bootstrap=FAST, progress=False), "dementia", 730, "m")
+    assert r["auroc_ipcw"]["value"] is None and "censoring weights" in r["auroc_ipcw"]["reason"]
+    assert r["auroc_excluding_final_year"]["value"] is None and "days_after_horizon" in r["auroc_excluding_final_year"]["reason"]
+    assert r["auroc_one_landmark"]["value"] is not None  # needs nothing but subjects
+
+
+def test_censoring_rates_by_horizon_end_year_come_from_the_label_counts(tmp_path):
+    counts = {"dementia@730": {"held_out": {"labelled": 600, "positive": 1, "negative": 1, "censored": 30,
+                                            "censored_by_horizon_end_year": {"2019": {"rows": 40, "censored": 10},
+                                                                             "2018": {"rows": 50, "censored": 5}}}}}
+    folder = write_predictions(tmp_path / "p" / "m", "m", label_counts=counts)
+    metrics = ev.evaluate([folder], tmp_path / "r", n_bootstrap=FAST, progress=False)
+    table = metrics["tasks"][0]["censoring"]["by_horizon_end_year"]
+    assert table == [{"year": 2018, "rows": 50, "censored": 5, "rate": 0.1},
+                     {"year": 2019, "rows": 40, "censored": 10, "rate": 0.25}]
