@@ -451,3 +451,13 @@ def test_follow_up_columns_and_censoring_weights(cohort):
     assert (censored["followup_days"] < censored["horizon_days"]).all()
     assert (labels["days_after_horizon"] >= 0).all()  # every horizon ends inside the data
     assert set(result.counts["censoring_model"]) == {str(h) for h in simple_task().horizons_days}
+
+
+def test_sensitivity_tasks_differ_from_dementia_only_where_they_say():
+    main, no_mci, death = load_task("dementia"), load_task("dementia_no_mci"), load_task("dementia_death_censors")
+    assert set(main.condition.code_prefixes) - set(no_mci.condition.code_prefixes) == {
+        "ICD10CM//G31.84", "DIAGNOSIS//ICD//10//G3184", "DIAGNOSIS//ICD//9//33183"}
+    assert set(no_mci.condition.code_prefixes) < set(main.condition.code_prefixes)
+    assert no_mci.condition.codes == main.condition.codes and no_mci.horizons_days == main.horizons_days
+    assert main.follow_up.death_is_competing and not death.follow_up.death_is_competing
+    assert death.condition == main.condition and death.landmarks == main.landmarks
