@@ -95,3 +95,14 @@ def test_weights_remove_the_bias_of_outcome_dependent_censoring():
 
 def test_strata_are_bands_of_days_after_the_horizon():
     assert stratum_of(np.array([0, STRATUM_EDGES_DAYS[0] - 1, STRATUM_EDGES_DAYS[0], np.nan])).tolist() == [0, 0, 1, 3]
+
+
+def test_train_rows_without_any_onset_or_censoring_give_weight_one():
+    rows = pl.DataFrame({"reason": ["negative"] * 5 + ["censored_lost_to_followup", "positive"],
+                         "event_days": [None] * 6 + [100], "followup_days": [900] * 5 + [300, 900],
+                         "days_after_horizon": [None] * 7, "split": ["train"] * 5 + ["held_out"] * 2},
+                        schema={"reason": pl.String, "event_days": pl.Int32, "followup_days": pl.Int32,
+                                "days_after_horizon": pl.Int32, "split": pl.String})
+    weights, fit = censoring_weights(rows, H)
+    assert weights[:5].tolist() == [1.0] * 5 and np.isnan(weights[5]) and weights[6] == 1.0
+    assert fit.train_censored == 0

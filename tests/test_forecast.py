@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from nextvisit.cli import main
 from nextvisit.config import preset
 from nextvisit.errors import UserError
-from nextvisit.artifacts.predictions import PROBABILITY
+from nextvisit.artifacts.predictions import CARRIED_LABEL_COLUMNS, PROBABILITY
 from nextvisit.data.histories import cut
 from nextvisit.predict.horizon import ForecastConfig, forecast, query_horizons, score_queries
 from nextvisit.predict.occurrence import OccurrenceConfig, occurrence
@@ -116,7 +116,7 @@ def test_predictions_cover_labelled_rows_with_the_contract_columns(world):
     assert predictions.height == expected.height > 10
     assert set(predictions["split"].unique()) == {"tuning", "held_out"}
     assert predictions.columns == ["subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split",
-                                   "age_years", "sex", PROBABILITY, "model"]
+                                   "age_years", "sex", PROBABILITY, "model", *CARRIED_LABEL_COLUMNS]
     p = predictions[PROBABILITY].to_numpy()
     assert np.all((p > 0) & (p < 1)) and np.std(p) > 0
     # same history, two horizons: the query day differs, so the risks do
@@ -257,6 +257,7 @@ def test_cli_forecast_and_errors(world, tmp_path, capsys):
     assert info["config"]["run_config"]["loss"]["repeat_decay"] == 0.5
     assert predictions["model"].unique().to_list() == ["run"]
     keys = ["task", "horizon_days", "split", "subject_id", "prediction_time"]
+    # the driver carries the labels' censoring columns; the scores are the forecast function's
     assert predictions.equals(run_forecast(world).with_columns(model=pl.lit("run")).sort(keys))
     # a run whose vocabulary does not match its tokenizer files
     broken = tmp_path / "broken"
@@ -297,7 +298,7 @@ def write_store(world, path: Path) -> Path:
 
 def test_occurrence_labels_and_prior_occurrence(world, tmp_path):
     store = TokenStore(write_store(world, tmp_path / "store"))
-    result = occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(), max_window=64,
+    result = occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(cohort="all"), max_window=64,
                         model_name="test", progress=False)
     p = result.predictions
     assert p["task"].unique().to_list() == ["dementia_test_next_visit"] and p["horizon_days"].unique().to_list() == [0]
@@ -323,7 +324,7 @@ def test_occurrence_labels_and_prior_occurrence(world, tmp_path):
     assert p["age_years"].is_between(45, 90).all()
     assert (p.filter(pl.col("subject_id") == 1)["sex"] == "F").all() and (p.filter(pl.col("subject_id") == 2)["sex"] == "M").all()
     assert (p["prediction_time"].dt.time() == (datetime.min + END_OF_DAY).time()).all()
-    recent = occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(mode="recent"), max_window=24,
+    recent = occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(cohort="all", mode="recent"), max_window=24,
                         model_name="test", progress=False).predictions
     assert 0 < recent.height < p.height
 
@@ -355,7 +356,7 @@ def test_occurrence_drops_removed_codes_as_the_forecast_histories_do(world, tmp_
     scored = []
     for name, meds in (("with", with_codes), ("without", without)):
         store = TokenStore(write_store({**world, "meds": meds}, tmp_path / name))
-        scored.append(occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(), max_window=64,
+        scored.append(occurrence(world["model"], world["vocab"], store, TASK, OccurrenceConfig(cohort="all"), max_window=64,
                                  model_name="test", progress=False))
     assert scored[0].info["visits_left_empty_by_remove_from_inputs"] == 3
     assert scored[1].info["visits_left_empty_by_remove_from_inputs"] == 0
@@ -415,7 +416,7 @@ def test_oracle_scores_the_same_label_rows_in_the_same_schema(tmp_path):
         oracle = pl.read_parquet(out / "predictions.parquet")
         info = json.loads((out / "info.json").read_text())
         assert oracle.columns == ["subject_id", "prediction_time", "boolean_value", "task", "horizon_days", "split",
-                                  "age_years", "sex", PROBABILITY, "model"]
+                                  "age_years", "sex", PROBABILITY, "model", *CARRIED_LABEL_COLUMNS]
         expected = labels.labels.filter(pl.col("boolean_value").is_not_null() & pl.col("split").is_in(["tuning", "held_out"]))
         assert oracle.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()).equals(
             expected.select("subject_id", "prediction_time", "horizon_days").sort(pl.all()))

@@ -177,9 +177,10 @@ def _add_occurrence(verbs) -> None:
         "occurrence",
         help="score 'any code of the condition in the next visit' (the inflation analysis)",
         description=(
-            "At every visit boundary of a token store split, score whether the next visit holds any code of "
-            "the task's condition, marking rows where the subject already had such a code. Comparing all rows "
-            "with new onsets only shows how recurring codes inflate metrics."
+            "At the visit boundaries of a token store split (by default the task's landmark cohort: its age, "
+            "history and landmark sampling rules), score whether the next visit holds any code of the task's "
+            "condition, marking rows where the subject already had such a code. Comparing all rows with new "
+            "onsets only shows how recurring codes inflate metrics."
         ),
     )
     p.add_argument("run", type=Path, metavar="RUN", help="model run folder")
@@ -193,6 +194,14 @@ def _add_occurrence(verbs) -> None:
     p.add_argument("--mode", default="windows", choices=["windows", "recent"],
                    help="windows: every visit boundary once, windows cut as in training; "
                         "recent: only the boundaries in each subject's most recent window")
+    p.add_argument("--cohort", default="task", choices=["task", "eligible", "all"],
+                   help="task (default): only the boundaries after the task's landmarks (min age, min history, its "
+                        "seeded sampling and max_per_subject; prevalent subjects kept as the recurrences); "
+                        "eligible: the age and history rules without the sampling (every next-visit onset of an "
+                        "eligible subject); all: every visit boundary at every age")
+    p.add_argument("--reference-out", type=Path, default=None,
+                   help="also write the age-and-sex reference (logistic regression on age and sex, fit on the "
+                        "train split's new-onset boundaries) on the same rows to this predictions folder")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="windows per forward pass (default 32)")
     _add_inference_options(p)
     p.set_defaults(func=_handler("nextvisit.predict.occurrence:occurrence_cli"))

@@ -27,7 +27,7 @@ import torch
 
 from nextvisit import compare
 from nextvisit.artifacts.folders import check_out
-from nextvisit.artifacts.predictions import PREDICTION_COLUMNS, PROBABILITY, ZERO_SHOT
+from nextvisit.artifacts.predictions import CARRIED_LABEL_COLUMNS, PREDICTION_COLUMNS, PROBABILITY, ZERO_SHOT
 from nextvisit.data.histories import HistoryChunk, add_counts, history_table, read_histories
 from nextvisit.compare import ComparedModel, Labels
 from nextvisit.errors import UserError
@@ -186,10 +186,13 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
         np.add.at(risk_n, np.asarray(targets, np.int64), 1)
     bar.close()
-    predictions = rows.select(PREDICTION_COLUMNS).with_columns(
+    # In the rows' order (HorizonQueryModel.predict_proba reads the column as is), with the label columns the
+    # driver carries.
+    carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns]
+    predictions = rows.select(*PREDICTION_COLUMNS).with_columns(
         pl.Series(PROBABILITY, risk_sum / np.maximum(risk_n, 1), dtype=pl.Float64),
         pl.lit(model_name).alias("model"),
-    )
+    ).with_columns(rows.select(carried))
     info = {"label_counts": label_counts(labels), "rows_not_scored": skipped, "queries": n_queries,
             "events_not_seen": cut_counts, "precision": precision}
     return Forecast(predictions=predictions, info=info)

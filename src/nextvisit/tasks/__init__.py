@@ -325,6 +325,16 @@ def _landmark_keys(seed: int, subject_ids: np.ndarray, days: np.ndarray) -> np.n
     return x
 
 
+def sampled_landmarks(rule: LandmarkRule, subject_ids: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Step 5's seeded draw: whether each eligible visit (subject, day since 1970-01-01) is sampled."""
+    return _landmark_keys(rule.seed, subject_ids, days).astype(np.float64) < rule.sample_probability * 2.0**64
+
+
+def first_per_subject(rule: LandmarkRule) -> pl.Expr:
+    """Step 5's cap on sampled visits: the first ``max_per_subject`` rows of each ``subject_id`` by ``day``."""
+    return pl.col("day").rank("ordinal").over("subject_id") <= rule.max_per_subject
+
+
 def _shard_tables(path: Path, task: Task) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per subject facts and the subject's visit days, for one shard (two lazy queries, collected once)."""
     events = pl.scan_parquet(path).select("subject_id", "time", "code")
@@ -389,8 +399,7 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
     )
 
     eligible = candidates.filter(pl.col(f"pass_{len(steps) - 1}"))
-    keys = _landmark_keys(rule.seed, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy())
-    sampled = keys.astype(np.float64) < rule.sample_probability * 2.0**64
+    sampled = sampled_landmarks(rule, eligible["subject_id"].to_numpy(), eligible["day"].cast(pl.Int32).to_numpy())
     n_before_sampling = eligible["subject_id"].n_unique()
     eligible = eligible.filter(pl.Series(sampled)).sort("subject_id", "day")
     n_subjects = eligible["subject_id"].n_unique()
@@ -403,7 +412,7 @@ def _shard_landmarks(subjects: pl.DataFrame, visits: pl.DataFrame, splits: pl.Da
         per_horizon[horizon] = {"eligible_visits": inside.height,
                                 "subjects_past_end_of_data": n_subjects - inside["subject_id"].n_unique()}
         chosen.append(
-            inside.filter(pl.col("day").rank("ordinal").over("subject_id") <= rule.max_per_subject)
+            inside.filter(first_per_subject(rule))
             .with_columns(horizon_days=pl.lit(horizon, dtype=pl.Int32))
             .select(
                 "subject_id", "prediction_time", "day", "horizon_days", "split", "age_years", "sex",

@@ -3,8 +3,8 @@
 Contract: ``censoring_weights(rows, horizon, death_is_competing)`` takes the label rows of one horizon (with
 ``reason``, ``event_days``, ``followup_days``, ``days_after_horizon`` and ``split``), fits the censoring
 distribution on the **train** rows only, and returns one weight per row: ``1 / G(t-)`` for a labelled row, null
-for a censored one, where ``G(t) = P(censoring time > t)`` is a Kaplan–Meier estimate
-(`sksurv.nonparametric.CensoringDistributionEstimator`) within the row's stratum, and ``t`` is the time up to
+for a censored one, where ``G(t) = P(censoring time > t)`` is the reverse Kaplan–Meier estimate
+(`sksurv.nonparametric.kaplan_meier_estimator`) within the row's stratum, and ``t`` is the time up to
 which the row had to stay under observation for its label to be known:
 
 - a positive: the day of the onset (``event_days``, at most the horizon);
@@ -91,16 +91,19 @@ def _read_time(reason: np.ndarray, event_days: np.ndarray, followup_days: np.nda
     return t
 
 
-def _estimator(observed: np.ndarray, time: np.ndarray):
-    from sksurv.nonparametric import CensoringDistributionEstimator
-    from sksurv.util import Surv
+class _Censoring:
+    """G(t) = P(censoring time > t): the reverse Kaplan-Meier estimate
+    (`sksurv.nonparametric.kaplan_meier_estimator` with ``reverse=True``), a right-continuous step function
+    that is 1 before the first time seen and keeps its last value after the last one."""
 
-    return CensoringDistributionEstimator().fit(Surv.from_arrays(event=observed, time=time))
+    def __init__(self, observed: np.ndarray, time: np.ndarray):
+        from sksurv.nonparametric import kaplan_meier_estimator
 
+        self.times, self.survival = kaplan_meier_estimator(observed, time, reverse=True)
 
-def _survival_at(estimator, t: np.ndarray) -> np.ndarray:
-    # G is flat after the last time seen in train; reading beyond it is reading its last value.
-    return estimator.predict_proba(np.minimum(t, estimator.unique_time_[-1]))
+    def __call__(self, t: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.times, t, side="right") - 1
+        return np.where(at >= 0, self.survival[np.maximum(at, 0)], 1.0)
 
 
 def censoring_weights(rows: pl.DataFrame, horizon: int) -> tuple[np.ndarray, CensoringFit]:
@@ -117,15 +120,15 @@ def censoring_weights(rows: pl.DataFrame, horizon: int) -> tuple[np.ndarray, Cen
     strata_info = []
     if not train.any():
         return weights, CensoringFit(strata=[], train_rows=0, train_censored=0)
-    pooled = _estimator(observed[train], time[train])
+    pooled = _Censoring(observed[train], time[train])
     for s in range(len(STRATUM_EDGES_DAYS) + 1):
         in_stratum = stratum == s
         fit_rows = train & in_stratum
         use_pooled = fit_rows.sum() < MIN_STRATUM_ROWS
-        estimator = pooled if use_pooled else _estimator(observed[fit_rows], time[fit_rows])
+        estimator = pooled if use_pooled else _Censoring(observed[fit_rows], time[fit_rows])
         target = in_stratum & ~censored
         if target.any():
-            g = _survival_at(estimator, read_at[target])
+            g = estimator(read_at[target])
             weights[target] = np.where(g > 0, 1.0 / np.where(g > 0, g, 1.0), np.nan)
         low = 0 if s == 0 else STRATUM_EDGES_DAYS[s - 1]
         high = STRATUM_EDGES_DAYS[s] if s < len(STRATUM_EDGES_DAYS) else None
