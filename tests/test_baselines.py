@@ -1,5 +1,7 @@
-"""Baselines on identical cohorts: counts match a hand computation, nothing after the prediction time is
-seen, fine-tuning learns a planted signal, and the predictions folder follows docs/interfaces.md §6."""
+"""Baselines on identical cohorts: counts and occurrence times match a hand computation, nothing after the
+prediction time is seen, hyper-parameters are chosen on tuning rows when they hold 30 positive subjects and
+by subject-grouped cross-validation within train otherwise, fine-tuning learns a planted signal, and the
+predictions folder follows docs/interfaces.md §6."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import polars as pl
 import pytest
 import yaml
 
-from nextvisit.baselines import counts
+from nextvisit.baselines import counts, selection
 from nextvisit.compare import Labels
 from nextvisit.errors import UserError
 
@@ -101,7 +103,9 @@ def test_counts_match_hand_computation(tmp_path):
     assert inputs["removed_from_inputs"] == 2  # subject 1 at T0 and subject 2
     # the censored row is neither featurised nor hidden: it is counted
     assert 4 not in rows["subject_id"].to_list()
-    assert label_counts["toy@730"]["tuning"] == {"labelled": 0, "positive": 0, "negative": 0, "censored": 1}
+    tuning = label_counts["toy@730"]["tuning"]
+    assert {k: tuning[k] for k in ("labelled", "positive", "negative", "censored")} == {
+        "labelled": 0, "positive": 0, "negative": 0, "censored": 1}
 
 
 def test_count_window_edges(tmp_path):
@@ -124,6 +128,25 @@ def test_count_window_edges(tmp_path):
     assert got["365d:EDGE_OUT"] == 0 and got["all:EDGE_OUT"] == 1
     assert got["365d:EDGE_IN"] == 1 and got["365d:AT"] == 1
     assert got["all:AFTER"] == 0 and got["all:visits"] == 3
+
+
+def test_occurrence_times_match_hand_computation(tmp_path):
+    """The observable reference's occurrence-time bins: days from a code's first (last) visit to the prediction
+    day; nothing after the prediction time and no removed code reaches them."""
+    meds_dir, labels_dir = _hand_dataset(tmp_path)
+    config = counts.CountsConfig(min_code_count=1, features="observable", occurrence_times=["first", "last"],
+                                 time_bins_days=[90, 365, 730, 1825, 3650])
+    rows, features, _ = counts.build_features(meds_dir, Labels.load(labels_dir), config)
+    assert len(features.time_names) == 2 * 5 * 6  # first/last x (visits + A B C D) x 6 bins
+    assert not any("R41" in name for name in features.names + features.time_names)
+    history = rows.filter(pl.col("subject_id") == 1)["history_id"].item()
+    row = features.times[history].toarray().ravel()
+    on = {name for name, value in zip(features.time_names, row) if value}
+    # A first on 2018-01-01 (882 days before 2020-06-01), last and B on 2019-07-01 (336 days), C at T0 (0 days);
+    # D and the late A come after the prediction time
+    assert on == {"first:visits:[730d,1825d)", "last:visits:<90d", "first:A:[730d,1825d)", "last:A:[90d,365d)",
+                  "first:B:[90d,365d)", "last:B:[90d,365d)", "first:C:<90d", "last:C:<90d"}
+    assert row.sum() == len(on)  # one bin per (occurrence, code) present
 
 
 def _signal_dataset(tmp_path, n_subjects=240, seed=0, later_events=False, at_time_events=False):
@@ -177,13 +200,125 @@ def test_count_model_learns_signal_and_writes_predictions(tmp_path, model):
     assert info["kind"] == "count-features" and info["model"] == f"counts-{model}" and info["task"] == "toy"
 
 
-def test_count_predictions_ignore_later_events(tmp_path):
-    """Adding a strongly predictive code after every prediction time changes no prediction."""
-    base = counts.run(*_signal_dataset(tmp_path / "a"), tmp_path / "a" / "pred", counts.CountsConfig(min_code_count=2))
-    later = counts.run(*_signal_dataset(tmp_path / "b", later_events=True), tmp_path / "b" / "pred",
-                       counts.CountsConfig(min_code_count=2))
-    a, b = pl.read_parquet(base), pl.read_parquet(later)
-    assert np.array_equal(a["predicted_boolean_probability"].to_numpy(), b["predicted_boolean_probability"].to_numpy())
+@pytest.mark.parametrize("features", ["counts", "observable"])
+def test_count_predictions_ignore_later_events(tmp_path, features):
+    """Adding a strongly predictive code after every prediction time changes no prediction (of the count
+    baseline, or of the observable reference with first and last occurrence times); the same code at exactly
+    the prediction time is known, so it does."""
+    config = counts.CountsConfig(min_code_count=2, features=features, occurrence_times=["first", "last"])
+
+    def probabilities(name, **planted):
+        out = counts.run(*_signal_dataset(tmp_path / name, **planted), tmp_path / name / "pred", config)
+        return pl.read_parquet(out)["predicted_boolean_probability"].to_numpy()
+
+    base = probabilities("base")
+    assert np.array_equal(base, probabilities("later", later_events=True))
+    assert np.abs(base - probabilities("at_time", at_time_events=True)).max() > 0.01
+
+
+def test_observable_reference_writes_its_kind_and_learns(tmp_path):
+    from nextvisit.cli import main
+
+    meds_dir, labels_dir = _signal_dataset(tmp_path)
+    config = tmp_path / "counts.yaml"
+    config.write_text("min_code_count: 2\n")
+    out = tmp_path / "pred"
+    assert main(["baseline", "counts", str(meds_dir), str(labels_dir), "--out", str(out), "--config", str(config),
+                 "--observable"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["kind"] == "observable-reference" and info["model"] == "observable_reference"
+    assert info["config"]["features"] == "observable"
+    assert info["feature_columns"] > 2 * (info["inputs"]["feature_codes"] + 1)  # occurrence bins beside counts
+    assert _auroc(pl.read_parquet(out / "predictions.parquet")) > 0.75
+
+
+# -- hyper-parameter selection ----------------------------------------------------------------------------
+
+def test_selection_counts_positive_subjects_not_rows():
+    """30 positive subjects choose on tuning; 29 subjects with two positive rows each do not."""
+    def tuning(subjects, rows_each):
+        ids = [s for s in range(subjects) for _ in range(rows_each)] + [1000, 1001]
+        return pl.DataFrame({"subject_id": ids, "boolean_value": [True] * (subjects * rows_each) + [False, False]})
+
+    assert selection.method(tuning(30, 1)) == selection.TUNING
+    assert selection.method(tuning(29, 2)) == selection.CV_WITHIN_TRAIN
+    assert selection.positive_counts(tuning(29, 2)) == (29, 58)
+    assert selection.record(selection.TUNING, tuning(30, 1), None, {"C": 1.0})["folds"] is None
+
+
+def test_subject_folds_keep_each_subject_in_one_fold():
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(60), rng.integers(1, 6, 60))  # 1-5 rows per subject
+    positive_subject = rng.random(60) < 0.3
+    # a subject's rows need not agree (a positive at one landmark, negatives at others)
+    label = positive_subject[subjects] & (rng.random(len(subjects)) < 0.7)
+    label[np.searchsorted(subjects, np.flatnonzero(positive_subject))] = True
+    rows = pl.DataFrame({"subject_id": subjects, "boolean_value": label})
+    fold = selection.subject_folds(rows, 5, seed=0)
+    per_subject = rows.with_columns(fold=pl.Series(fold)).group_by("subject_id").agg(pl.col("fold").n_unique())
+    assert set(fold) == set(range(5)) and per_subject["fold"].max() == 1
+    positives = rows.with_columns(fold=pl.Series(fold)).filter(pl.col("boolean_value")).group_by("fold").agg(
+        pl.col("subject_id").n_unique())["subject_id"]
+    assert positives.min() >= int(positive_subject.sum()) // 5 - 1  # positive subjects spread over the folds
+    # fewer folds than asked when train holds fewer positive subjects; none when fewer than two
+    three = rows.filter(~pl.col("subject_id").is_in(np.flatnonzero(positive_subject)[3:].tolist()))
+    assert set(selection.subject_folds(three, 5, seed=0)) == {0, 1, 2}
+    one = rows.filter(~pl.col("subject_id").is_in(np.flatnonzero(positive_subject)[1:].tolist()))
+    assert selection.subject_folds(one, 5, seed=0) is None
+
+
+def _with_tuning_labels_shuffled(labels_dir: Path, out: Path) -> Path:
+    """A copy of a labels folder whose tuning labels are permuted (the same number of positives)."""
+    labels = pl.read_parquet(labels_dir / "labels.parquet")
+    tuning = labels["split"] == "tuning"
+    shuffled = labels["boolean_value"].to_numpy().copy()
+    shuffled[tuning.to_numpy()] = np.random.default_rng(1).permutation(shuffled[tuning.to_numpy()])
+    out.mkdir()
+    labels.with_columns(pl.Series("boolean_value", shuffled)).write_parquet(out / "labels.parquet")
+    (out / "task.yaml").write_text((labels_dir / "task.yaml").read_text())
+    return out
+
+
+@pytest.mark.parametrize("model", ["logistic", "gbt"])
+def test_counts_choose_by_cross_validation_when_tuning_is_small(tmp_path, model):
+    """Tuning holds fewer than 30 positive subjects: C (or the trees' iterations) is chosen by grouped
+    folds of train, recorded in info.json, and the tuning labels take no part in the fit."""
+    meds_dir, labels_dir = _signal_dataset(tmp_path)
+    tuning = pl.read_parquet(labels_dir / "labels.parquet").filter(pl.col("split") == "tuning")
+    assert selection.positive_counts(tuning)[0] < selection.MIN_TUNING_POSITIVE_SUBJECTS
+    config = counts.CountsConfig(model=model, min_code_count=2, c_values=[0.001, 0.1, 10.0])
+    out = counts.run(meds_dir, labels_dir, tmp_path / "pred", config)
+    chosen = json.loads((tmp_path / "pred" / "info.json").read_text())["selection"]["toy@730"]
+    assert chosen["method"] == "cv_within_train" and chosen["folds"] == config.cv_folds
+    assert chosen["tuning_positive_subjects"] == selection.positive_counts(tuning)[0]
+    assert chosen["threshold_positive_subjects"] == 30
+    if model == "logistic":
+        best = max(chosen["scores"], key=lambda score: score["auroc"])
+        assert chosen["chosen"] == {"C": best["C"]} and len(chosen["scores"]) == 3
+    else:
+        folds = [score["iterations"] for score in chosen["scores"]]
+        assert len(folds) == config.cv_folds and chosen["chosen"]["iterations"] == int(np.median(folds))
+    shuffled = counts.run(meds_dir, _with_tuning_labels_shuffled(labels_dir, tmp_path / "shuffled"),
+                          tmp_path / "pred_shuffled", config)
+    assert np.array_equal(pl.read_parquet(out)["predicted_boolean_probability"].to_numpy(),
+                          pl.read_parquet(shuffled)["predicted_boolean_probability"].to_numpy())
+
+
+def test_counts_choose_on_tuning_when_it_holds_30_positive_subjects(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=400)
+    tuning = pl.read_parquet(labels_dir / "labels.parquet").filter(pl.col("split") == "tuning")
+    assert selection.positive_counts(tuning)[0] >= selection.MIN_TUNING_POSITIVE_SUBJECTS
+    config = counts.CountsConfig(min_code_count=2, c_values=[0.001, 0.1, 10.0])
+    predictions = pl.read_parquet(counts.run(meds_dir, labels_dir, tmp_path / "pred", config))
+    chosen = json.loads((tmp_path / "pred" / "info.json").read_text())["selection"]["toy@730"]
+    assert chosen["method"] == "tuning" and chosen["folds"] is None
+    best = max(chosen["scores"], key=lambda score: score["auroc"])
+    assert chosen["chosen"] == {"C": best["C"]}
+    # the recorded score is the tuning AUROC of the model that wrote the predictions
+    scored = predictions.filter(pl.col("split") == "tuning")
+    assert roc_auc_score(scored["boolean_value"], scored["predicted_boolean_probability"]) == pytest.approx(best["auroc"])
 
 
 def test_count_config_rejects_unknown_field(tmp_path):
@@ -201,6 +336,22 @@ def test_count_config_rejects_unknown_field(tmp_path):
     path.write_text("lookback_days: 365\n")
     with pytest.raises(UserError, match="lookback_days must be a list"):
         counts.CountsConfig.from_yaml(path)
+
+
+def test_selection_settings_are_checked(tmp_path):
+    from nextvisit.baselines.masked.config import finetune_config
+
+    for bad, message in (({"features": "everything"}, "features"), ({"occurrence_times": ["middle"]}, "occurrence"),
+                         ({"time_bins_days": [365, 90]}, "time_bins_days"), ({"cv_folds": 1}, "cv_folds")):
+        with pytest.raises(UserError, match=message):
+            counts.CountsConfig(**bad)
+    path = tmp_path / "finetune.yaml"
+    for text, message in (("cv_folds_run: 6\n", "cv_folds_run"), ("cv_refit: false\n", "cv_folds_run: 1")):
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            finetune_config({}, tmp_path, path)
+    path.write_text("cv_folds_run: 1\ncv_refit: false\n")
+    assert finetune_config({}, tmp_path, path).cv_refit is False
 
 
 def test_labels_with_a_subject_in_two_splits_or_null_keys_are_refused(tmp_path):
@@ -270,8 +421,9 @@ TINY_MASKED = {
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 64, "dropout": 0.0},
     "pretrain": {"batch_size": 16, "max_steps": 15, "eval_every": 5, "eval_batches": 1, "warmup_steps": 5,
                  "max_minutes": None},
+    # all five folds of the cross-validation within train (the tiny preset runs one)
     "finetune": {"batch_size": 16, "max_epochs": 25, "patience": 8, "lr": 3e-3, "warmup_steps": 5,
-                 "max_minutes": None},
+                 "max_minutes": None, "cv_folds_run": None},
 }
 
 
@@ -299,15 +451,41 @@ def test_masked_pretraining_lowers_masked_token_loss(masked_runs):
         assert (masked_runs["run"] / name).exists()
 
 
-def test_finetuning_improves_over_untuned_head(masked_runs):
+def test_finetuning_learns_signal_with_the_stopping_step_chosen_within_train(masked_runs):
+    """Tuning holds fewer than 30 positive subjects: one run per fold of train subjects, the median of their
+    best steps, and a refit on all train rows stopped there; the fine-tuned model ranks held_out rows."""
     info = json.loads((masked_runs["tuned"] / "info.json").read_text())
     predictions = pl.read_parquet(masked_runs["tuned"] / "predictions.parquet")
-    held_out = _auroc(predictions)
     assert info["kind"] == "fine-tuned"
-    assert info["fit"]["untuned_tuning_auroc"] < 0.7
-    assert held_out > 0.75 and held_out > info["fit"]["untuned_tuning_auroc"] + 0.1
+    assert _auroc(predictions) > 0.75
     assert set(predictions["split"].unique()) == {"tuning", "held_out"}
     assert predictions["predicted_boolean_probability"].is_not_null().all()
+    chosen = info["selection"]["toy@730"]
+    assert chosen["method"] == "cv_within_train" and chosen["folds"] == 5
+    fold_best = [run["best_step"] for run in info["fit"]["fold_runs"]]
+    assert chosen["chosen"]["fold_best_steps"] == fold_best and chosen["chosen"]["steps"] == round(np.median(fold_best))
+    assert info["fit"]["run"] == "refit" and info["fit"]["steps"] == chosen["chosen"]["steps"]
+    # each fold run was evaluated on its own validation subjects, never on tuning rows
+    metrics = pl.read_csv(masked_runs["tuned"] / "metrics.csv")
+    assert metrics["run"].unique().sort().to_list() == ["fold0", "fold1", "fold2", "fold3", "fold4", "refit"]
+    assert sum(run["evaluated_histories"] for run in info["fit"]["fold_runs"]) == info["fit"]["train_histories"]
+
+
+def test_finetuning_stops_on_tuning_when_it_holds_30_positive_subjects(masked_runs, tmp_path):
+    from nextvisit.baselines import masked
+
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=400)
+    tuning = pl.read_parquet(labels_dir / "labels.parquet").filter(pl.col("split") == "tuning")
+    assert selection.positive_counts(tuning)[0] >= selection.MIN_TUNING_POSITIVE_SUBJECTS
+    tuned = masked.finetune(masked_runs["run"], meds_dir, labels_dir, tmp_path / "tuned")
+    info = json.loads((tuned / "info.json").read_text())
+    chosen = info["selection"]["toy@730"]
+    assert chosen["method"] == "tuning" and chosen["folds"] is None and "fold_runs" not in info["fit"]
+    metrics = pl.read_csv(tuned / "metrics.csv")
+    best = metrics.row(int(metrics["tuning_auroc"].arg_max()), named=True)
+    assert chosen["chosen"] == {"steps": best["step"]} and info["fit"]["best_step"] == best["step"]
+    assert info["fit"]["best_tuning_auroc"] > info["fit"]["untuned_tuning_auroc"]
+    assert _auroc(pl.read_parquet(tuned / "predictions.parquet")) > 0.75
 
 
 def test_finetuned_model_sees_no_event_after_prediction_time(masked_runs, tmp_path):

@@ -18,9 +18,10 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     groups = {(g["task"], g["horizon_days"]): {r["model"] for r in g["rows"]} for g in metrics["tasks"]}
     for task in ("dementia", "knee_oa"):
         for horizon in (730, 1825):
-            assert groups[(task, horizon)] == {"oracle", "nextvisit", "counts-logistic", "masked-tiny"}
-        # the inflation analysis compares the model with and without repeat regularization
-        assert groups[(f"{task}_next_visit", 0)] == {"nextvisit", "nextvisit_no_repeat_reg"}
+            assert groups[(task, horizon)] == {"oracle", "observable_reference", "nextvisit", "counts-logistic",
+                                               "masked-tiny"}
+        # the inflation analysis compares the model with and without repeat regularization, beside age and sex
+        assert groups[(f"{task}_next_visit", 0)] == {"nextvisit", "nextvisit_no_repeat_reg", "age_sex_reference"}
     assert {g["task"] for g in metrics["inflation"]} == {"dementia_next_visit", "knee_oa_next_visit"}
 
     html = (report / "report.html").read_text()

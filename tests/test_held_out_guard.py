@@ -133,11 +133,12 @@ def run_twice(cohort, tmp_path, argv) -> tuple[Path, Path]:
     return outs
 
 
-def test_count_model_fit_ignores_held_out_labels(cohort, tmp_path):
+@pytest.mark.parametrize("features", [[], ["--observable"]], ids=["counts", "observable_reference"])
+def test_count_model_fit_ignores_held_out_labels(cohort, tmp_path, features):
     config = tmp_path / "counts.yaml"
     config.write_text(yaml.safe_dump(COUNTS_CONFIG))
     outs = run_twice(cohort, tmp_path, lambda labels, out: [
-        "baseline", "counts", cohort["meds"], labels, "--out", out, "--config", config])
+        "baseline", "counts", cohort["meds"], labels, "--out", out, "--config", config, *features])
     assert_same_fit(*outs)
     fits = json.loads((outs[0] / INFO_FILE).read_text())["fits"]
     assert {fit["C"] for fit in fits.values()} <= set(COUNTS_CONFIG["c_values"])

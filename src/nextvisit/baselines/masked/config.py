@@ -74,8 +74,27 @@ class FinetuneConfig:
     # output, a marginal approximation when horizons share rows).
     positive_share: float | None = None
     predict_batch_size: int = 128
+    # When the tuning split holds fewer than 30 positive subjects of an output (nextvisit.baselines.selection)
+    # the stopping step is chosen by cross-validation within train: folds of subjects (grouped, stratified by
+    # outcome), each fold's best step on its validation subjects, their median, then a refit on all train
+    # rows stopped there. ``cv_folds_run`` trains only the first folds (cheaper); ``cv_refit: false`` keeps
+    # the one fold run's best weights instead of refitting (the cost of today's single run).
+    cv_folds: int = 5
+    cv_folds_run: int | None = None  # None = all cv_folds
+    cv_refit: bool = True
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = torch's default)
+
+    def validate(self, source: str) -> "FinetuneConfig":
+        if self.cv_folds < 2:
+            raise UserError(f"{source}: finetune.cv_folds must be at least 2, got {self.cv_folds}")
+        if self.cv_folds_run is not None and not 1 <= self.cv_folds_run <= self.cv_folds:
+            raise UserError(f"{source}: finetune.cv_folds_run must be null or between 1 and cv_folds "
+                            f"({self.cv_folds}), got {self.cv_folds_run}")
+        if not self.cv_refit and self.cv_folds_run != 1:
+            raise UserError(f"{source}: finetune.cv_refit false keeps one fold run's weights, so it needs "
+                            f"cv_folds_run: 1 (got {self.cv_folds_run})")
+        return self
 
 
 PRESETS: dict[str, dict] = {
@@ -83,8 +102,12 @@ PRESETS: dict[str, dict] = {
     # gains little from a second one, and on a busy machine two threads spin and cost several times the CPU.
     "tiny": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "context": 128, "dropout": 0.0},
              "pretrain": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "max_minutes": 0.75, "threads": 1},
+             # One fold of five (a fifth of the train subjects) chooses the stopping step, then the refit: within
+             # a time budget every extra fold run takes steps from the refit (five folds in 0.5 min left ~30
+             # steps per run, docs/baselines.md).
              "finetune": {"batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "max_minutes": 0.5,
-                          "eval_every": 50, "eval_histories": 500, "positive_share": 0.25, "threads": 1}},
+                          "eval_every": 50, "eval_histories": 500, "positive_share": 0.25, "threads": 1,
+                          "cv_folds_run": 1}},
     "small": {"model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "context": 512},
               "pretrain": {"batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "max_steps": 50_000, "eval_every": 500},
               "finetune": {"batch_size": 64, "lr": 1e-4}},
@@ -129,4 +152,4 @@ def finetune_config(run_config: dict, run: Path, config_path: Path | None = None
         config = merge(config, extra.get("finetune", extra), str(config_path))
     if max_minutes is not None:
         config.max_minutes = max_minutes
-    return config
+    return config.validate(str(config_path or f"{run}/config.yaml"))
