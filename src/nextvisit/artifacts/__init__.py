@@ -3,8 +3,9 @@
 - ``folders``: output folders (refuse a non-empty ``--out`` without ``--overwrite``, write atomically,
   nothing half-written);
 - ``predictions``: the predictions folder every compared model writes (schema, atomic write, read, validation);
-- ``runs``: the model run folder (config, vocabulary and tokenizer files, weights, device and precision).
+- ``meds_evaluation``: the export that meds-evaluation accepts (its schema's columns only, one file per task,
+  horizon and split).
 
-The history cut at a prediction time reads MEDS, so it lives with the MEDS reader (``nextvisit.data.histories``).
-Nothing here imports a model: ``runs`` imports torch only when a function that needs it is called.
+The history cut at a prediction time reads MEDS, so it lives with the MEDS reader (``nextvisit.data.histories``);
+the model run folder builds the model, so it lives with it (``nextvisit.model.run``). Nothing here imports torch.
 """
