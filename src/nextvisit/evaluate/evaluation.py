@@ -325,19 +325,24 @@ def _views(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig) -> di
     else:
         has_both = any(0 < p.labels[strata == s].sum() < (strata == s).sum() for s in np.unique(strata[strata != ""]))
         views["stratified"] = (View(strata=strata), None if has_both else "no age-sex stratum holds both classes")
-    views["ipcw"] = (View(weights=p.weights, brier=probabilities), p.weights_problem)
+    weights_problem = p.weights_problem
+    if pred.task.endswith(NEXT_VISIT_SUFFIX):
+        # Every scored boundary has its next visit observed: nothing is censored, nothing to weight.
+        weights_problem = "not applicable: every scored visit boundary has an observed next visit"
+    views["ipcw"] = (View(weights=p.weights, brier=probabilities), weights_problem)
     times = p.keys[:, 1] if p.keys is not None else np.zeros(len(p.labels))
     one = one_landmark_per_subject(p.subject_ids, times, config.seed)
     views["one_landmark"] = (View(rows=one), _class_problem(p.labels[one], f"{config.report_split} one-landmark"))
-    if p.days_after_horizon is None:
-        reason = f"the predictions carry no {DAYS_AFTER_HORIZON} column (labels written before it existed)"
+    if p.days_after_horizon is None or pred.task.endswith(NEXT_VISIT_SUFFIX):
+        reason = (weights_problem if pred.task.endswith(NEXT_VISIT_SUFFIX) else
+                  f"the predictions carry no {DAYS_AFTER_HORIZON} column (labels written before it existed)")
         views["excluding_final_year"] = (View(), reason)
         views["ipcw_excluding_final_year"] = (View(), reason)
     else:
         keep = ~(p.days_after_horizon < config.final_days_excluded)
         problem = _class_problem(p.labels[keep], f"{config.report_split} (final year excluded)")
         views["excluding_final_year"] = (View(rows=keep), problem)
-        views["ipcw_excluding_final_year"] = (View(rows=keep, weights=p.weights), problem or p.weights_problem)
+        views["ipcw_excluding_final_year"] = (View(rows=keep, weights=p.weights), problem or weights_problem)
     if pred.task.endswith(NEXT_VISIT_SUFFIX) and p.prior is not None:
         new = ~p.prior
         views["new_onsets"] = (View(rows=new), _class_problem(p.labels[new], f"{config.report_split} new-onset"))
