@@ -106,3 +106,15 @@ def test_train_rows_without_any_onset_or_censoring_give_weight_one():
     weights, fit = censoring_weights(rows, H)
     assert weights[:5].tolist() == [1.0] * 5 and np.isnan(weights[5]) and weights[6] == 1.0
     assert fit.train_censored == 0
+
+
+def test_a_competing_death_is_read_at_the_death_not_at_events_recorded_after_it():
+    """Events after a death (late results, billing) must not stretch the time a dead subject was observed."""
+    rng = np.random.default_rng(3)
+    rows, _, _ = synthetic_rows(3000, rng)
+    rows = rows.with_columns(death_days=pl.lit(None, dtype=pl.Int32))
+    dead = pl.DataFrame({"reason": ["negative_competing_death"] * 2, "event_days": [None, None],
+                         "followup_days": [10, 300], "death_days": [10, 10], "days_after_horizon": [5000, 5000],
+                         "split": ["held_out", "held_out"]}, schema=rows.schema)
+    weights, _ = censoring_weights(pl.concat([rows, dead]), H)
+    assert weights[-1] == weights[-2] and weights[-1] < 1.05  # 10 days in: almost nothing can be lost by then

@@ -524,3 +524,32 @@ def test_censoring_rates_by_horizon_end_year_come_from_the_label_counts(tmp_path
     table = metrics["tasks"][0]["censoring"]["by_horizon_end_year"]
     assert table == [{"year": 2018, "rows": 50, "censored": 5, "rate": 0.1},
                      {"year": 2019, "rows": 40, "censored": 10, "rate": 0.25}]
+
+
+def test_a_view_whose_resamples_can_lose_its_positives_says_how_many_resamples_its_interval_used(tmp_path):
+    folder = write_predictions(tmp_path / "p" / "m", "m", censoring=True)
+    frame = pl.read_parquet(folder / "predictions.parquet")
+    # every held_out positive but one falls into the final year: the final-year-excluded view keeps one
+    positive_rows = frame.filter(pl.col("boolean_value") & (pl.col("split") == "held_out"))
+    keep_one = positive_rows["prediction_time"][0]
+    frame = frame.with_columns(days_after_horizon=pl.when(
+        pl.col("boolean_value") & (pl.col("prediction_time") != keep_one)).then(pl.lit(10, dtype=pl.Int32))
+        .otherwise(pl.lit(1000, dtype=pl.Int32)))
+    frame.write_parquet(folder / "predictions.parquet")
+    metrics = ev.evaluate([folder], tmp_path / "r", n_bootstrap=FAST, progress=False)
+    r = row_for(metrics, "dementia", 730, "m")
+    assert r["counts"]["excluding_final_year"]["positive_subjects"] == 1
+    assert 0 < r["auroc_excluding_final_year"]["resamples_used"] < FAST
+    assert any("excluding_final_year interval from" in w for w in metrics["warnings"])
+    assert any("positive subjects in the excluding final year view" in w for w in metrics["warnings"])
+    assert "resamples_used" not in r["auroc"]  # the full row set never loses a class
+
+
+def test_selection_is_read_per_task_and_horizon_or_for_the_model():
+    def pred(selection, horizon=730):
+        return ev.ModelPredictions(name="m", kind="count-features", task="t", horizon_days=horizon,
+                                   frame=pl.DataFrame(), source="x", info={"selection": selection})
+    record = {"method": "tuning", "chosen": {"C": 1.0}}
+    assert ev._selection(pred({"t@730": record})) == record
+    assert ev._selection(pred({"t@730": record}, horizon=1825)) is None
+    assert ev._selection(pred(record, horizon=1825)) == record

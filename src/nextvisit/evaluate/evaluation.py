@@ -239,7 +239,7 @@ def _evaluate_model(pred: ModelPredictions, config: EvaluationConfig, warnings: 
     p = _prepare(pred, config, warnings)
     row = _model_row(pred, p, config, warnings)
     plot = {"model": pred.name, "kind": pred.kind}
-    _rank_metrics(pred, p, config, row, plot)
+    _rank_metrics(pred, p, config, row, plot, warnings)
     _calibration_metrics(p, config, row, plot)
     _threshold_metrics(p, config, row)
     row["_keys"] = p.keys
@@ -289,7 +289,10 @@ def _selection(pred: ModelPredictions) -> dict | None:
     selection = pred.info.get("selection") if isinstance(pred.info, dict) else None
     if not isinstance(selection, dict):
         return None
-    return selection.get(f"{pred.task}@{pred.horizon_days}", selection)
+    if "method" in selection:  # one record for the model
+        return selection
+    keyed = selection.get(f"{pred.task}@{pred.horizon_days}")  # one record per task@H
+    return keyed if isinstance(keyed, dict) else None
 
 
 def one_landmark_per_subject(subject_ids: np.ndarray, times: np.ndarray, seed: int) -> np.ndarray:
@@ -377,7 +380,8 @@ def _point(view: View, metric_name: str, p: _Prepared) -> float:
     return float(np.sum(weights * (scores - labels) ** 2) / np.sum(weights))
 
 
-def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, row: dict, plot: dict) -> None:
+def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig, row: dict, plot: dict,
+                  warnings: list[str]) -> None:
     """Every rank figure of ``_RANK_FIGURES`` with its subject-level bootstrap CI (and the IPCW Brier score),
     and the ROC/PR curves, into ``row`` and ``plot``; n/a with the reason where a view cannot be computed."""
     problem = p.no_labels or _class_problem(p.labels, config.report_split)
@@ -396,7 +400,15 @@ def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig
             row[name] = not_available(reason)
             continue
         value = _point(view, metric_name, p)
-        row[name] = metric(value, percentile_interval(boot.get(f"{view_name}.{metric_name}"), config.confidence))
+        resampled = boot.get(f"{view_name}.{metric_name}")
+        row[name] = metric(value, percentile_interval(resampled, config.confidence))
+        # A row subset can lose every positive row in a resample (its positive subjects are drawn, but not
+        # always with a positive row inside the subset): such resamples are left out of its interval, and said.
+        finite = int(np.isfinite(resampled).sum())
+        if row[name]["value"] is not None and finite < config.n_bootstrap:
+            row[name]["resamples_used"] = finite
+            warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: {name} interval from {finite} "
+                            f"of {config.n_bootstrap} resamples (the others held one class in this view)")
     if views["ipcw"][1] is None and views["ipcw"][0].brier:
         row["brier_ipcw"] = metric(_point(views["ipcw"][0], "brier", p),
                                    percentile_interval(boot.get("ipcw.brier"), config.confidence))
@@ -416,6 +428,11 @@ def _rank_metrics(pred: ModelPredictions, p: _Prepared, config: EvaluationConfig
             rows = views[view_name][0].rows
             counts[view_name] = {"rows": int(rows.sum()), "positives": int(p.labels[rows].sum()),
                                  "positive_subjects": _positive_subjects(p.labels[rows], p.subject_ids[rows])}
+            view_subjects = counts[view_name]["positive_subjects"]
+            if view_name != "new_onsets" and 0 < view_subjects < config.min_positive_subjects_for_ci:
+                warnings.append(f"{pred.name} on {pred.task} at {pred.horizon_days} days: only {view_subjects} "
+                                f"positive subjects in the {view_name.replace('_', ' ')} view; its interval rests "
+                                "on very few cases")
     row["_boot"] = boot
     plot.update(roc_pr_curves(p.labels, p.scores, config.max_curve_points))
     prevalence = int(p.labels.sum()) / len(p.labels)

@@ -87,11 +87,12 @@ LABEL_SCHEMA = {
 }
 # Written by `nextvisit label` for the censoring analysis (nextvisit.tasks.censoring; optional on read, so
 # labels written by other tools stay readable): days from the landmark day to the first onset (null: none in
-# the record), to the record's last event, the days of data after the horizon's last day (null: no data end),
+# the record), to the record's last event, to the death (null: none recorded), the days of data after the horizon's last day (null: no data end),
 # and the inverse-probability-of-censoring weight (null for a censored row).
 FOLLOW_UP_SCHEMA = {
     "event_days": pl.Int32,
     "followup_days": pl.Int32,
+    "death_days": pl.Int32,
     "days_after_horizon": pl.Int32,
     WEIGHT: pl.Float64,
 }
@@ -450,6 +451,7 @@ def _follow_up(chosen: pl.DataFrame, task: Task, end_of_data: datetime | None = 
     follow = dict(
         event_days=(pl.col("first_condition_time").dt.date() - day).dt.total_days(),
         followup_days=(pl.col("last_event_time").dt.date() - day).dt.total_days(),
+        death_days=(pl.col("death_time").dt.date() - day).dt.total_days(),
         days_after_horizon=days_after,
         **{WEIGHT: pl.lit(None, dtype=pl.Float64)},
     )

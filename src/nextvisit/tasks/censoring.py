@@ -1,7 +1,7 @@
 """Censoring handled, not just counted: inverse-probability-of-censoring weights for the label rows.
 
-Contract: ``censoring_weights(rows, horizon, death_is_competing)`` takes the label rows of one horizon (with
-``reason``, ``event_days``, ``followup_days``, ``days_after_horizon`` and ``split``), fits the censoring
+Contract: ``censoring_weights(rows, horizon)`` takes the label rows of one horizon (with ``reason``, ``event_days``,
+``followup_days``, ``death_days``, ``days_after_horizon`` and ``split``), fits the censoring
 distribution on the **train** rows only, and returns one weight per row: ``1 / G(t-)`` for a labelled row, null
 for a censored one, where ``G(t) = P(censoring time > t)`` is the reverse Kaplan–Meier estimate
 (`sksurv.nonparametric.kaplan_meier_estimator`) within the row's stratum, and ``t`` is the time up to
@@ -63,7 +63,8 @@ def stratum_of(days_after_horizon: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(STRATUM_EDGES_DAYS), days, side="right")
 
 
-def _censoring_input(reason: np.ndarray, event_days: np.ndarray, followup_days: np.ndarray, horizon: int):
+def _censoring_input(reason: np.ndarray, event_days: np.ndarray, followup_days: np.ndarray, death_days: np.ndarray,
+                     horizon: int):
     """(observed, time) per row as the censoring estimator reads them: ``observed == False`` is a censoring at
     ``time``; ``observed == True`` leaves the risk set at ``time`` without censoring."""
     observed = np.ones(len(reason), dtype=bool)
@@ -71,23 +72,25 @@ def _censoring_input(reason: np.ndarray, event_days: np.ndarray, followup_days: 
     positive = reason == "positive"
     time[positive] = event_days[positive] - 0.5
     competing = reason == "negative_competing_death"
-    time[competing] = np.minimum(followup_days[competing], horizon) - 0.5
+    time[competing] = np.minimum(death_days[competing], horizon) - 0.5
     censored = np.isin(reason, ["censored_lost_to_followup", "censored_death"])
     observed[censored] = False
     time[censored] = followup_days[censored]
+    by_death = reason == "censored_death"  # censored at the death, whatever the record holds after it
+    time[by_death] = death_days[by_death]
     # A plain negative stays at risk through the horizon: a censoring at the horizon's last day or later does
     # not touch G before it, so it enters as "censored at H" (no other censoring time is >= H).
     observed[reason == "negative"] = False
     return observed, time
 
 
-def _read_time(reason: np.ndarray, event_days: np.ndarray, followup_days: np.ndarray, horizon: int) -> np.ndarray:
+def _read_time(reason: np.ndarray, event_days: np.ndarray, death_days: np.ndarray, horizon: int) -> np.ndarray:
     """The time at which G is read for each labelled row (module docstring)."""
     t = np.full(len(reason), horizon - 0.5)
     positive = reason == "positive"
     t[positive] = event_days[positive] - 0.5
     competing = reason == "negative_competing_death"
-    t[competing] = np.minimum(followup_days[competing], horizon) - 0.5
+    t[competing] = np.minimum(death_days[competing], horizon) - 0.5
     return t
 
 
@@ -111,10 +114,14 @@ def censoring_weights(rows: pl.DataFrame, horizon: int) -> tuple[np.ndarray, Cen
     reason = rows["reason"].to_numpy().astype(str)
     event_days = rows["event_days"].cast(pl.Float64).fill_null(np.inf).to_numpy()
     followup_days = rows["followup_days"].cast(pl.Float64).to_numpy()
+    # The death day (older label files without the column: the record's last event, which a death ends).
+    death_days = (rows["death_days"].cast(pl.Float64).fill_null(np.nan).to_numpy() if "death_days" in rows.columns
+                  else followup_days)
+    death_days = np.where(np.isnan(death_days), followup_days, death_days)
     stratum = stratum_of(rows["days_after_horizon"].cast(pl.Float64).to_numpy())
     train = rows["split"].to_numpy() == meds.train_split
-    observed, time = _censoring_input(reason, event_days, followup_days, horizon)
-    read_at = _read_time(reason, event_days, followup_days, horizon)
+    observed, time = _censoring_input(reason, event_days, followup_days, death_days, horizon)
+    read_at = _read_time(reason, event_days, death_days, horizon)
     censored = np.isin(reason, ["censored_lost_to_followup", "censored_death"])
     weights = np.full(len(rows), np.nan)
     strata_info = []
