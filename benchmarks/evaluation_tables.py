@@ -22,6 +22,7 @@ import polars as pl
 
 from nextvisit.artifacts.predictions import read_predictions
 from nextvisit.evaluate.bootstrap import View, percentile_interval, rng_for, subject_bootstrap
+from nextvisit.evaluate.metrics import auroc
 
 
 def _ci(metric: dict) -> str:
@@ -81,7 +82,6 @@ def oracle_table(demo: Path, metrics: dict) -> str:
             & pl.col("boolean_value").is_not_null())
         y = frame["boolean_value"].to_numpy().astype(float)
         w = frame["censoring_weight"].to_numpy() if "censoring_weight" in frame.columns else np.ones(len(y))
-        from nextvisit.evaluate.metrics import auroc
         lines.append(f"| {table['task']} | {table['horizon_days'] // 365} y | {len(y):,} | {int(y.sum()):,} | "
                      f"{y.mean():.4f} | {np.sum(w * y) / np.sum(w):.4f} | "
                      f"{frame['predicted_boolean_probability'].mean():.4f} | "
