@@ -63,7 +63,7 @@ def test_layout_days_and_attention_days():
 
 def test_attention_rule_case_by_case():
     b = windows_batch([S], [Window(0, 0, 3)], SUPERVISED, max_tokens=64)
-    allowed = attention_allowed(b.att_days, b.doc_ids)[0]
+    allowed = attention_allowed(b.att_days, b.doc_ids, b.days)[0]
     v1, sep1, v2, sep2, v3 = [0, 1], 2, [3, 4, 5], 6, [7, 8]
     assert allowed[0, 1] and allowed[1, 0]  # bidirectional inside a visit
     assert allowed[3, 5] and allowed[5, 3]
@@ -71,10 +71,14 @@ def test_attention_rule_case_by_case():
     assert allowed[sep1, 0] and not any(allowed[sep1, j] for j in v2)  # a SEP never sees the visit it predicts
     assert all(allowed[j, sep1] for j in v2)  # the predicted visit may see its SEP (its date)
     assert all(allowed[sep2, j] for j in v1 + v2 + [sep1]) and not any(allowed[sep2, j] for j in v3)
-    # consecutive days (105, 106): visit 2 tokens share the SEP's attention day and see it; that SEP only
-    # carries visit 3's date, which is an input, and no earlier SEP sees visit 2
-    assert all(allowed[j, sep2] for j in v2)
+    # consecutive days (105, 106): visit 2 tokens share the SEP's attention day but not its rotary day (visit
+    # 3's date): they never see the SEP after their own visit, as a forecast's last visit has none
+    assert not any(allowed[j, sep2] for j in v2)
+    assert all(allowed[j, sep2] for j in v3)  # visit 3 sees the SEP that predicted it
     assert not allowed[sep1, sep2]
+    # the rule without its rotary-day condition lets visit 2 see that SEP (the mutation the line above catches)
+    plain_days = (b.att_days[0][:, None] >= b.att_days[0][None, :])
+    assert all(plain_days[j, sep2] for j in v2)
     # padding: nothing attends it, it attends only itself
     pad = 9
     assert not allowed[: pad, pad:].any()
@@ -92,7 +96,7 @@ def test_packed_subjects_do_not_attend_each_other_and_padding_is_inert(kernel):
     alone = [logits(m, windows_batch([s], [Window(0, 0, s.n_visits)], SUPERVISED, 64)) for s in (S, other)]
     packed = windows_batch([S, other], [Window(0, 0, 3), Window(1, 0, 3)], SUPERVISED, 64, packed_rows=[[0, 1]])
     assert packed.tokens[0].tolist().count(EOW) == 2
-    allowed = attention_allowed(packed.att_days, packed.doc_ids)[0]
+    allowed = attention_allowed(packed.att_days, packed.doc_ids, packed.days)[0]
     first = packed.doc_ids[0] == 1
     second = packed.doc_ids[0] == 2
     assert not allowed[first][:, second].any() and not allowed[second][:, first].any()
@@ -144,7 +148,7 @@ def test_key_ranges_leave_out_only_keys_masked_for_the_whole_block():
     other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
     packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
                            packed_rows=[[0, 1], [2]])
-    allowed = attention_allowed(packed.att_days, packed.doc_ids)[:, None]
+    allowed = attention_allowed(packed.att_days, packed.doc_ids, packed.days)[:, None]
     T = allowed.shape[-1]
     ranges = kernels_module.key_ranges(allowed, block=4)
     assert [(q0, q1) for q0, q1, _, _ in ranges] == [(q0, min(q0 + 4, T)) for q0 in range(0, T, 4)]
@@ -161,7 +165,7 @@ def test_blocked_matmul_attention_equals_the_whole_softmax(monkeypatch):
     other = subject([[20, 21], [22], [20, 23, 24], [25, 26]], [50, 90, 400, 410], subject_id=2)
     packed = windows_batch([S, other, S], [Window(0, 0, 3), Window(1, 0, 4), Window(2, 0, 3)], SUPERVISED, 64,
                            packed_rows=[[0, 1], [2]])
-    allowed = attention_allowed(packed.att_days, packed.doc_ids)[:, None]
+    allowed = attention_allowed(packed.att_days, packed.doc_ids, packed.days)[:, None]
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
     T = allowed.shape[-1]
     torch.manual_seed(0)

@@ -38,6 +38,10 @@ class ModelConfig:
     # constant logit per token). Not in the paper (no biases); it lets a small, briefly trained model start
     # from the base rates instead of spending its first steps learning them (docs/model.md).
     output_bias: bool = False
+    # Horizon queries in pretraining (docs/model.md "Horizon queries"): query tokens at later days whose targets are
+    # every code of the interval up to that day, the incidence question itself; the forecast then asks a horizon
+    # query. Adds one learned query embedding; placement in DataConfig.horizon_query_*.
+    horizon_queries: bool = False
 
     def validate(self):
         if self.n_layers < 1:
@@ -56,6 +60,9 @@ class DataConfig:
     pack: bool = True  # several subjects per context, separated by EOW, no cross-subject attention
     max_window_fraction: float = 0.5  # a packed subject window holds at most this share of the context
     query_max_tokens: int = 511  # forecasting: most recent history tokens before the query SEP (paper)
+    # with model.horizon_queries: the share of training visits that ask a horizon query, and the longest gap (days)
+    horizon_query_rate: float = 1.0
+    horizon_query_max_days: int = 2190
 
 
 @dataclass
@@ -120,6 +127,8 @@ class RunConfig:
         self.train.validate()
         if self.data.context < 8:
             raise UserError(f"data.context {self.data.context} is too small")
+        if not 0 < self.data.horizon_query_rate <= 1 or self.data.horizon_query_max_days < 1:
+            raise UserError("data.horizon_query_rate must be in (0, 1] and data.horizon_query_max_days at least 1")
         return self
 
     def to_dict(self) -> dict:

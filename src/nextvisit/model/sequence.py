@@ -13,8 +13,19 @@ A window of visits ``v_1..v_n`` becomes ``v_1 tokens, SEP, v_2 tokens, SEP, ...,
 - Packing: windows (each at most ``max_window_fraction`` of the context) share a context, each closed by
   ``EOW``, with distinct ``doc_ids`` so no token attends another subject's.
 
-Forecasting uses ``query_batch``: the most recent history plus one query SEP at (last visit day + H) with
-attention day (last visit day + H - 1), which therefore sees the whole history.
+Horizon queries (``model.horizon_queries``, docs/model.md "Horizon queries"): training asks the incidence
+question itself. A visit ``v_i`` may carry query tokens (the SEP token, flagged in ``is_query``; the model adds a
+learned query embedding) placed after it, at rotary day ``day(v_i) + gap`` (gaps drawn up to years ahead) with
+attention day ``day(v_i)``: its own visit. Its targets are the union of the supervised tokens of every visit in
+``(day(v_i), day(v_i) + gap]`` (the subject's later visits, inside the window or not), so its logits answer "does the
+code occur within ``gap`` days". The rotary day and the attention day of a query differ: a query attends a token b
+iff same document, b is not a query, and ``days[b] <= att_days[query]`` (b sits at or before the query's own visit;
+this leaves out the SEP after ``v_i``, whose rotary day is the next visit's), so it sees the history up to its own
+visit and none of the visits it skips. No other token attends a query (``transformer.attention_allowed``).
+
+Forecasting uses ``query_batch``: the most recent history plus one query at (last visit day + H): a query SEP with
+attention day (last visit day + H - 1), or, for a run trained with horizon queries, a horizon query (attention day the
+last visit's); either sees the whole history and nothing after it.
 """
 
 from __future__ import annotations
@@ -51,7 +62,9 @@ class Batch:
     target_repeats: torch.Tensor  # int64 [P], earlier positive-target occurrences of the token in the window
     target_seen: torch.Tensor  # bool [P], the token occurred earlier in the window (input visit included)
     sep_window: torch.Tensor  # int64 [N], which window (in the order given) each position belongs to
-    sep_visit: torch.Tensor  # int64 [N], index in the subject of the visit the SEP predicts (queries: n_visits)
+    sep_visit: torch.Tensor  # int64 [N], index in the subject of the visit the SEP predicts (queries: n_visits;
+    # horizon queries of training: the index of their own visit)
+    is_query: torch.Tensor  # bool [B, T], horizon-query tokens (attention rule and query embedding)
 
     @property
     def n_tokens(self) -> int:
@@ -64,11 +77,13 @@ class Batch:
 
 @dataclass
 class Window:
-    """Visits ``start..stop-1`` of one subject (of a split, by index, or of a list given to a builder)."""
+    """Visits ``start..stop-1`` of one subject (of a split, by index, or of a list given to a builder).
+    ``queries``: horizon queries as (visit index within the window, gap in days) arrays, or None."""
 
     subject: int
     start: int
     stop: int
+    queries: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def window_cost(visit_lengths: np.ndarray) -> int:
@@ -114,9 +129,13 @@ def visit_cap(max_tokens: int) -> int:
 
 
 def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supervised: np.ndarray | None,
-                   query_day: int | None = None, close_with_eow: bool = False) -> dict:
+                   query_day: int | None = None, close_with_eow: bool = False, horizon_query: bool = False,
+                   queries: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Token-level arrays of one window (see module docstring). ``query_day`` (relative to the window's first
-    visit) appends a query SEP; ``close_with_eow`` appends EOW."""
+    visit) appends a query (a horizon query with ``horizon_query``, else a query SEP); ``close_with_eow`` appends
+    EOW; ``queries`` (visit index within the window, gap days) places training horizon queries after their visits.
+    Layout per visit j: its tokens, the SEP after it (all but the last), its horizon queries (if any, in the given
+    order)."""
     offsets = subject.visit_offsets
     lengths = np.minimum(np.diff(offsets[start : stop + 1]), visit_cap(max_tokens)).astype(np.int64)
     n = stop - start
@@ -127,26 +146,43 @@ def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, sup
     source = offsets[start:stop][visit_of_token] + (np.arange(len(visit_of_token)) - first_of_visit[visit_of_token])
     visit_tokens = subject.tokens[source].astype(np.int64)
 
+    q_visit = np.zeros(0, np.int64) if queries is None else np.asarray(queries[0], np.int64)
+    q_gap = np.zeros(0, np.int64) if queries is None else np.asarray(queries[1], np.int64)
+    order = np.argsort(q_visit, kind="stable")
+    q_visit, q_gap = q_visit[order], q_gap[order]
+    queries_of_visit = np.bincount(q_visit, minlength=n)
+    sep_after = np.ones(n, np.int64)
+    sep_after[-1] = 0
+    slots = lengths + sep_after + queries_of_visit
+    slot_start = np.concatenate([[0], np.cumsum(slots)[:-1]])
     n_seps = n - 1
     extra = int(query_day is not None) + int(close_with_eow)
-    length = len(visit_tokens) + n_seps + extra
+    end = int(slots.sum())
+    length = end + extra
     tokens = np.empty(length, np.int64)
     days = np.empty(length, np.int64)
     att_days = np.empty(length, np.int64)
-    # visit tokens are shifted right by the number of SEPs before them
-    token_pos = np.arange(len(visit_tokens)) + visit_of_token
+    is_query = np.zeros(length, bool)
+    token_pos = slot_start[visit_of_token] + (np.arange(len(visit_tokens)) - first_of_visit[visit_of_token])
     tokens[token_pos] = visit_tokens
     days[token_pos] = rel_days[visit_of_token]
     att_days[token_pos] = rel_days[visit_of_token]
-    sep_pos = np.cumsum(lengths)[:-1] + np.arange(n_seps)
+    sep_pos = slot_start[:-1] + lengths[:-1]
     tokens[sep_pos] = SEP
     days[sep_pos] = rel_days[1:]
     att_days[sep_pos] = rel_days[1:] - 1
-    end = len(visit_tokens) + n_seps
-    out = {"tokens": tokens, "days": days, "att_days": att_days, "sep_pos": sep_pos,
-           "sep_visit": np.arange(start + 1, stop, dtype=np.int64), "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths))}
+    hq_pos = slot_start[q_visit] + lengths[q_visit] + sep_after[q_visit] + _rank_in_groups(q_visit)
+    tokens[hq_pos] = SEP
+    days[hq_pos] = rel_days[q_visit] + q_gap
+    att_days[hq_pos] = rel_days[q_visit]
+    is_query[hq_pos] = True
+    out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "sep_pos": sep_pos,
+           "sep_visit": np.arange(start + 1, stop, dtype=np.int64), "hq_pos": hq_pos,
+           "hq_visit": start + q_visit, "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths))}
     if query_day is not None:
-        tokens[end], days[end], att_days[end] = SEP, query_day, query_day - 1
+        tokens[end], days[end] = SEP, query_day
+        att_days[end] = rel_days[-1] if horizon_query else query_day - 1
+        is_query[end] = horizon_query
         out["query_pos"] = end
         end += 1
     if close_with_eow:
@@ -168,9 +204,42 @@ def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, sup
         order_t = np.lexsort((target_visit, target_tokens))
         repeats = np.empty(len(order_t), np.int64)
         repeats[order_t] = _rank_in_groups(target_tokens[order_t])
-        out.update(target_rows=target_visit - 1, target_tokens=target_tokens, target_repeats=repeats,
-                   target_seen=seen[is_target])
+        rows, seen_t = target_visit - 1, seen[is_target]
+        if len(q_visit):
+            q_rows, q_tokens, q_repeats, q_seen = _query_targets(subject, start, q_visit, q_gap, supervised,
+                                                                 sup_tokens, sup_visit)
+            rows = np.concatenate([rows, n_seps + q_rows])
+            target_tokens = np.concatenate([target_tokens, q_tokens])
+            repeats = np.concatenate([repeats, q_repeats])
+            seen_t = np.concatenate([seen_t, q_seen])
+        out.update(target_rows=rows, target_tokens=target_tokens, target_repeats=repeats, target_seen=seen_t)
     return out
+
+
+def _query_targets(subject: Subject, start: int, q_visit: np.ndarray, q_gap: np.ndarray, supervised: np.ndarray,
+                   sup_tokens: np.ndarray, sup_visit: np.ndarray):
+    """Targets of the horizon queries after window visits ``q_visit`` with gaps ``q_gap``: (query row, token,
+    repeats, seen) for every supervised token of any visit of the subject in ``(day, day + gap]``. ``repeats``
+    counts the window's target visits (1..j) that held the token, ``seen`` whether any visit 0..j did, as for the
+    SEPs (``sup_tokens``/``sup_visit``: the window's supervised input tokens and their visit within the window)."""
+    own = start + q_visit
+    last = np.searchsorted(subject.visit_days, subject.visit_days[own].astype(np.int64) + q_gap, side="right")
+    lo, hi = subject.visit_offsets[own + 1], subject.visit_offsets[last]
+    sizes = np.maximum(hi - lo, 0)
+    query_of = np.repeat(np.arange(len(own)), sizes)
+    within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    tokens = subject.tokens[np.repeat(lo, sizes) + within].astype(np.int64)
+    keep = supervised[tokens]
+    V = len(supervised)
+    pairs = np.unique(query_of[keep] * V + tokens[keep])
+    rows, targets = pairs // V, pairs % V
+    n = int(max(q_visit.max(), sup_visit.max() if len(sup_visit) else 0)) + 1
+    keys = np.sort(sup_tokens * n + sup_visit)  # occurrences by (token, visit within the window)
+    first = np.searchsorted(keys, targets * n, side="left")
+    seen_count = np.searchsorted(keys, targets * n + q_visit[rows], side="right") - first  # in visits 0..j
+    in_first_visit = np.searchsorted(keys, targets * n, side="right") - first  # in visit 0 (input only)
+    repeats = seen_count - in_first_visit
+    return rows.astype(np.int64), targets, repeats.astype(np.int64), seen_count > 0
 
 
 def _rank_in_groups(sorted_keys: np.ndarray) -> np.ndarray:
@@ -191,6 +260,7 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
     days = np.zeros((B, width), np.int64)
     att_days = np.zeros((B, width), np.int64)
     doc_ids = np.zeros((B, width), np.int64)
+    is_query = np.zeros((B, width), bool)
     positions, sep_window, sep_visit = [], [], []
     t_rows, t_tokens, t_repeats, t_seen = [], [], [], []
     n_positions = 0
@@ -203,12 +273,14 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
             days[b, cursor : cursor + k] = w["days"]
             att_days[b, cursor : cursor + k] = w["att_days"]
             doc_ids[b, cursor : cursor + k] = doc
+            is_query[b, cursor : cursor + k] = w["is_query"]
             flat = b * width + cursor
             if "query_pos" in w:
                 sep = np.array([w["query_pos"]])
                 visits = np.array([w["n_visits"]])
-            else:
-                sep, visits = w["sep_pos"], w["sep_visit"]
+            else:  # the SEPs, then the horizon queries (the targets' rows count in this order)
+                sep = np.concatenate([w["sep_pos"], w["hq_pos"]])
+                visits = np.concatenate([w["sep_visit"], w["hq_visit"]])
             positions.append(flat + sep)
             sep_window.append(np.full(len(sep), window_index))
             sep_visit.append(visits)
@@ -236,15 +308,18 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
         target_seen=cat(t_seen, bool) if with_targets else torch.zeros(0, dtype=torch.bool),
         sep_window=cat(sep_window, np.int64),
         sep_visit=cat(sep_visit, np.int64),
+        is_query=torch.from_numpy(is_query),
     )
 
 
 # -- forecasting ----------------------------------------------------------------------------------------------
 
-def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511) -> Batch:
+def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511, horizon_query: bool = False) -> Batch:
     """One row per subject: its most recent visits (at most ``max_tokens`` tokens with the SEPs between
     them, starting at a visit boundary), then one query SEP at (last visit day + H) with attention day
-    (last visit day + H - 1), so the query sees the whole history and nothing after it.
+    (last visit day + H - 1), so the query sees the whole history and nothing after it. With
+    ``horizon_query`` (a run trained with horizon queries) the query is a horizon query: the same token and
+    rotary day, flagged in ``is_query``, attention day the last visit's (the same history in view).
 
     ``horizon_days``: one int for all subjects or one per subject. Logits:
     ``model.query_logits(batch, batch.positions) -> [len(subjects), V]`` (row i = subject i).
@@ -259,7 +334,8 @@ def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511
             raise UserError(f"subject {subject.subject_id}: no visits in the history; nothing to forecast from")
         start = _recent_start(np.diff(subject.visit_offsets), max_tokens + 1)
         arrays = _window_arrays(subject, start, subject.n_visits, max_tokens + 1, supervised=None,
-                                query_day=int(subject.visit_days[-1] - subject.visit_days[start]) + int(horizon))
+                                query_day=int(subject.visit_days[-1] - subject.visit_days[start]) + int(horizon),
+                                horizon_query=horizon_query)
         arrays["n_visits"] = subject.n_visits
         rows.append([arrays])
     return collate(rows, with_targets=False)
@@ -301,7 +377,7 @@ def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], superv
         for i in group:
             w = windows[i]
             row.append(_window_arrays(subjects[w.subject], w.start, w.stop, max_tokens, supervised,
-                                      close_with_eow=packed))
+                                      close_with_eow=packed, queries=w.queries))
         rows.append(row)
     batch = collate(rows, with_targets=True, pad_multiple=pad_multiple)
     if packed:
@@ -340,6 +416,22 @@ def pack_windows(costs: np.ndarray, context: int, open_bins: int = 16) -> list[l
     return bins
 
 
+@dataclass
+class HorizonQuerySampling:
+    """Where training places horizon queries (module docstring; docs/model.md "Horizon queries").
+
+    Each visit gets a query with probability ``rate``, at a gap drawn uniformly from 1..``max_days`` days. A
+    query is kept only when its whole interval is observed: it ends at or before the subject's last visit, or the
+    subject's record holds ``death_token`` (death ends follow-up, so a later interval is complete: what happened
+    before death is all there is, as the task labels count it). Intervals that run past a record that simply
+    stops (loss to follow-up, the data's end) would turn unobserved onsets into negatives; they are left out.
+    """
+
+    rate: float
+    max_days: int
+    death_token: int | None = None
+
+
 class TrainingPlan:
     """The deterministic order of training contexts for one epoch of a split.
 
@@ -349,7 +441,7 @@ class TrainingPlan:
     """
 
     def __init__(self, split, supervised: np.ndarray, context: int, pack: bool, max_window_fraction: float,
-                 seed: int, pad_multiple: int = PAD_MULTIPLE):
+                 seed: int, pad_multiple: int = PAD_MULTIPLE, horizon_queries: HorizonQuerySampling | None = None):
         self.split = split
         self.pad_multiple = pad_multiple  # the context itself for FlexAttention, which compiles per shape
         self.supervised = supervised
@@ -368,6 +460,10 @@ class TrainingPlan:
         self.truncated_visits = int(np.sum(self._visit_lengths > cap))
         self.truncated_tokens = int(np.sum(np.maximum(self._visit_lengths - cap, 0)))
         self._epochs: dict[int, tuple[list[Window], list[list[int]]]] = {}
+        self.horizon_queries = horizon_queries
+        self.queries_by_epoch: dict[int, int] = {}
+        if horizon_queries is not None:
+            self._observed_days = _observed_days(split, horizon_queries.death_token)
 
     def epoch(self, epoch: int) -> tuple[list[Window], list[list[int]]]:
         """(windows, contexts as lists of window indices) of one epoch."""
@@ -380,6 +476,15 @@ class TrainingPlan:
         windows: list[Window] = []
         costs: list[int] = []
         cap = visit_cap(self.max_window)
+        has_query = gaps = None
+        if self.horizon_queries is not None:
+            # their own stream, so the windows of a run without queries are unchanged
+            hq, q_rng = self.horizon_queries, np.random.default_rng([self.seed, epoch, 1])
+            n_visits = len(self._observed_days)
+            has_query = q_rng.random(n_visits) < hq.rate
+            gaps = 1 + np.floor(q_rng.random(n_visits) * hq.max_days).astype(np.int64)
+            has_query &= gaps <= self._observed_days
+        n_queries = 0
         for i in range(self.n_subjects):
             v0, v1 = int(self._subject_visits[i]), int(self._subject_visits[i + 1])
             if v1 - v0 < 2:
@@ -392,8 +497,18 @@ class TrainingPlan:
                 pieces = split_visits(lengths, self.max_window, first_stop=int(rng.integers(2, v1 - v0 + 1)))
             for start, stop in pieces:
                 if stop - start >= 2:
-                    windows.append(Window(i, start, stop))
-                    costs.append(int(clipped[start:stop].sum()))
+                    cost, queries = int(clipped[start:stop].sum()), None
+                    if has_query is not None:
+                        js = np.flatnonzero(has_query[v0 + start : v0 + stop])
+                        if start > 0:  # a visit shared with the previous window asks its query there
+                            js = js[js > 0]
+                        js = js[max(0, len(js) - (self.context - cost)):]  # the window still fits a context
+                        if len(js):
+                            queries = (js, gaps[v0 + start + js])
+                            cost += len(js)
+                            n_queries += len(js)
+                    windows.append(Window(i, start, stop, queries))
+                    costs.append(cost)
         order = rng.permutation(len(windows))
         windows = [windows[j] for j in order]
         costs = np.asarray(costs, np.int64)[order] if len(costs) else np.zeros(0, np.int64)
@@ -401,6 +516,7 @@ class TrainingPlan:
             contexts = pack_windows(costs, self.context)
         else:
             contexts = [[j] for j in range(len(windows))]
+        self.queries_by_epoch[epoch] = n_queries
         return windows, contexts
 
     def n_contexts(self, epoch: int = 0) -> int:
@@ -415,13 +531,30 @@ class TrainingPlan:
                 s = windows[j].subject
                 if s not in subjects:
                     subjects[s] = self.split.subject(s)
-        local = [Window(windows[j].subject, windows[j].start, windows[j].stop) for group in chosen for j in group]
+        local = [windows[j] for group in chosen for j in group]
         subject_list = list(subjects)
         position = {s: k for k, s in enumerate(subject_list)}
-        local = [Window(position[w.subject], w.start, w.stop) for w in local]
+        local = [Window(position[w.subject], w.start, w.stop, w.queries) for w in local]
         rows, k = [], 0
         for group in chosen:
             rows.append(list(range(k, k + len(group))))
             k += len(group)
         return windows_batch([subjects[s] for s in subject_list], local, self.supervised, self.max_window,
                              packed_rows=rows if self.pack else None, pad_multiple=self.pad_multiple)
+
+
+def _observed_days(split, death_token: int | None) -> np.ndarray:
+    """Per visit of ``split``: how many days after it the subject's record is observed, i.e. to the subject's
+    last visit, or without end (a large number) when the record holds ``death_token``."""
+    subject_visits = np.asarray(split.subject_visits, np.int64)
+    visit_days = np.asarray(split.visit_days, np.int64)
+    per_subject = np.diff(subject_visits)
+    subject_of_visit = np.repeat(np.arange(len(per_subject)), per_subject)
+    last_day = visit_days[np.maximum(subject_visits[1:] - 1, 0)] if len(visit_days) else np.zeros(len(per_subject), np.int64)
+    observed = last_day[subject_of_visit] - visit_days
+    if death_token is not None and len(visit_days):
+        visit_tokens = np.asarray(split.visit_tokens, np.int64)
+        deaths = np.concatenate([[0], np.cumsum(np.asarray(split.tokens) == death_token)])
+        died = deaths[visit_tokens[subject_visits[1:]]] - deaths[visit_tokens[subject_visits[:-1]]] > 0
+        observed = np.where(died[subject_of_visit], np.iinfo(np.int32).max, observed)
+    return observed

@@ -3,7 +3,8 @@ embeddings over day offsets, output head tied to the token embedding.
 
 Shapes: B rows, T tokens, D = d_model, H heads of size d = D / H, N scored SEP positions, V vocabulary.
 The head runs only at the N positions (gathered first), so nothing of size B x T x V is ever built.
-The attention rule (a attends b iff same document and att_day[a] >= att_day[b]) becomes one additive mask
+The attention rule (a attends b iff same document, att_day[a] >= att_day[b] and days[b] <= att_day[a]; nothing
+attends a horizon query: ``attention_allowed``) becomes one additive mask
 per batch (plain matmuls over blocks of queries and only the keys each block may attend on CPU, SDPA on
 GPUs) or one block mask per batch (FlexAttention), shared by all layers. In training the head is
 applied inside the loss (``forward(..., head=False)``). The last layer runs at the N positions only.
@@ -25,14 +26,26 @@ from nextvisit.model import kernels
 from nextvisit.model.sequence import Batch
 
 
-def attention_allowed(att_days: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T, T]: row a may attend column b. Same non-zero document and att_day[a] >= att_day[b].
-    Padding (doc 0) attends only itself, so its softmax stays defined; nothing else attends padding."""
+def attention_allowed(att_days: torch.Tensor, doc_ids: torch.Tensor, days: torch.Tensor,
+                      is_query: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, T, T]: row a may attend column b iff same non-zero document, att_day[a] >= att_day[b], and
+    b's rotary day is at most a's attention day (days[b] <= att_day[a]), and b is no horizon query (``is_query``).
+    Padding (doc 0) attends only itself, so its softmax stays defined; nothing else attends padding; every token
+    attends itself.
+
+    The rotary-day condition only bites on SEPs, whose rotary day (the next visit's) is after their attention day:
+    the tokens of a visit on day d never see the SEP that predicts a visit on day d + 1, so no visit's tokens carry
+    the date of the next visit, which a forecast's last visit never has either. A horizon query (attention day: its
+    own visit's) therefore sees its visit and what came before it, and nothing of the visits it skips, not even
+    through the tokens it attends; no other token attends a query (nextvisit.model.sequence)."""
     same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] > 0)
-    causal_days = att_days[:, :, None] >= att_days[:, None, :]
+    causal_days = (att_days[:, :, None] >= att_days[:, None, :]) & (att_days[:, :, None] >= days.to(att_days.dtype)[:, None, :])
     T = att_days.shape[1]
     eye = torch.eye(T, dtype=torch.bool, device=att_days.device)
-    return (same_doc & causal_days) | eye
+    allowed = same_doc & causal_days
+    if is_query is not None:
+        allowed &= ~is_query[:, None, :]
+    return allowed | eye
 
 
 def rotary_tables(days: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +185,11 @@ class NextVisitModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_final = nn.LayerNorm(config.d_model, bias=False)
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
+        # added to the input of horizon-query tokens (the SEP token at a later day asking about an interval)
+        self.query_embed = nn.Parameter(torch.zeros(config.d_model)) if config.horizon_queries else None
         self.apply(self._init_weights)
+        if self.query_embed is not None:
+            nn.init.normal_(self.query_embed, 0.0, config.init_std)
         # residual projections scaled down with depth (GPT-2)
         for name, parameter in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("fc_out.weight"):
@@ -185,13 +202,20 @@ class NextVisitModel(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def attention_mask(self, att_days: torch.Tensor, doc_ids: torch.Tensor):
-        """Built once per batch, shared by every layer."""
+    def attention_mask(self, att_days: torch.Tensor, doc_ids: torch.Tensor, days: torch.Tensor | None = None,
+                       is_query: torch.Tensor | None = None):
+        """Built once per batch, shared by every layer (the rule: ``attention_allowed``)."""
+        if is_query is not None and not bool(is_query.any()):
+            is_query = None
         if self.config.attention == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
+            rotary_days = days.to(att_days.dtype)
+            queries = is_query if is_query is not None else torch.zeros_like(doc_ids, dtype=torch.bool)
+
             def mask_mod(b, h, q, kv):
-                return ((doc_ids[b, q] == doc_ids[b, kv]) & (doc_ids[b, q] > 0) & (att_days[b, q] >= att_days[b, kv])) | (q == kv)
+                allowed = (doc_ids[b, q] == doc_ids[b, kv]) & (doc_ids[b, q] > 0) & (att_days[b, q] >= att_days[b, kv])
+                return (allowed & (att_days[b, q] >= rotary_days[b, kv]) & ~queries[b, kv]) | (q == kv)
 
             B, T = att_days.shape
             return create_block_mask(mask_mod, B, None, T, T, device=att_days.device)
@@ -201,38 +225,44 @@ class NextVisitModel(nn.Module):
         device_type = att_days.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
             else self.embed.weight.dtype
-        allowed = attention_allowed(att_days, doc_ids)[:, None]  # [B, 1, T, T]
+        allowed = attention_allowed(att_days, doc_ids, days, is_query)[:, None]  # [B, 1, T, T]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         uses_ranges = kernels.attention_kernel(self.config.attention, allowed.device) == "matmul"
         return LayerMask(additive, kernels.key_ranges(allowed) if uses_ranges else [])
 
-    def _layer_inputs(self, tokens, days, att_days, doc_ids):
-        """Embeddings [B, T, D], rotary tables and the attention mask, shared by every layer."""
+    def _layer_inputs(self, tokens, days, att_days, doc_ids, is_query=None):
+        """Embeddings [B, T, D] (plus the query embedding at horizon queries), rotary tables and the attention
+        mask, shared by every layer."""
         config = self.config
-        mask = self.attention_mask(att_days, doc_ids)
+        mask = self.attention_mask(att_days, doc_ids, days, is_query)
         cos, sin = rotary_tables(days, config.d_model // config.n_heads, config.rope_base)
-        return self.embed(tokens), cos, sin, mask
+        x = self.embed(tokens)
+        if is_query is not None and self.query_embed is not None:
+            x = x + is_query[..., None].to(x.dtype) * self.query_embed
+        return x, cos, sin, mask
 
-    def hidden_states(self, tokens, days, att_days, doc_ids) -> torch.Tensor:
+    def hidden_states(self, tokens, days, att_days, doc_ids, is_query=None) -> torch.Tensor:
         """Final-LayerNorm hidden states [B, T, D]."""
-        x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids)
+        x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
         flex = self.config.attention == "flex"
         for block in self.blocks:
             x = block(x, cos, sin, mask, flex)
         return self.ln_final(x)
 
-    def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True) -> torch.Tensor:
+    def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True,
+                is_query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
-        the trainer, which applies the tied head inside the loss (``fused_head.next_visit_loss_from_hidden``)."""
+        the trainer, which applies the tied head inside the loss (``fused_head.next_visit_loss_from_hidden``).
+        ``is_query`` [B, T] flags horizon-query tokens (``attention_allowed``)."""
         if self.config.attention == "flex":
-            hidden = self.hidden_states(tokens, days, att_days, doc_ids)
+            hidden = self.hidden_states(tokens, days, att_days, doc_ids, is_query)
             at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         else:
             # only the N positions' outputs of the last layer are read, so it runs there alone: the same values
             # up to float rounding (docs/model.md, "Model"). The layout first: on a GPU its one sync then
             # waits for the inputs only, not for the queued layers.
             where = QueryLayout(positions, *tokens.shape)
-            x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids)
+            x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
             for block in self.blocks[:-1]:
                 x = block(x, cos, sin, mask, False)
             at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))  # [N, D]
@@ -245,4 +275,4 @@ class NextVisitModel(nn.Module):
         """Logits [N, V] at flat ``positions`` (default ``batch.positions``). The batch must be on the
         model's device; call under ``torch.no_grad()`` for inference."""
         positions = batch.positions if positions is None else positions
-        return self(batch.tokens, batch.days, batch.att_days, batch.doc_ids, positions)
+        return self(batch.tokens, batch.days, batch.att_days, batch.doc_ids, positions, is_query=batch.is_query)

@@ -4,8 +4,9 @@ the micro-batches of each optimizer step, which advance the data position (epoch
 from __future__ import annotations
 
 from nextvisit.config import RunConfig
+from nextvisit.data.meds import DEATH_CODE
 from nextvisit.errors import UserError
-from nextvisit.model.sequence import PAD_MULTIPLE, TrainingPlan
+from nextvisit.model.sequence import PAD_MULTIPLE, HorizonQuerySampling, TrainingPlan
 from nextvisit.tokenize.store import TokenStore
 from nextvisit.train.distributed import Distributed
 
@@ -13,6 +14,15 @@ from nextvisit.train.distributed import Distributed
 def pad_multiple(config: RunConfig) -> int:
     """FlexAttention compiles once per shape: give it full contexts. SDPA takes any width."""
     return config.data.context if config.model.attention == "flex" else PAD_MULTIPLE
+
+
+def horizon_query_sampling(store: TokenStore, config: RunConfig) -> HorizonQuerySampling | None:
+    """Where training asks horizon queries (``model.horizon_queries``), or None. A subject whose record holds the
+    death code is observed to the end (``HorizonQuerySampling``)."""
+    if not config.model.horizon_queries:
+        return None
+    death = store.vocab.index.get(DEATH_CODE)
+    return HorizonQuerySampling(config.data.horizon_query_rate, config.data.horizon_query_max_days, death)
 
 
 def training_plan(store: TokenStore, config: RunConfig, supervised_np):
@@ -23,7 +33,8 @@ def training_plan(store: TokenStore, config: RunConfig, supervised_np):
     if len(train_split) == 0:
         raise UserError(f"{store.path}: the train split is empty")
     plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
-                        config.data.max_window_fraction, config.train.seed, pad_multiple=pad_multiple(config))
+                        config.data.max_window_fraction, config.train.seed, pad_multiple=pad_multiple(config),
+                        horizon_queries=horizon_query_sampling(store, config))
     if plan.n_contexts(0) == 0:
         raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
     return train_split, plan

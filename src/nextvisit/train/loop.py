@@ -92,7 +92,7 @@ def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step
             with context:
                 with trainee.autocast():
                     hidden = trainee.ddp_model(batch.tokens, batch.days, batch.att_days, batch.doc_ids,
-                                               batch.positions, head=False)
+                                               batch.positions, head=False, is_query=batch.is_query)
                     # the tied head runs inside the loss, chunk by chunk over the vocabulary
                     loss = fused_head.next_visit_loss_from_hidden(
                         hidden, model.embed.weight, model.output_bias, batch.target_rows, batch.target_tokens,
