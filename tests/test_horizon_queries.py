@@ -204,3 +204,57 @@ def test_training_with_horizon_queries_and_forecasting_with_them(tmp_path):
     history = subject([[10, 11], [12, 13, 14]], [100, 105])
     q = query_batch([history], 365, horizon_query=True)
     assert torch.isfinite(logits(m, q)).all()
+
+
+# -- the history summary ahead of a window that starts after the first visit ---------------------------------------
+
+KINDS = ["special"] * 6 + ["demographic"] * 2 + ["age"] * 2 + ["code"] * 20 + ["lab"] * 10
+
+
+class KindsVocab:
+    kinds = KINDS
+
+
+def test_history_summary_holds_first_occurrences_and_the_demographics():
+    from nextvisit.model.sequence import HistorySummary
+
+    # visit 0 (day 10): demographic 6, age 8, codes 12 13; visit 1 (day 20): 12 14, lab 35; visit 2 (day 30): 15
+    long = subject([[6, 8, 12, 13], [12, 14, 35], [15], [16], [12, 17]], [10, 20, 30, 40, 50])
+    summary = HistorySummary.of(KindsVocab(), 10)
+    tokens, days = summary.tokens_before(long, 3)
+    assert tokens.tolist() == [6, 12, 13, 14, 15] and days.tolist() == [10, 10, 10, 20, 30]  # no age, no lab, no repeat
+    capped = HistorySummary.of(KindsVocab(), 3)
+    tokens, days = capped.tokens_before(long, 3)
+    assert tokens.tolist() == [6, 14, 15]  # the demographics whatever the cap, then the most recent first occurrences
+    assert HistorySummary.of(KindsVocab(), 0) is None
+    b = windows_batch([long], [Window(0, 3, 5)], SUPERVISED, max_tokens=64, summary=summary)
+    n = 5 + 1 + 1 + 2
+    assert b.tokens[0, :n].tolist() == [6, 12, 13, 14, 15, 16, SEP, 12, 17]
+    assert b.days[0, :n].tolist() == [-30, -30, -30, -20, -10, 0, 10, 10, 10]
+    assert b.att_days[0, :n].tolist() == [-30, -30, -30, -20, -10, 0, 9, 10, 10]
+    assert b.positions.tolist() == [6]
+    assert sorted(b.target_tokens.tolist()) == [12, 17]  # the summary is input only
+    # a window from the first visit has no summary; a forecast gets it ahead of its recent visits
+    first = windows_batch([long], [Window(0, 0, 2)], SUPERVISED, max_tokens=64, summary=summary)
+    assert first.tokens[0, :4].tolist() == [6, 8, 12, 13]
+    q = query_batch([long], 365, max_tokens=8, summary=summary)  # room for visits 2..4
+    assert q.tokens[0, :11].tolist() == [6, 12, 13, 14, 15, SEP, 16, SEP, 12, 17, SEP]
+
+
+def test_training_and_forecast_with_a_history_summary(tmp_path):
+    from tests.test_train import make_store, tiny_config
+    from nextvisit.model.sequence import HistorySummary
+    from nextvisit.train.trainer import train
+    from nextvisit.tokenize.store import TokenStore
+
+    store = make_store(tmp_path / "store")
+    config = tiny_config(max_steps=10, eval_every=10, checkpoint_every=10)
+    config.data.history_summary_tokens = 16
+    config.model.horizon_queries = True
+    last = train(store, tmp_path / "run", config, progress=False)
+    assert np.isfinite(float(last["loss"]))
+    from nextvisit.train.data import training_plan
+    _, plan = training_plan(TokenStore(store), config, TokenStore(store).vocab.supervised_mask())
+    assert isinstance(plan.summary, HistorySummary)
+    batch = plan.batch(0, range(min(8, plan.n_contexts(0))))
+    assert int(batch.doc_ids.gt(0).sum(1).max()) <= config.data.context

@@ -75,6 +75,12 @@ def _add_simulate(verbs) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--first-subject-id", type=_positive_int, default=1, metavar="N",
+                   help="subject ids start at N (default 1); a subject's record depends only on the seed and its "
+                        "id, so another seed and ids after a first population's give a second, disjoint one")
+    p.add_argument("--split", default=None, choices=["train", "tuning", "held_out"],
+                   help="put every subject in this split (default: draw train/tuning/held_out 80/10/10), e.g. "
+                        "held_out for a population meant only for evaluation")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: CPU count, at most one per 1,000 subjects)")
     p.set_defaults(func=_handler("nextvisit.data.simulate.cli:run"))

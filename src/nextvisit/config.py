@@ -63,6 +63,9 @@ class DataConfig:
     # with model.horizon_queries: the share of training visits that ask a horizon query, and the longest gap (days)
     horizon_query_rate: float = 1.0
     horizon_query_max_days: int = 2190
+    # a window (or forecast) that starts after the first visit is preceded by the first occurrence of each code and
+    # demographic token before it, at most this many tokens (0 = off; docs/model.md "History summary")
+    history_summary_tokens: int = 0
 
 
 @dataclass
@@ -127,6 +130,9 @@ class RunConfig:
         self.train.validate()
         if self.data.context < 8:
             raise UserError(f"data.context {self.data.context} is too small")
+        if self.data.history_summary_tokens < 0 or self.data.history_summary_tokens >= self.data.context // 2:
+            raise UserError(f"data.history_summary_tokens {self.data.history_summary_tokens} must be in "
+                            f"[0, data.context / 2)")
         if not 0 < self.data.horizon_query_rate <= 1 or self.data.horizon_query_max_days < 1:
             raise UserError("data.horizon_query_rate must be in (0, 1] and data.horizon_query_max_days at least 1")
         return self

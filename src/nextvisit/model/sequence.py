@@ -23,6 +23,12 @@ iff same document, b is not a query, and ``days[b] <= att_days[query]`` (b sits 
 this leaves out the SEP after ``v_i``, whose rotary day is the next visit's), so it sees the history up to its own
 visit and none of the visits it skips. No other token attends a query (``transformer.attention_allowed``).
 
+History summary (``data.history_summary_tokens``, docs/model.md "History summary"): a window that starts after
+the subject's first visit is preceded by the first occurrence of each code and demographic token of the visits
+before it (the demographics, which the tokenizer writes at the first visit only, always; then the most recent
+first occurrences, up to the cap), each at the day of that first occurrence (days before the window's first visit
+are negative) with that day as its attention day; input only.
+
 Forecasting uses ``query_batch``: the most recent history plus one query at (last visit day + H): a query SEP with
 attention day (last visit day + H - 1), or, for a run trained with horizon queries, a horizon query (attention day the
 last visit's); either sees the whole history and nothing after it.
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from nextvisit.errors import UserError
-from nextvisit.tokenize.store import EOW, PAD, SEP, Subject
+from nextvisit.tokenize.store import EOW, PAD, SEP, Subject, Vocabulary
 
 # Padded lengths are rounded up to a multiple of this, so kernels see few distinct shapes.
 PAD_MULTIPLE = 8
@@ -73,6 +79,46 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+@dataclass
+class HistorySummary:
+    """The history summary ahead of a window that starts after the subject's first visit (module docstring)."""
+
+    max_tokens: int
+    summarized: np.ndarray  # bool [V]: code and demographic tokens
+    always: np.ndarray  # bool [V]: demographic tokens, kept whatever the cap
+
+    @classmethod
+    def of(cls, vocab: Vocabulary, max_tokens: int) -> "HistorySummary | None":
+        """The summary of a run with ``data.history_summary_tokens = max_tokens`` (None when 0)."""
+        if max_tokens <= 0:
+            return None
+        kinds = np.asarray(vocab.kinds)
+        return cls(int(max_tokens), np.isin(kinds, ("code", "demographic")), kinds == "demographic")
+
+    def tokens_before(self, subject: Subject, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, days) of the summary of visits ``0..start-1``, ordered by day then token id."""
+        end = int(subject.visit_offsets[start])
+        if start <= 0 or end == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        tokens = subject.tokens[:end].astype(np.int64)
+        keep = self.summarized[tokens]
+        tokens, where = tokens[keep], np.flatnonzero(keep)
+        unique, first = np.unique(tokens, return_index=True)  # first index of each token (tokens sorted by time)
+        visit = np.searchsorted(subject.visit_offsets, where[first], side="right") - 1
+        days = subject.visit_days[visit].astype(np.int64)
+        order = np.lexsort((unique, days))
+        unique, days = unique[order], days[order]
+        if len(unique) > self.max_tokens:
+            always = self.always[unique]
+            room = max(0, self.max_tokens - int(always.sum()))
+            others = np.flatnonzero(~always)
+            chosen = np.zeros(len(unique), bool)
+            chosen[always] = True
+            chosen[others[len(others) - room:] if room else []] = True  # the most recent first occurrences
+            unique, days = unique[chosen], days[chosen]
+        return unique, days
 
 
 @dataclass
@@ -130,7 +176,30 @@ def visit_cap(max_tokens: int) -> int:
 
 def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supervised: np.ndarray | None,
                    query_day: int | None = None, close_with_eow: bool = False, horizon_query: bool = False,
-                   queries: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                   queries: tuple[np.ndarray, np.ndarray] | None = None,
+                   summary: HistorySummary | None = None) -> dict:
+    """The window's arrays (``_visit_arrays``), preceded by the history summary of the visits before ``start``."""
+    out = _visit_arrays(subject, start, stop, max_tokens, supervised, query_day, close_with_eow, horizon_query, queries)
+    if summary is None or start == 0:
+        return out
+    tokens, days = summary.tokens_before(subject, start)
+    if len(tokens) == 0:
+        return out
+    days = days - int(subject.visit_days[start])
+    k = len(tokens)
+    out["tokens"] = np.concatenate([tokens, out["tokens"]])
+    out["days"] = np.concatenate([days, out["days"]])
+    out["att_days"] = np.concatenate([days, out["att_days"]])
+    out["is_query"] = np.concatenate([np.zeros(k, bool), out["is_query"]])
+    for key in ("sep_pos", "hq_pos", "query_pos"):
+        if key in out:
+            out[key] = out[key] + k
+    return out
+
+
+def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supervised: np.ndarray | None,
+                  query_day: int | None, close_with_eow: bool, horizon_query: bool,
+                  queries: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """Token-level arrays of one window (see module docstring). ``query_day`` (relative to the window's first
     visit) appends a query (a horizon query with ``horizon_query``, else a query SEP); ``close_with_eow`` appends
     EOW; ``queries`` (visit index within the window, gap days) places training horizon queries after their visits.
@@ -231,7 +300,8 @@ def _query_targets(subject: Subject, start: int, q_visit: np.ndarray, q_gap: np.
     tokens = subject.tokens[np.repeat(lo, sizes) + within].astype(np.int64)
     keep = supervised[tokens]
     V = len(supervised)
-    pairs = np.unique(query_of[keep] * V + tokens[keep])
+    pairs = np.sort(query_of[keep] * V + tokens[keep])
+    pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs  # unique, sorted
     rows, targets = pairs // V, pairs % V
     n = int(max(q_visit.max(), sup_visit.max() if len(sup_visit) else 0)) + 1
     keys = np.sort(sup_tokens * n + sup_visit)  # occurrences by (token, visit within the window)
@@ -314,12 +384,15 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
 
 # -- forecasting ----------------------------------------------------------------------------------------------
 
-def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511, horizon_query: bool = False) -> Batch:
+def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511, horizon_query: bool = False,
+                summary: HistorySummary | None = None) -> Batch:
     """One row per subject: its most recent visits (at most ``max_tokens`` tokens with the SEPs between
     them, starting at a visit boundary), then one query SEP at (last visit day + H) with attention day
     (last visit day + H - 1), so the query sees the whole history and nothing after it. With
     ``horizon_query`` (a run trained with horizon queries) the query is a horizon query: the same token and
-    rotary day, flagged in ``is_query``, attention day the last visit's (the same history in view).
+    rotary day, flagged in ``is_query``, attention day the last visit's (the same history in view). With
+    ``summary``, the history summary of the visits before the recent ones comes first (not counted in
+    ``max_tokens``, as in training windows).
 
     ``horizon_days``: one int for all subjects or one per subject. Logits:
     ``model.query_logits(batch, batch.positions) -> [len(subjects), V]`` (row i = subject i).
@@ -335,7 +408,7 @@ def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511
         start = _recent_start(np.diff(subject.visit_offsets), max_tokens + 1)
         arrays = _window_arrays(subject, start, subject.n_visits, max_tokens + 1, supervised=None,
                                 query_day=int(subject.visit_days[-1] - subject.visit_days[start]) + int(horizon),
-                                horizon_query=horizon_query)
+                                horizon_query=horizon_query, summary=summary)
         arrays["n_visits"] = subject.n_visits
         rows.append([arrays])
     return collate(rows, with_targets=False)
@@ -364,7 +437,7 @@ def subject_windows(subjects: Sequence[Subject], max_tokens: int) -> list[Window
 
 def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], supervised: np.ndarray,
                   max_tokens: int, packed_rows: Sequence[Sequence[int]] | None = None,
-                  pad_multiple: int = PAD_MULTIPLE) -> Batch:
+                  pad_multiple: int = PAD_MULTIPLE, summary: HistorySummary | None = None) -> Batch:
     """Batch of training-style windows with targets at every SEP. ``packed_rows`` groups window indices
     into rows (packing, EOW after each window); by default one window per row, no EOW.
     ``batch.sep_window`` indexes ``windows``; ``batch.sep_visit`` is the predicted visit's index in its subject.
@@ -377,7 +450,7 @@ def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], superv
         for i in group:
             w = windows[i]
             row.append(_window_arrays(subjects[w.subject], w.start, w.stop, max_tokens, supervised,
-                                      close_with_eow=packed, queries=w.queries))
+                                      close_with_eow=packed, queries=w.queries, summary=summary))
         rows.append(row)
     batch = collate(rows, with_targets=True, pad_multiple=pad_multiple)
     if packed:
@@ -441,7 +514,8 @@ class TrainingPlan:
     """
 
     def __init__(self, split, supervised: np.ndarray, context: int, pack: bool, max_window_fraction: float,
-                 seed: int, pad_multiple: int = PAD_MULTIPLE, horizon_queries: HorizonQuerySampling | None = None):
+                 seed: int, pad_multiple: int = PAD_MULTIPLE, horizon_queries: HorizonQuerySampling | None = None,
+                 summary: HistorySummary | None = None):
         self.split = split
         self.pad_multiple = pad_multiple  # the context itself for FlexAttention, which compiles per shape
         self.supervised = supervised
@@ -461,6 +535,7 @@ class TrainingPlan:
         self.truncated_tokens = int(np.sum(np.maximum(self._visit_lengths - cap, 0)))
         self._epochs: dict[int, tuple[list[Window], list[list[int]]]] = {}
         self.horizon_queries = horizon_queries
+        self.summary = summary
         self.queries_by_epoch: dict[int, int] = {}
         if horizon_queries is not None:
             self._observed_days = _observed_days(split, horizon_queries.death_token)
@@ -498,6 +573,8 @@ class TrainingPlan:
             for start, stop in pieces:
                 if stop - start >= 2:
                     cost, queries = int(clipped[start:stop].sum()), None
+                    if self.summary is not None and start > 0:
+                        cost += self.summary.max_tokens  # at most; the packing stays within the context
                     if has_query is not None:
                         js = np.flatnonzero(has_query[v0 + start : v0 + stop])
                         if start > 0:  # a visit shared with the previous window asks its query there
@@ -540,7 +617,8 @@ class TrainingPlan:
             rows.append(list(range(k, k + len(group))))
             k += len(group)
         return windows_batch([subjects[s] for s in subject_list], local, self.supervised, self.max_window,
-                             packed_rows=rows if self.pack else None, pad_multiple=self.pad_multiple)
+                             packed_rows=rows if self.pack else None, pad_multiple=self.pad_multiple,
+                             summary=self.summary)
 
 
 def _observed_days(split, death_token: int | None) -> np.ndarray:

@@ -32,7 +32,7 @@ from nextvisit.data.histories import HistoryChunk, add_counts, history_table, re
 from nextvisit.compare import ComparedModel, Labels
 from nextvisit.errors import UserError
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
-from nextvisit.model.sequence import query_batch
+from nextvisit.model.sequence import HistorySummary, query_batch
 from nextvisit.predict.scoring import (
     AGGREGATORS, SCORED_SPLITS, aggregate, condition_token_ids, model_device, parse_splits,
 )
@@ -85,14 +85,15 @@ def query_horizons(horizon_days: int, multi_horizon: bool, step_days: int = 365)
 @torch.no_grad()
 def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], token_ids: torch.Tensor,
                   aggregator: str, max_tokens: int, batch_size: int, device, progress=None,
-                  autocast=nullcontext) -> np.ndarray:
+                  autocast=nullcontext, summary: HistorySummary | None = None) -> np.ndarray:
     """Risk [len(subjects)] of the horizon query for each (subject history, horizon), in batches. The model
-    runs under ``autocast()``; the logits are aggregated in float32."""
+    runs under ``autocast()``; the logits are aggregated in float32. ``summary``: the run's history summary."""
     risks = np.empty(len(subjects), np.float64)
     for begin in range(0, len(subjects), batch_size):
         end = min(begin + batch_size, len(subjects))
         batch = query_batch(subjects[begin:end], np.asarray(horizons[begin:end], np.int64), max_tokens=max_tokens,
-                            horizon_query=model.config.horizon_queries)  # a run trained with them asks them
+                            horizon_query=model.config.horizon_queries,  # a run trained with them asks them
+                            summary=summary)
         with autocast():
             logits = model.query_logits(batch.to(device)).float()  # [n, V]
         risks[begin:end] = aggregate(logits, token_ids, aggregator).cpu().numpy()
@@ -163,8 +164,11 @@ def _chunk_queries(histories: list, plan: dict[int, list[tuple[int, int]]]) -> t
 
 
 def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Path, labels: pl.DataFrame,
-             task: Task, config: ForecastConfig, model_name: str, progress: bool = True) -> Forecast:
-    """Score the labelled rows of ``labels`` (of ``config.splits``) with the horizon query."""
+             task: Task, config: ForecastConfig, model_name: str, progress: bool = True,
+             summary_tokens: int = 0) -> Forecast:
+    """Score the labelled rows of ``labels`` (of ``config.splits``) with the horizon query; ``summary_tokens``
+    is the run's ``data.history_summary_tokens``."""
+    summary = HistorySummary.of(vocab, summary_tokens)
     from tqdm import tqdm
 
     config.validate()
@@ -183,7 +187,7 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         add_counts(cut_counts, chunk.counts)
         subjects, horizons, targets = _chunk_queries(tokenized, plan)
         risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
-                              config.batch_size, device, progress=bar, autocast=autocast)
+                              config.batch_size, device, progress=bar, autocast=autocast, summary=summary)
         np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
         np.add.at(risk_n, np.asarray(targets, np.int64), 1)
     bar.close()
@@ -227,7 +231,8 @@ class HorizonQueryModel(ComparedModel):
         meds_dir, task = inputs
         result = forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
                           rows.drop("row", "history_id"), task, replace(self.config, splits=SPLITS),
-                          self.name, progress=self.progress)
+                          self.name, progress=self.progress,
+                          summary_tokens=self.run_config.data.history_summary_tokens)
         self.scored = {k: v for k, v in result.info.items() if k not in ("label_counts", "rows_not_scored")}
         self.scored["horizons_days"] = sorted(rows["horizon_days"].unique().to_list())
         return result.predictions[PROBABILITY].to_numpy()

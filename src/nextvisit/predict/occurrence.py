@@ -278,14 +278,15 @@ def _sex_of(subject: Subject, vocab: Vocabulary) -> str | None:
 
 @torch.no_grad()
 def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: OccurrenceConfig, max_window: int,
-               model_name: str, progress: bool = True) -> Forecast:
+               model_name: str, progress: bool = True, summary_tokens: int = 0) -> Forecast:
     """Rows per scored visit boundary: P(next visit holds a condition token), the answer and
     ``prior_occurrence``; info.json's counts of every boundary left out, by reason (module docstring)."""
-    from nextvisit.model.sequence import subject_windows, windows_batch
+    from nextvisit.model.sequence import HistorySummary, subject_windows, windows_batch
 
     config.validate()
     inputs = _Inputs.of(task, vocab, f"{store.path}/vocab.json")
     supervised = vocab.supervised_mask()
+    summary = HistorySummary.of(vocab, summary_tokens)  # the run's own inputs (data.history_summary_tokens)
     device = model_device(model)
     autocast, precision = autocast_for(config.precision, device)
     parts, tallies = [], {}
@@ -307,7 +308,7 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
             windows = [w for w in windows if (reasons[w.subject][w.start : w.stop - 1] == CHOSEN).any()]
             for w0 in range(0, len(windows), config.batch_size):
                 chunk = windows[w0 : w0 + config.batch_size]
-                batch = windows_batch(subjects, chunk, supervised, max_window)
+                batch = windows_batch(subjects, chunk, supervised, max_window, summary=summary)
                 with autocast():
                     logits = model.query_logits(batch.to(device)).float()
                 risk = aggregate(logits, inputs.token_ids, config.aggregator).cpu().numpy()
@@ -480,7 +481,8 @@ def occurrence_cli(args) -> int:
     name = Path(args.run).resolve().name
     if config.aggregator != "sum_logits":
         name += f"[{config.aggregator}]"
-    result = occurrence(model, vocab, store, task, config, max_window, model_name=name)
+    result = occurrence(model, vocab, store, task, config, max_window, model_name=name,
+                        summary_tokens=data.history_summary_tokens)
     reference = None
     if args.reference_out is not None:  # fit before writing anything, so a failed fit leaves no folder
         reference = reference_predictions(vocab, store, task, config, result.predictions)

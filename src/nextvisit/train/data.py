@@ -6,7 +6,7 @@ from __future__ import annotations
 from nextvisit.config import RunConfig
 from nextvisit.data.meds import DEATH_CODE
 from nextvisit.errors import UserError
-from nextvisit.model.sequence import PAD_MULTIPLE, HorizonQuerySampling, TrainingPlan
+from nextvisit.model.sequence import PAD_MULTIPLE, HistorySummary, HorizonQuerySampling, TrainingPlan
 from nextvisit.tokenize.store import TokenStore
 from nextvisit.train.distributed import Distributed
 
@@ -34,7 +34,8 @@ def training_plan(store: TokenStore, config: RunConfig, supervised_np):
         raise UserError(f"{store.path}: the train split is empty")
     plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
                         config.data.max_window_fraction, config.train.seed, pad_multiple=pad_multiple(config),
-                        horizon_queries=horizon_query_sampling(store, config))
+                        horizon_queries=horizon_query_sampling(store, config),
+                        summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens))
     if plan.n_contexts(0) == 0:
         raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
     return train_split, plan

@@ -14,7 +14,7 @@ import torch
 
 from nextvisit.config import LossConfig, RunConfig
 from nextvisit.model.losses import negative_term, positive_term
-from nextvisit.model.sequence import TrainingPlan
+from nextvisit.model.sequence import HistorySummary, TrainingPlan
 from nextvisit.train.data import pad_multiple
 
 VALIDATION_FIELDS = ["val_loss", "val_loss_frequency_baseline", "val_new_onset_auroc",
@@ -194,7 +194,8 @@ class Validation:
             print(f"nextvisit pretrain: {store.path}/tuning is empty; validating on train contexts", file=sys.stderr)
         plan = TrainingPlan(split, supervised_np, config.data.context, config.data.pack,
                             config.data.max_window_fraction, seed=config.train.seed + 1,
-                            pad_multiple=pad_multiple(config))
+                            pad_multiple=pad_multiple(config),
+                            summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens))
         n = plan.n_contexts(0)
         n = n if config.train.eval_contexts == 0 else min(n, config.train.eval_contexts)
         mb = config.train.micro_batch

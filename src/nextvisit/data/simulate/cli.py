@@ -8,7 +8,8 @@ import sys
 def run(args) -> int:
     from nextvisit.data.simulate.dataset import simulate
 
-    stats = simulate(args.subjects, args.out, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+    stats = simulate(args.subjects, args.out, seed=args.seed, first_subject_id=args.first_subject_id,
+                     split=args.split, workers=args.workers, overwrite=args.overwrite)
     incident = stats["incident"]
     sys.stderr.write(
         f"wrote {args.out}: {stats['subjects']} subjects, {stats['visits']} visits "

@@ -1,7 +1,11 @@
 """Running the simulator over a cohort and writing it as a MEDS 0.4 dataset.
 
-Subjects ``1..N`` are simulated in chunks (in worker processes) and streamed into data shards of at most
-``shard_size`` subjects, so memory does not grow with N. The dataset is written into a staging folder
+Subjects ``first..first+N-1`` (``first_subject_id``, default 1) are simulated in chunks (in worker processes)
+and streamed into data shards of at most ``shard_size`` subjects, so memory does not grow with N. A subject's
+record depends only on ``(seed, subject_id)`` (``engine.subject_generator``), so subject 40,001 of a run that
+starts there is the same person as subject 40,001 of a run of 40,001 or more subjects with the same seed.
+``split`` puts every subject into one split instead of the 80/10/10 draw (the draw still happens, so the
+records are unchanged): a population meant only for evaluation. The dataset is written into a staging folder
 (``nextvisit.artifacts.folders``) and published at the end: an interrupted run leaves nothing behind.
 """
 
@@ -40,8 +44,10 @@ class WriteOptions:
     chunk_size: int = 1_000  # subjects per unit of work for a worker process
 
 
-def split_of(split_u: np.ndarray) -> np.ndarray:
-    """Split names from a subject's split uniform (80/10/10)."""
+def split_of(split_u: np.ndarray, split: str | None = None) -> np.ndarray:
+    """Split names from a subject's split uniform (80/10/10), or ``split`` for every subject when given."""
+    if split is not None:
+        return np.full(len(split_u), split, dtype=object)
     edges = np.cumsum([share for _, share in SPLIT_SHARES])
     names = np.array([name for name, _ in SPLIT_SHARES], dtype=object)
     return names[np.minimum(np.searchsorted(edges, split_u, side="right"), len(names) - 1)]
@@ -99,12 +105,12 @@ def events_table(events: dict) -> pa.Table:
 
 
 def _chunk_job(job):
-    first_id, count, seed, cfg = job
+    first_id, count, seed, cfg, split = job
     ids = np.arange(first_id, first_id + count, dtype=np.int64)
     events, final = simulate_subjects(ids, seed, cfg)
     codes_seen = np.bincount(events["code"], minlength=len(TABLES.book.codes)) > 0
     stats = _chunk_stats(events, final, cfg)
-    splits = (ids, split_of(final.split_u))
+    splits = (ids, split_of(final.split_u, split))
     return events_table(events), splits, codes_seen, stats
 
 
@@ -144,12 +150,15 @@ def _merge_stats(total: dict, stats: dict) -> dict:
     return total
 
 
-def simulate(n_subjects: int, out, seed: int = 0, *, workers: int | None = None, overwrite: bool = False,
-             config: SimulationConfig | None = None, options: WriteOptions | None = None,
-             progress: bool = True) -> dict:
-    """Simulate ``n_subjects`` subjects and write a MEDS 0.4 dataset to ``out``; returns the summary counts.
+def simulate(n_subjects: int, out, seed: int = 0, *, first_subject_id: int = 1, split: str | None = None,
+             workers: int | None = None, overwrite: bool = False, config: SimulationConfig | None = None,
+             options: WriteOptions | None = None, progress: bool = True) -> dict:
+    """Simulate subjects ``first_subject_id .. first_subject_id + n_subjects - 1`` and write a MEDS 0.4 dataset
+    to ``out``; returns the summary counts. ``split`` (train, tuning or held_out) puts every subject in that
+    split; None draws 80/10/10.
 
-    The same ``(n_subjects, seed, config)`` gives byte-identical files, whatever ``workers`` is.
+    The same ``(n_subjects, seed, first_subject_id, split, config)`` gives byte-identical files, whatever
+    ``workers`` is.
     """
     cfg = config or SimulationConfig()
     options = options or WriteOptions()
@@ -157,21 +166,27 @@ def simulate(n_subjects: int, out, seed: int = 0, *, workers: int | None = None,
         raise UserError(f"--subjects {n_subjects}: must be at least 1")
     if seed < 0:
         raise UserError(f"--seed {seed}: must be zero or positive")
+    if first_subject_id < 1:
+        raise UserError(f"--first-subject-id {first_subject_id}: must be at least 1")
+    split_names = [name for name, _ in SPLIT_SHARES]
+    if split is not None and split not in split_names:
+        raise UserError(f"--split {split!r}: expected one of {', '.join(split_names)}")
     workers = max(1, min(workers or os.cpu_count() or 1, -(-n_subjects // options.chunk_size)))
     jobs = []
     for shard_start in range(0, n_subjects, options.shard_size):
         shard_end = min(shard_start + options.shard_size, n_subjects)
         for first in range(shard_start, shard_end, options.chunk_size):
-            jobs.append((first + 1, min(options.chunk_size, shard_end - first), seed, cfg))
+            jobs.append((first_subject_id + first, min(options.chunk_size, shard_end - first), seed, cfg, split))
     with atomic_folder(Path(out), overwrite) as tmp:
         (tmp / "data").mkdir()
         (tmp / "metadata").mkdir()
-        summary = _run_jobs(jobs, tmp, options, workers, progress, n_subjects)
-        _write_metadata(tmp, summary, n_subjects, seed, cfg, options)
+        summary = _run_jobs(jobs, tmp, options, workers, progress, n_subjects, first_subject_id)
+        _write_metadata(tmp, summary, n_subjects, seed, cfg, options, first_subject_id, split)
     return summary["stats"]
 
 
-def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bool, n_subjects: int) -> dict:
+def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bool, n_subjects: int,
+              first_subject_id: int) -> dict:
     from tqdm import tqdm
 
     codes_seen = np.zeros(len(TABLES.book.codes), bool)
@@ -183,7 +198,7 @@ def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bo
     try:
         results = pool.imap(_chunk_job, jobs) if pool else map(_chunk_job, jobs)
         for job, (table, (ids, names), seen, chunk_stats) in zip(jobs, results):
-            shard = (job[0] - 1) // options.shard_size
+            shard = (job[0] - first_subject_id) // options.shard_size
             if shard != writer_shard:
                 if writer:
                     writer.close()
@@ -206,7 +221,7 @@ def _run_jobs(jobs, tmp: Path, options: WriteOptions, workers: int, progress: bo
 
 
 def _write_metadata(tmp: Path, summary: dict, n_subjects: int, seed: int, cfg: SimulationConfig,
-                    options: WriteOptions) -> None:
+                    options: WriteOptions, first_subject_id: int, split: str | None) -> None:
     book = TABLES.book
     seen = np.nonzero(summary["codes_seen"])[0]
     codes = pa.table({"code": pa.array([book.codes[i] for i in seen], pa.string()),
@@ -224,7 +239,8 @@ def _write_metadata(tmp: Path, summary: dict, n_subjects: int, seed: int, cfg: S
     meds.DatasetMetadataSchema.validate(dataset)
     (tmp / "metadata" / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
     simulator = {"format": "nextvisit-simulator", "simulator_version": SIMULATOR_VERSION, "seed": seed,
-                 "n_subjects": n_subjects, "subject_ids": [1, n_subjects],
+                 "n_subjects": n_subjects, "subject_ids": [first_subject_id, first_subject_id + n_subjects - 1],
+                 "split": split or "drawn 80/10/10",
                  "config": _config_dict(cfg), "write_options": asdict(options), "summary": summary["stats"]}
     (tmp / "metadata" / SIMULATOR_FILE).write_text(json.dumps(simulator, indent=2) + "\n")
 

@@ -58,6 +58,7 @@ class Simulator:
     seed: int
     config: SimulationConfig
     n_subjects: int | None = None
+    first_subject_id: int = 1  # the dataset holds subjects first_subject_id .. first_subject_id + n_subjects - 1
 
     @classmethod
     def from_meds(cls, meds_dir) -> "Simulator":
@@ -69,7 +70,9 @@ class Simulator:
         if str(data.get("simulator_version")) != SIMULATOR_VERSION:
             raise UserError(f"{path}: written by simulator version {data.get('simulator_version')}, this is version "
                             f"{SIMULATOR_VERSION}; re-simulate the dataset with this version")
-        return cls(seed=int(data["seed"]), config=config_from_dict(data["config"]), n_subjects=int(data["n_subjects"]))
+        first = int(data.get("subject_ids", [1])[0])
+        return cls(seed=int(data["seed"]), config=config_from_dict(data["config"]), n_subjects=int(data["n_subjects"]),
+                   first_subject_id=first)
 
 
 def _day(time) -> int:
@@ -104,9 +107,12 @@ def oracle_risks(source, subject_ids, times, conditions, horizons_days, *, confi
             raise UserError(f"condition {name!r} is not one the oracle knows; use one of {', '.join(CONDITIONS)}")
     if np.any(horizons < 1):
         raise UserError("horizon_days must be at least 1 day")
-    if sim.n_subjects is not None and len(subject_ids) and (subject_ids.min() < 1 or subject_ids.max() > sim.n_subjects):
-        bad = subject_ids[(subject_ids < 1) | (subject_ids > sim.n_subjects)][0]
-        raise UserError(f"subject_id {bad} is not in the simulated dataset (subjects 1..{sim.n_subjects})")
+    if sim.n_subjects is not None and len(subject_ids):
+        first, last = sim.first_subject_id, sim.first_subject_id + sim.n_subjects - 1
+        outside = (subject_ids < first) | (subject_ids > last)
+        if outside.any():
+            raise UserError(f"subject_id {subject_ids[outside][0]} is not in the simulated dataset "
+                            f"(subjects {first}..{last})")
     cond_index = np.array([COND[c] for c in conditions], dtype=np.int64)
     # unique (subject, day) pairs, each with the longest horizon asked of it
     pairs, pair_of_query = np.unique(np.stack([subject_ids, days], axis=1), axis=0, return_inverse=True)
