@@ -106,7 +106,10 @@ def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: 
           f"{vocab_size} ({trainee.n_supervised} predicted), {plan.n_contexts(0)} contexts of "
           f"{config.data.context} tokens per epoch ({plan.skipped_single_visit} single-visit subjects have no "
           f"target; {plan.truncated_visits} visits longer than {visit_cap(plan.max_window)} tokens truncated, "
-          f"{plan.truncated_tokens} tokens), {precision}, {trainee.device}, {dist.world} process(es)",
+          f"{plan.truncated_tokens} tokens)"
+          + (f", {plan.queries_by_epoch.get(0, 0):,} horizon queries in epoch 0" if plan.horizon_queries else "")
+          + (f", history summary of up to {plan.summary.max_tokens} tokens" if plan.summary else "")
+          + f", {precision}, {trainee.device}, {dist.world} process(es)",
           file=sys.stderr)
 
 
