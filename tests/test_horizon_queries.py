@@ -12,17 +12,12 @@ import torch
 from nextvisit.config import ModelConfig
 from nextvisit.model.sequence import HorizonQuerySampling, TrainingPlan, Window, query_batch, windows_batch
 from nextvisit.model.transformer import NextVisitModel, attention_allowed
-from nextvisit.tokenize.store import SEP, Subject
+from nextvisit.tokenize.store import SEP
+from tests.test_model import logits, subject  # the same subject builder and scorer as the model tests
 
 V = 40
 SUPERVISED = np.zeros(V, bool)
 SUPERVISED[10:] = True
-
-
-def subject(visits, days, subject_id=1) -> Subject:
-    lengths = [len(v) for v in visits]
-    return Subject(subject_id, 0, np.asarray(days, np.int32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                   np.concatenate([np.asarray(v, np.int32) for v in visits]))
 
 
 def model(seed=0, **overrides) -> NextVisitModel:
@@ -30,11 +25,6 @@ def model(seed=0, **overrides) -> NextVisitModel:
     config = ModelConfig(**{"vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 2, "horizon_queries": True,
                             **overrides})
     return NextVisitModel(config).eval()
-
-
-def logits(m, batch):
-    with torch.no_grad():
-        return m.query_logits(batch)
 
 
 # days 100, 105, 106, 400: tokens [10 11] SEP [12 13 14] SEP [10 15] SEP [16]
