@@ -178,6 +178,40 @@ def _add_forecast(verbs) -> None:
     p.set_defaults(func=_handler("nextvisit.predict.horizon:run_cli"))
 
 
+def _add_sample(verbs) -> None:
+    p = verbs.add_parser(
+        "sample",
+        help="Monte Carlo next-visit trajectories and the risks they give",
+        description=(
+            "Roll N trajectories per labelled history forward visit by visit (the visit-time head draws when, the "
+            "next-visit head draws which codes: one untruncated Bernoulli per token), KV-cached, until the row's "
+            "horizon or death. Writes OUT/trajectories/<sample>.parquet (MEDS events plus prediction_time, one file "
+            "per sample index, as meds-trajectory-evaluation reads them), OUT/monte_carlo and OUT/rao_blackwell "
+            "(predictions folders for `nextvisit evaluate`: share of trajectories with an onset, and the sum of "
+            "the model's onset probabilities along them) and OUT/sampling.json (counts: how trajectories ended, "
+            "undecided ones, context slides, redrawn empty visits; throughput)."
+        ),
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="model run folder from `nextvisit pretrain` (visit-time head)")
+    p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset the labels refer to")
+    p.add_argument("labels", type=Path, metavar="LABELS", help="labels folder from `nextvisit label`")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (trajectories, predictions, sampling.json)")
+    p.add_argument("--samples", type=_positive_int, default=16, help="trajectories per history (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divide the code logits by this (default 1: the model's own probabilities)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed (default 0); a trajectory depends on (seed, subject, prediction time, sample) only")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="trajectories advanced together (default 256; bounds the KV cache's memory)")
+    p.add_argument("--max-visits", type=_positive_int, default=500,
+                   help="generated visits per trajectory (default 500); one still short of its horizon is undecided")
+    p.add_argument("--splits", default="tuning,held_out",
+                   help="comma-separated label splits to sample (default tuning,held_out), or 'all'")
+    p.add_argument("--no-trajectories", action="store_true", help="write the risks only, not the trajectories")
+    _add_inference_options(p)
+    p.set_defaults(func=_handler("nextvisit.predict.sample:run_cli"))
+
+
 def _add_occurrence(verbs) -> None:
     p = verbs.add_parser(
         "occurrence",
@@ -345,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(verbs)
     _add_label(verbs)
     _add_forecast(verbs)
+    _add_sample(verbs)
     _add_occurrence(verbs)
     _add_oracle(verbs)
     _add_baseline(verbs)

@@ -18,6 +18,10 @@ from nextvisit.errors import UserError
 
 
 ATTENTION_KINDS = ("auto", "sdpa", "matmul", "flex")
+# Upper edges (days, inclusive) of the visit-time head's gap bins (nextvisit.model.visit_time): single days for the
+# first week (repeat visits cluster there), then coarser, up to ten years; a longer gap falls in the open bin.
+VISIT_TIME_EDGES = (1, 2, 3, 4, 5, 6, 7, 10, 14, 21, 30, 45, 60, 90, 120, 150, 180, 240, 300, 365, 450, 545, 730,
+                    912, 1095, 1460, 1825, 2555, 3650)
 
 
 @dataclass
@@ -42,6 +46,11 @@ class ModelConfig:
     # every code of the interval up to that day, the incidence question itself; the forecast then asks a horizon
     # query. Adds one learned query embedding; placement in DataConfig.horizon_query_*.
     horizon_queries: bool = False
+    # When the next visit happens (docs/model.md "Visit-time head"): a discrete-time hazard over the gap bins
+    # ``visit_time_edges``, read at the last token of each visit and trained jointly (loss.visit_time_weight);
+    # `nextvisit sample` needs it to roll trajectories forward. On in the presets; off for configs written before it.
+    visit_time_head: bool = False
+    visit_time_edges: tuple = VISIT_TIME_EDGES
 
     def validate(self):
         if self.n_layers < 1:
@@ -52,6 +61,9 @@ class ModelConfig:
             raise UserError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
         if self.attention not in ATTENTION_KINDS:
             raise UserError(f"model.attention is {self.attention!r}; expected one of {', '.join(ATTENTION_KINDS)}")
+        edges = list(self.visit_time_edges)
+        if not edges or any(int(e) != e for e in edges) or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise UserError(f"model.visit_time_edges must be increasing whole days from 1, got {edges}")
 
 
 @dataclass
@@ -79,6 +91,9 @@ class LossConfig:
     # Validation code-frequency bands: a token's share of train visits that hold it. Band i covers
     # [edges[i], edges[i-1]); e.g. common >= 1%, mid 0.1%-1%, rare < 0.1%.
     frequency_band_edges: tuple = (0.01, 0.001)
+    # weight of the visit-time head's loss (mean negative log-likelihood per visit, nats) in the total; the next-visit
+    # loss is a mean per (SEP, token) pair, about a hundredth of it, so 0.01 puts the two on one scale
+    visit_time_weight: float = 0.01
 
     def validate(self):
         if self.kind not in ("focal", "bce"):
@@ -87,6 +102,8 @@ class LossConfig:
             raise UserError(f"loss.alpha must be in (0, 1), got {self.alpha}")
         if not (0 < self.repeat_decay <= 1 and 0 <= self.repeat_floor <= 1):
             raise UserError("loss.repeat_decay must be in (0, 1] and loss.repeat_floor in [0, 1]")
+        if not self.visit_time_weight >= 0:
+            raise UserError(f"loss.visit_time_weight must be at least 0, got {self.visit_time_weight}")
 
 
 @dataclass
@@ -227,20 +244,20 @@ def merge(base, overrides: dict | None, source: str, prefix: str = ""):
 # paper: 8 layers x 8 heads x 1024 wide, 512-token contexts, 65,536 tokens per optimizer step (paper).
 PRESETS: dict[str, dict] = {
     "tiny": {
-        "model": {"d_model": 128, "n_layers": 3, "n_heads": 4, "output_bias": True},
+        "model": {"d_model": 128, "n_layers": 3, "n_heads": 4, "output_bias": True, "visit_time_head": True},
         # queries as long as the longest training window (128 tokens incl. its closing token)
         "data": {"context": 256, "query_max_tokens": 127},
         "train": {"batch_contexts": 16, "micro_batch": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30,
                   "decay_steps": 2000, "eval_every": 50, "eval_contexts": 48, "checkpoint_every": 100},
     },
     "small": {
-        "model": {"d_model": 512, "n_layers": 8, "n_heads": 8},
+        "model": {"d_model": 512, "n_layers": 8, "n_heads": 8, "visit_time_head": True},
         "data": {"context": 512},
         "train": {"batch_contexts": 64, "micro_batch": 16, "lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 500,
                   "decay_steps": 20_000, "eval_every": 500, "eval_contexts": 256, "checkpoint_every": 500},
     },
     "paper": {
-        "model": {"d_model": 1024, "n_layers": 8, "n_heads": 8},
+        "model": {"d_model": 1024, "n_layers": 8, "n_heads": 8, "visit_time_head": True},
         "data": {"context": 512},
         "train": {"batch_contexts": 128, "micro_batch": 32, "lr": 2.2e-4, "min_lr": 2.2e-5,
                   "warmup_steps": 20_000, "decay_steps": 200_000, "max_steps": 220_000, "eval_every": 2000,

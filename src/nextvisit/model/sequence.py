@@ -71,6 +71,10 @@ class Batch:
     sep_visit: torch.Tensor  # int64 [N], index in the subject of the visit the SEP predicts (queries: n_visits;
     # horizon queries of training: the index of their own visit)
     is_query: torch.Tensor  # bool [B, T], horizon-query tokens (attention rule and query embedding)
+    # visit-time targets (model.visit_time_head): flat positions of the last token of each visit followed by a SEP
+    # in its window, and the gap in days from that visit to the next
+    time_positions: torch.Tensor  # int64 [M]
+    time_gaps: torch.Tensor  # int64 [M]
 
     @property
     def n_tokens(self) -> int:
@@ -191,7 +195,7 @@ def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, sup
     out["days"] = np.concatenate([days, out["days"]])
     out["att_days"] = np.concatenate([days, out["att_days"]])
     out["is_query"] = np.concatenate([np.zeros(k, bool), out["is_query"]])
-    for key in ("sep_pos", "hq_pos", "query_pos"):
+    for key in ("sep_pos", "hq_pos", "query_pos", "time_pos"):
         if key in out:
             out[key] = out[key] + k
     return out
@@ -247,7 +251,10 @@ def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supe
     is_query[hq_pos] = True
     out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "sep_pos": sep_pos,
            "sep_visit": np.arange(start + 1, stop, dtype=np.int64), "hq_pos": hq_pos,
-           "hq_visit": start + q_visit, "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths))}
+           "hq_visit": start + q_visit, "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths)),
+           # the visit-time head reads the last token of each visit that has a SEP after it (it sees that visit
+           # and the history, not the SEP, which carries the next visit's day), target: the gap to that visit
+           "time_pos": sep_pos - 1, "time_gap": np.diff(rel_days)}
     if query_day is not None:
         tokens[end], days[end] = SEP, query_day
         att_days[end] = rel_days[-1] if horizon_query else query_day - 1
@@ -333,6 +340,7 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
     is_query = np.zeros((B, width), bool)
     positions, sep_window, sep_visit = [], [], []
     t_rows, t_tokens, t_repeats, t_seen = [], [], [], []
+    time_positions, time_gaps = [], []
     n_positions = 0
     window_index = 0
     for b, row in enumerate(rows):
@@ -352,6 +360,9 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
                 sep = np.concatenate([w["sep_pos"], w["hq_pos"]])
                 visits = np.concatenate([w["sep_visit"], w["hq_visit"]])
             positions.append(flat + sep)
+            if "query_pos" not in w:
+                time_positions.append(flat + w["time_pos"])
+                time_gaps.append(w["time_gap"])
             sep_window.append(np.full(len(sep), window_index))
             sep_visit.append(visits)
             if with_targets:
@@ -379,6 +390,8 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
         sep_window=cat(sep_window, np.int64),
         sep_visit=cat(sep_visit, np.int64),
         is_query=torch.from_numpy(is_query),
+        time_positions=cat(time_positions, np.int64),
+        time_gaps=cat(time_gaps, np.int64),
     )
 
 
@@ -414,9 +427,26 @@ def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511
     return collate(rows, with_targets=False)
 
 
-def _recent_start(visit_lengths: np.ndarray, max_tokens: int) -> int:
+def window_arrays(subject: Subject, start: int, max_tokens: int, summary: HistorySummary | None = None,
+                  query_day: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, rotary days, attention days) of visits ``start..`` of ``subject`` as one document, read the way a
+    forecast reads a history (visits capped at ``visit_cap(max_tokens)`` tokens, the history summary ahead), days
+    relative to visit ``start``; with ``query_day`` closed by a query SEP there (attention day one before). The
+    sampler (``nextvisit.predict.sample``) encodes trajectories with it."""
+    arrays = _window_arrays(subject, start, subject.n_visits, max_tokens, supervised=None, query_day=query_day,
+                            summary=summary)
+    return arrays["tokens"], arrays["days"], arrays["att_days"]
+
+
+def recent_start(visit_lengths: np.ndarray, budget: int, max_tokens: int) -> int:
+    """First visit of the longest suffix of visits that fits in ``budget`` tokens, visits capped as in a window
+    of ``max_tokens`` (one SEP per visit counted; at least the last visit)."""
+    return _recent_start(visit_lengths, budget, cap=visit_cap(max_tokens))
+
+
+def _recent_start(visit_lengths: np.ndarray, max_tokens: int, cap: int | None = None) -> int:
     """First visit of the longest suffix of visits whose window (plus the closing query SEP) fits."""
-    costs = np.minimum(visit_lengths, visit_cap(max_tokens)) + 1
+    costs = np.minimum(visit_lengths, visit_cap(max_tokens) if cap is None else cap) + 1
     suffix = np.cumsum(costs[::-1])[::-1]  # cost of visits i..n-1
     fits = np.flatnonzero(suffix <= max_tokens)
     return int(fits[0]) if len(fits) else len(visit_lengths) - 1

@@ -15,6 +15,7 @@ The head split with the rotary turn and the CPU attention run through hand-writt
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -171,6 +172,55 @@ class Block(nn.Module):
         return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_mlp(x)))))
 
 
+@dataclass
+class KVCache:
+    """Per layer, the keys and values [R, H, C, d] of the tokens encoded so far (rotary turn applied), and each
+    cached token's rotary day and attention day [R, C]; ``length`` [R] tokens of each row are in use."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    days: torch.Tensor  # float32 [R, C]
+    att_days: torch.Tensor  # int64 [R, C]
+    length: torch.Tensor  # int64 [R]
+
+    @classmethod
+    def empty(cls, config: ModelConfig, rows: int, capacity: int, device, dtype) -> "KVCache":
+        H, d = config.n_heads, config.d_model // config.n_heads
+        shape = (rows, H, capacity, d)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)],
+                   torch.zeros(rows, capacity, dtype=torch.float32, device=device),
+                   torch.zeros(rows, capacity, dtype=torch.int64, device=device),
+                   torch.zeros(rows, dtype=torch.int64, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.days.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
+    def rows(self) -> int:
+        return len(self.length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values, self.days, self.att_days])
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of ``rows`` only (finished rows leave the batch)."""
+        return KVCache([k.index_select(0, rows) for k in self.keys], [v.index_select(0, rows) for v in self.values],
+                       self.days.index_select(0, rows), self.att_days.index_select(0, rows),
+                       self.length.index_select(0, rows))
+
+    def replace_rows(self, rows: torch.Tensor, other: "KVCache") -> None:
+        """Overwrite ``rows`` with the rows of ``other`` (a re-encoded window)."""
+        for mine, theirs in zip([*self.keys, *self.values], [*other.keys, *other.values]):
+            mine[rows] = theirs
+        self.days[rows], self.att_days[rows], self.length[rows] = other.days, other.att_days, other.length
+
+
 class NextVisitModel(nn.Module):
     """``forward(tokens, days, att_days, doc_ids, positions) -> logits [N, V]`` at the flat positions
     (``b * T + t``); one sigmoid per vocabulary token gives P(token in the next visit)."""
@@ -187,7 +237,11 @@ class NextVisitModel(nn.Module):
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
         # added to the input of horizon-query tokens (the SEP token at a later day asking about an interval)
         self.query_embed = nn.Parameter(torch.zeros(config.d_model)) if config.horizon_queries else None
+        # the gap to the next visit, one hazard per day bin, at the last token of a visit (nextvisit.model.visit_time)
+        self.visit_time = nn.Linear(config.d_model, len(config.visit_time_edges)) if config.visit_time_head else None
         self.apply(self._init_weights)
+        if self.visit_time is not None:
+            nn.init.zeros_(self.visit_time.bias)
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed, 0.0, config.init_std)
         # residual projections scaled down with depth (GPT-2)
@@ -250,10 +304,19 @@ class NextVisitModel(nn.Module):
         return self.ln_final(x)
 
     def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True,
-                is_query: torch.Tensor | None = None) -> torch.Tensor:
+                is_query: torch.Tensor | None = None, time_positions: torch.Tensor | None = None):
         """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
         the trainer, which applies the tied head inside the loss (``fused_head.next_visit_loss_from_hidden``).
-        ``is_query`` [B, T] flags horizon-query tokens (``attention_allowed``)."""
+        ``is_query`` [B, T] flags horizon-query tokens (``attention_allowed``). With ``time_positions`` [M] (the
+        last tokens of visits; a model with the visit-time head), returns ``(that, visit-time logits [M, K])``."""
+        if time_positions is not None:
+            if self.visit_time is None:
+                raise ValueError("time_positions given to a model without the visit-time head")
+            n = len(positions)
+            both = self(tokens, days, att_days, doc_ids, torch.cat([positions, time_positions]), head=False,
+                        is_query=is_query)
+            out = both[:n] if not head else self._head(both[:n])
+            return out, self.visit_time(both[n:])
         if self.config.attention == "flex":
             hidden = self.hidden_states(tokens, days, att_days, doc_ids, is_query)
             at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
@@ -268,8 +331,63 @@ class NextVisitModel(nn.Module):
             at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))  # [N, D]
         if not head:
             return at_seps
-        logits = at_seps @ self.embed.weight.T  # tied head: [N, V]
+        return self._head(at_seps)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self.embed.weight.T  # tied head: [N, V]
         return logits + self.output_bias if self.output_bias is not None else logits
+
+    # -- incremental encoding (sampling): the keys and values of earlier tokens are kept, not recomputed -----------
+
+    def new_cache(self, rows: int, capacity: int, device, dtype=None) -> "KVCache":
+        """An empty cache for ``rows`` rows of at most ``capacity`` tokens each."""
+        return KVCache.empty(self.config, rows, capacity, device, dtype or self.embed.weight.dtype)
+
+    def extend(self, cache: "KVCache", tokens: torch.Tensor, days: torch.Tensor, att_days: torch.Tensor,
+               counts: torch.Tensor) -> torch.Tensor:
+        """Append ``counts[r]`` new tokens to each row of ``cache`` (``tokens``, rotary ``days`` and ``att_days``
+        [R, k], padded past each row's count) and return their final hidden states [R, k, D] (padding rows
+        undefined). Each new token attends the cached tokens and the new ones by ``attention_allowed`` (one
+        document, no horizon queries), so appending a visit, then its SEP, ... gives the hidden states a full
+        forward over the whole sequence gives: earlier tokens never attend later ones under that rule when
+        attention days do not decrease, which a rolled-forward trajectory guarantees. ``cache`` holds every
+        layer's keys and values after the call."""
+        config = self.config
+        R, k = tokens.shape
+        H = config.n_heads
+        d = config.d_model // H
+        device = tokens.device
+        slots = cache.length[:, None] + torch.arange(k, device=device)[None, :]  # [R, k]
+        if k and int(slots.max()) >= cache.capacity:
+            raise ValueError(f"cache of {cache.capacity} tokens cannot take {k} more after {int(cache.length.max())}")
+        cache.days.scatter_(1, slots, days.to(cache.days.dtype))
+        cache.att_days.scatter_(1, slots, att_days.to(cache.att_days.dtype))
+        length = cache.length + counts.to(cache.length.dtype)
+        columns = torch.arange(cache.capacity, device=device)
+        att = att_days.to(cache.att_days.dtype)
+        allowed = (columns[None, None, :] < length[:, None, None]) \
+            & (att[:, :, None] >= cache.att_days[:, None, :]) \
+            & (cache.days[:, None, :] <= att.to(cache.days.dtype)[:, :, None])
+        allowed |= columns[None, None, :] == slots[:, :, None]  # every token attends itself (padding included)
+        additive = torch.zeros(allowed.shape, dtype=cache.dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        cos, sin = rotary_tables(days, d, config.rope_base)  # [R, 1, k, d]
+        x = self.embed(tokens)
+        index = slots[:, None, :, None].expand(R, H, k, d)
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            attn = block.attn
+            qkv = attn.qkv(block.ln_attn(x)).view(R, k, 3, H, d).permute(2, 0, 3, 1, 4)  # [3, R, H, k, d]
+            q = apply_rotary(qkv[0], cos, sin).to(cache.dtype)
+            keys.scatter_(2, index, apply_rotary(qkv[1], cos, sin).to(cache.dtype))
+            values.scatter_(2, index, qkv[2].to(cache.dtype))
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=additive[:, None])
+            x = x + attn.proj(y.transpose(1, 2).reshape(R, k, -1).to(x.dtype))
+            x = x + block.fc_out(F.gelu(block.fc(block.ln_mlp(x))))
+        cache.length = length
+        return self.ln_final(x)
+
+    def next_visit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next-visit head on hidden states [..., D] (e.g. of SEPs from ``extend``): logits [..., V]."""
+        return self._head(hidden)
 
     def query_logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] at flat ``positions`` (default ``batch.positions``). The batch must be on the

@@ -420,17 +420,22 @@ class Tokenizer:
         visit_day = visit_days[starts]
 
         # the age-bucket token opens every visit
-        age_years = (visit_day - birth_days[visit_subject]) / DAYS_PER_YEAR
-        bucket = np.clip(np.searchsorted(self._age_edges, age_years, side="right") - 1, 0, len(self._age_edges) - 1)
-        bucket = np.where(birth_known[visit_subject], bucket, len(self._age_edges))
+        age_ids = self.age_token_ids(birth_days[visit_subject], visit_day, birth_known[visit_subject])
         return _Visits(
             event_subject=row,
-            tokens=np.insert(token.astype(np.int32), starts, self._age_ids[bucket]),
+            tokens=np.insert(token.astype(np.int32), starts, age_ids),
             visit_subject=visit_subject,
             visit_day=visit_day,
             visit_lengths=np.diff(np.concatenate([starts, [n]])).astype(np.int64) + 1,
             visit_counts=np.bincount(visit_subject, minlength=len(birth_days)).astype(np.int64),
         )
+
+    def age_token_ids(self, birth_days: np.ndarray, visit_days: np.ndarray, birth_known: np.ndarray) -> np.ndarray:
+        """The age-bucket token that opens a visit on ``visit_days`` (days since 1970) of a subject born on
+        ``birth_days``; the unknown-age token where ``birth_known`` is False. Also used for generated visits."""
+        age_years = (np.asarray(visit_days, np.float64) - np.asarray(birth_days, np.float64)) / DAYS_PER_YEAR
+        bucket = np.clip(np.searchsorted(self._age_edges, age_years, side="right") - 1, 0, len(self._age_edges) - 1)
+        return self._age_ids[np.where(birth_known, bucket, len(self._age_edges))]
 
     # -- fitting
     @classmethod

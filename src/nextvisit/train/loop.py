@@ -26,6 +26,7 @@ from nextvisit.model.optim import warmup_cosine
 from nextvisit.model.run import CHECKPOINT
 from nextvisit.model.sequence import TrainingPlan
 from nextvisit.model.transformer import NextVisitModel
+from nextvisit.model.visit_time import edges_tensor, gap_nll
 from nextvisit.train.checkpoint import checkpoint_step, save_checkpoint
 from nextvisit.train.data import step_micro_batches
 from nextvisit.train.distributed import Distributed
@@ -79,11 +80,16 @@ class Limits:
         return stop
 
 
-def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step: int) -> tuple[float, int]:
-    """Forward and backward of this process's micro-batches of one step: (sum of their losses, their tokens).
-    DDP averages the gradients over processes at the last one."""
+def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step: int,
+                          time_normalizer: float = 1.0) -> tuple[float, float, int]:
+    """Forward and backward of this process's micro-batches of one step: (sum of their next-visit losses, sum of
+    their visit-time losses (unweighted), their tokens). DDP averages the gradients over processes at the last one.
+    The objective is the next-visit loss plus ``loss.visit_time_weight`` times the visit-time loss (the mean
+    negative log-likelihood of the gaps to the next visit: ``time_normalizer`` is the step's gaps per process)."""
     model, loss_config = trainee.model, trainee.config.loss
-    loss_sum, tokens = 0.0, 0
+    timed = model.visit_time is not None
+    edges = edges_tensor(model.config.visit_time_edges, trainee.device) if timed else None
+    loss_sum, time_sum, tokens = 0.0, 0.0, 0
     try:
         for k, batch in enumerate(micro):
             batch = batch.to(trainee.device)
@@ -92,12 +98,20 @@ def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step
             with context:
                 with trainee.autocast():
                     hidden = trainee.ddp_model(batch.tokens, batch.days, batch.att_days, batch.doc_ids,
-                                               batch.positions, head=False, is_query=batch.is_query)
+                                               batch.positions, head=False, is_query=batch.is_query,
+                                               time_positions=batch.time_positions if timed else None)
+                    if timed:
+                        hidden, time_logits = hidden
                     # the tied head runs inside the loss, chunk by chunk over the vocabulary
                     loss = fused_head.next_visit_loss_from_hidden(
                         hidden, model.embed.weight, model.output_bias, batch.target_rows, batch.target_tokens,
                         batch.target_repeats, trainee.supervised, loss_config, normalizer=max(normalizer, 1.0))
-                loss.backward()
+                    objective = loss
+                    if timed:
+                        time_loss = gap_nll(time_logits, batch.time_gaps, edges).sum() / max(time_normalizer, 1.0)
+                        objective = loss + loss_config.visit_time_weight * time_loss
+                        time_sum += float(time_loss.detach())
+                objective.backward()
             loss_sum += float(loss.detach())
             tokens += batch.n_tokens
     except RuntimeError as exc:
@@ -107,12 +121,13 @@ def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step
                             f"train.micro_batch (gradient accumulation keeps the step size); the last "
                             f"checkpoint in {trainee.run_dir / CHECKPOINT} is kept") from None
         raise
-    return loss_sum, tokens
+    return loss_sum, time_sum, tokens
 
 
 def optimizer_step(trainee: Trainee, state: dict) -> tuple[float, float, float, int]:
-    """One optimizer step; advances ``state`` (step, data position, tokens). Returns (learning rate, loss,
-    gradient norm before clipping, tokens of the step over all processes)."""
+    """One optimizer step; advances ``state`` (step, data position, tokens; ``visit_time_loss``, the step's
+    visit-time loss, for a model with that head). Returns (learning rate, next-visit loss, gradient norm before
+    clipping, tokens of the step over all processes)."""
     tc, dist, device = trainee.config.train, trainee.dist, trainee.device
     step = state["step"]
     lr = learning_rate(step, tc)
@@ -121,9 +136,12 @@ def optimizer_step(trainee: Trainee, state: dict) -> tuple[float, float, float, 
     micro = step_micro_batches(trainee.plan, state, tc.batch_contexts, tc.micro_batch, dist)
     n_seps = dist.all_sum(float(sum(len(b.positions) for b in micro)), device)
     normalizer = n_seps * trainee.n_supervised / dist.world  # DDP averages gradients over processes
+    n_gaps = dist.all_sum(float(sum(len(b.time_gaps) for b in micro)), device) if trainee.model.visit_time is not None else 0.0
     trainee.ddp_model.train()
-    loss_sum, tokens = _accumulate_gradients(trainee, micro, normalizer, step)
+    loss_sum, time_sum, tokens = _accumulate_gradients(trainee, micro, normalizer, step, n_gaps / dist.world)
     step_loss = dist.all_sum(loss_sum, device) / dist.world
+    if trainee.model.visit_time is not None:
+        state["visit_time_loss"] = dist.all_sum(time_sum, device) / dist.world
     if not math.isfinite(step_loss):
         run_dir = trainee.run_dir
         raise UserError(f"loss is {step_loss} at step {step}; training stopped. The last good weights are in "
@@ -142,6 +160,8 @@ def _step_row(state: dict, lr: float, loss: float, grad_norm: float, tokens_per_
     """The training columns of a metrics row (``tokens_per_s`` only on logged steps)."""
     row = {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"], "lr": f"{lr:.3e}",
            "loss": f"{loss:.6f}", "grad_norm": f"{grad_norm:.4f}"}
+    if "visit_time_loss" in state:
+        row["visit_time_loss"] = f"{state['visit_time_loss']:.5f}"
     if tokens_per_s is not None:
         row["tokens_per_s"] = f"{tokens_per_s:.0f}"
     row["elapsed_s"] = f"{state['elapsed_s']:.1f}"
@@ -195,6 +215,21 @@ def run_steps(trainee: Trainee, state: dict, limits: Limits, validation: Validat
     return last
 
 
+VISIT_TIME_CALIBRATION = "visit_time_calibration.json"
+
+
+def write_calibration(run_dir: Path, calibration: dict, last: dict) -> None:
+    """``RUN/visit_time_calibration.json``: the visit-time head's predicted against observed share of next visits
+    within each checked gap, on the validation visits of the last validation (its step in ``step``)."""
+    import json
+
+    from nextvisit.artifacts.folders import atomic_write
+
+    document = {"step": last.get("step"), "val_visit_time_loss": last.get("val_visit_time_loss"), **calibration}
+    atomic_write(Path(run_dir) / VISIT_TIME_CALIBRATION,
+                 lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+
+
 def finish(trainee: Trainee, state: dict, last: dict, validation: Validation | None,
            metrics: MetricsWriter | None) -> dict:
     """The end of an invocation: a validation (unless the last step just had one) and a checkpoint on process
@@ -207,11 +242,14 @@ def finish(trainee: Trainee, state: dict, last: dict, validation: Validation | N
             metrics.write(row)
             last = row
         save_checkpoint(trainee.run_dir, trainee.model, trainee.optimizer, state)
+        if validation.calibration is not None:
+            write_calibration(trainee.run_dir, validation.calibration, last)
         print(f"nextvisit pretrain: step {state['step']}, {state['tokens']:,} tokens in "
               f"{state['elapsed_s'] / 60:.1f} min; validation loss {float(last['val_loss']):.5f} (code-frequency "
               f"baseline {float(last['val_loss_frequency_baseline']):.5f}), new-onset AUROC "
               f"{float(last['val_new_onset_auroc']):.3f} (baseline "
-              f"{float(last['val_new_onset_auroc_frequency_baseline']):.3f}); run in {trainee.run_dir}",
-              file=sys.stderr)
+              f"{float(last['val_new_onset_auroc_frequency_baseline']):.3f})"
+              + (f", visit-time loss {float(last['val_visit_time_loss']):.4f}" if 'val_visit_time_loss' in last else "")
+              + f"; run in {trainee.run_dir}", file=sys.stderr)
     trainee.dist.barrier()
     return last

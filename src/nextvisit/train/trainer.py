@@ -70,7 +70,9 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
                       dist, device, run_dir)
 
     validation = Validation(store, config, supervised_np, device, autocast) if dist.main else None
-    fields = METRIC_FIELDS + validation_fields(config.loss.frequency_band_edges)
+    timed = config.model.visit_time_head
+    fields = METRIC_FIELDS + (["visit_time_loss"] if timed else []) + \
+        validation_fields(config.loss.frequency_band_edges, visit_time=timed)
     metrics = MetricsWriter(run_dir / METRICS_FILE, fields) if dist.main else None
     if dist.main:
         _announce(trainee, plan, len(store.vocab), precision)
@@ -109,6 +111,8 @@ def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: 
           f"{plan.truncated_tokens} tokens)"
           + (f", {plan.queries_by_epoch.get(0, 0):,} horizon queries in epoch 0" if plan.horizon_queries else "")
           + (f", history summary of up to {plan.summary.max_tokens} tokens" if plan.summary else "")
+          + (f", visit-time head ({len(config.model.visit_time_edges)} gap bins, loss weight "
+             f"{config.loss.visit_time_weight:g})" if config.model.visit_time_head else "")
           + f", {precision}, {trainee.device}, {dist.world} process(es)",
           file=sys.stderr)
 

@@ -15,6 +15,7 @@ import torch
 from nextvisit.config import LossConfig, RunConfig
 from nextvisit.model.losses import negative_term, positive_term
 from nextvisit.model.sequence import HistorySummary, TrainingPlan
+from nextvisit.model.visit_time import cdf_at, edges_tensor, gap_nll, observed_cdf
 from nextvisit.train.data import pad_multiple
 
 VALIDATION_FIELDS = ["val_loss", "val_loss_frequency_baseline", "val_new_onset_auroc",
@@ -22,9 +23,15 @@ VALIDATION_FIELDS = ["val_loss", "val_loss_frequency_baseline", "val_new_onset_a
                      "val_new_onset_targets", "val_repeat_targets"]
 
 
-def validation_fields(edges) -> list[str]:
-    """The metrics.csv columns of a validation: ``VALIDATION_FIELDS``, then the loss per frequency band."""
-    return VALIDATION_FIELDS + [f"val_loss_band[{name}]" for name in band_names(edges)]
+# Gaps (days) at which the visit-time head's predicted share of next visits is compared with the observed share
+CALIBRATION_DAYS = (1, 7, 30, 90, 180, 365, 730, 1825, 3650)
+
+
+def validation_fields(edges, visit_time: bool = False) -> list[str]:
+    """The metrics.csv columns of a validation: ``VALIDATION_FIELDS``, then the loss per frequency band (and the
+    visit-time head's loss for a model with it)."""
+    return VALIDATION_FIELDS + [f"val_loss_band[{name}]" for name in band_names(edges)] + \
+        (["val_visit_time_loss"] if visit_time else [])
 
 
 # -- token statistics and the code-frequency baseline -------------------------------------------------------------
@@ -188,9 +195,10 @@ class Validation:
 
     def __init__(self, store, config: RunConfig, supervised_np, device, autocast):
         self.config, self.device, self.autocast = config, device, autocast
-        split = store.split("tuning")
+        split, self.split_name = store.split("tuning"), "tuning"
+        self.calibration: dict | None = None  # the visit-time head's, after a run of a model with it
         if len(split) == 0:
-            split = store.split("train")
+            split, self.split_name = store.split("train"), "train"
             print(f"nextvisit pretrain: {store.path}/tuning is empty; validating on train contexts", file=sys.stderr)
         plan = TrainingPlan(split, supervised_np, config.data.context, config.data.pack,
                             config.data.max_window_fraction, seed=config.train.seed + 1,
@@ -221,13 +229,36 @@ class Validation:
     def run(self, model) -> dict:
         was_training = model.training
         model.eval()
+        timed = model.visit_time is not None
+        gaps, time_logits = [], []
 
         def logits_of(batch):
             with self.autocast():
-                return model.query_logits(batch).float()
+                if not timed:
+                    return model.query_logits(batch).float()
+                logits, at_visits = model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions,
+                                          is_query=batch.is_query, time_positions=batch.time_positions)
+            gaps.append(batch.time_gaps)
+            time_logits.append(at_visits.float())
+            return logits.float()
 
         result = self._score(logits_of)
+        if timed:
+            result.update(self._visit_time(model, torch.cat(time_logits), torch.cat(gaps)))
         model.train(was_training)
         result["val_loss_frequency_baseline"] = self.baseline["val_loss"]
         result["val_new_onset_auroc_frequency_baseline"] = self.baseline["val_new_onset_auroc"]
         return {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in result.items()}
+
+    def _visit_time(self, model, logits: torch.Tensor, gaps: torch.Tensor) -> dict:
+        """The visit-time head on the validation visits: its loss, and its calibration (mean predicted share of
+        next visits within each of ``CALIBRATION_DAYS`` against the observed share), kept in ``calibration``."""
+        edges = edges_tensor(model.config.visit_time_edges, logits.device)
+        days = torch.tensor(CALIBRATION_DAYS, device=logits.device)
+        predicted = cdf_at(logits, days, edges).mean(0).cpu().numpy() if len(gaps) else np.full(len(days), np.nan)
+        observed = observed_cdf(gaps.cpu().numpy(), CALIBRATION_DAYS)
+        self.calibration = {"split": self.split_name, "visits": int(len(gaps)), "days": list(CALIBRATION_DAYS),
+                            "predicted_share": [round(float(p), 5) for p in predicted],
+                            "observed_share": [round(float(o), 5) for o in observed],
+                            "mean_gap_days_observed": float(gaps.double().mean()) if len(gaps) else float("nan")}
+        return {"val_visit_time_loss": float(gap_nll(logits, gaps, edges).mean()) if len(gaps) else float("nan")}
