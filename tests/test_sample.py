@@ -415,3 +415,33 @@ def test_trajectory_seed_depends_on_its_key_only():
     b = np.random.Generator(np.random.Philox(trajectory_seed(0, 5, t, 2))).random(3)
     c = np.random.Generator(np.random.Philox(trajectory_seed(0, 5, t, 3))).random(3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_risks_of_the_first_k_samples_come_from_the_same_run(world, tmp_path):
+    """--sample-counts writes the risks of the first k samples: those of a run with k samples (same seeds)."""
+    config = SampleConfig(samples=4, precision="fp32", splits=("held_out",), sample_counts=(1, 2))
+    sample(world["run"], world["meds"], world["few"], tmp_path / "all", config, "cpu", progress=False)
+    sample(world["run"], world["meds"], world["few"], tmp_path / "two", SampleConfig(samples=2, precision="fp32",
+           splits=("held_out",)), "cpu", progress=False)
+    for estimator in ("monte_carlo", "rao_blackwell"):
+        first_two = pl.read_parquet(tmp_path / "all" / f"{estimator}_n2" / "predictions.parquet")
+        alone = pl.read_parquet(tmp_path / "two" / estimator / "predictions.parquet")
+        assert np.allclose(first_two["predicted_boolean_probability"], alone["predicted_boolean_probability"])
+        assert (pl.read_parquet(tmp_path / "all" / f"{estimator}_n1" / "predictions.parquet")["samples"] == 1).all()
+    with pytest.raises(Exception, match="sample-counts"):
+        SampleConfig(samples=4, sample_counts=(8,)).validate()
+
+
+def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
+    base = ["sample", str(world["run"]), str(world["meds"]), str(world["labels"])]
+    with pytest.raises(SystemExit):
+        main(base + ["--out", str(tmp_path / "a"), "--samples", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    # labels naming a subject the data does not hold
+    labels = pl.read_parquet(world["labels"] / "labels.parquet").with_columns(pl.lit(999).alias("subject_id"))
+    stranger = tmp_path / "stranger"
+    write_labels(stranger, LabelResult(labels, {}), TASK)
+    assert main(["sample", str(world["run"]), str(world["meds"]), str(stranger), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "999" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "b").exists()

@@ -29,6 +29,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    """A comma-separated list of whole numbers of at least 1."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers of at least 1, got {text!r}")
+    return values
+
+
 def _add_inference_options(p) -> None:
     """--device, --precision and --overwrite of the verbs that run a pretrained model (forecast, occurrence)."""
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -208,6 +219,9 @@ def _add_sample(verbs) -> None:
     p.add_argument("--splits", default="tuning,held_out",
                    help="comma-separated label splits to sample (default tuning,held_out), or 'all'")
     p.add_argument("--no-trajectories", action="store_true", help="write the risks only, not the trajectories")
+    p.add_argument("--sample-counts", type=_int_list, default=[],
+                   help="also write the risks of the first k samples for each k (e.g. 1,4,16): OUT/monte_carlo_nK "
+                        "and OUT/rao_blackwell_nK, the cost of N from one run")
     _add_inference_options(p)
     p.set_defaults(func=_handler("nextvisit.predict.sample:run_cli"))
 

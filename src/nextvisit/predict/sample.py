@@ -96,12 +96,17 @@ class SampleConfig:
     cache: bool = True  # False: re-encode the whole window at every step (the reference for the KV cache)
     histories_per_chunk: int = 1024  # label histories read and tokenized at once
     write_trajectories: bool = True
+    # also write the risks of the first k samples of each history, for each k here (below ``samples``): the cost
+    # of N measured on one run (OUT/monte_carlo_n{k}, OUT/rao_blackwell_n{k})
+    sample_counts: tuple[int, ...] = ()
 
     def validate(self) -> "SampleConfig":
         if self.samples < 1 or self.batch_size < 1 or self.max_visits < 1 or self.max_redraws < 0:
             raise UserError("--samples, --batch-size and --max-visits must be at least 1")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be above 0, got {self.temperature}")
+        if any(not 1 <= k <= self.samples for k in self.sample_counts):
+            raise UserError(f"--sample-counts {list(self.sample_counts)}: each must be in 1..--samples ({self.samples})")
         if not 0 < self.keep_fraction < 1:
             raise UserError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
         check_precision(self.precision)
@@ -147,6 +152,7 @@ class Trajectory:
     start: int = 0  # first visit of the encoded window (history visits, then generated ones)
     origin: int = 0  # day of that visit: rotary days are relative to it
     summary_tokens: int = 0  # history-summary tokens ahead of the window (not counted against the context)
+    window_cost: int = 0  # tokens of the window's visits, one SEP each (``window_cost``; the context rule)
     slides: int = 0
     redraws: int = 0
     empty_visits: int = 0
@@ -230,6 +236,7 @@ class Sampler:
             query = None if query_days is None else int(query_days[i]) - t.origin
             tokens, days, att_days = window_arrays(record, t.start, self.limit, self.summary, query_day=query)
             t.summary_tokens = int(np.sum(days < 0)) if t.start > 0 else 0
+            t.window_cost = _window_cost(record, t.start, self.cap)
             rows.append((tokens, days, att_days))
         k = max(len(r[0]) for r in rows)
         R = len(rows)
@@ -311,7 +318,8 @@ class Sampler:
             t.start = recent_start(lengths, self.limit, self.limit)  # as a forecast reads it
         cache, last = self._encode(firsts)
         for t in trajectories:
-            t.origin, t.summary_tokens = firsts[distinct[id(t.history)]].origin, firsts[distinct[id(t.history)]].summary_tokens
+            first = firsts[distinct[id(t.history)]]
+            t.origin, t.summary_tokens, t.window_cost = first.origin, first.summary_tokens, first.window_cost
         index = torch.tensor([distinct[id(t.history)] for t in trajectories], device=self.device)
         return cache.select(index), last.index_select(0, index)
 
@@ -349,7 +357,7 @@ class Sampler:
                 cache = cache.select(index) if config.cache else cache
                 active = [active[i] for i in going]
             # 2. what: a SEP on that day (sliding the windows that would not fit), the codes drawn there
-            full = [j for j, t in enumerate(active) if _window_cost(t.record(), t.start, self.cap) > self.limit]
+            full = [j for j, t in enumerate(active) if t.window_cost > self.limit]
             for j in full:
                 self._slide(active[j])
             if config.cache:
@@ -373,6 +381,7 @@ class Sampler:
                     continue
                 t.days.append(day)
                 t.visits.append(tokens)
+                t.window_cost += min(len(tokens), self.cap) + 1
                 t.known_until = day
                 if t.onset_day is None:
                     t.hazards.append((day, float(p_onset[j])))
@@ -513,6 +522,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
     counts = Counts()
     cut_counts: dict = {}
     per_row = {}
+    subsets = sorted(k for k in set(config.sample_counts) if k < config.samples)
+    per_row_k: dict[int, dict] = {k: {} for k in subsets}
     bar = tqdm(total=histories.height * config.samples, desc=f"sample {task.name}", unit="trajectory",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with atomic_folder(out, overwrite) as staging:
@@ -533,6 +544,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
                     mc, rb, undecided = risks(mine, horizon)
                     per_row[(h.subject_id, h.prediction_time, horizon)] = (mc, rb, undecided)
                     counts.undecided += undecided
+                    for k in subsets:
+                        per_row_k[k][(h.subject_id, h.prediction_time, horizon)] = risks(mine[:k], horizon)
             if config.write_trajectories:
                 for s, events in trajectory_events(rolled, vocab).items():
                     if s not in writers:
@@ -546,7 +559,6 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
         bar.close()
         seconds = time.monotonic() - started
         keys = list(zip(rows["subject_id"], rows["prediction_time"], rows["horizon_days"]))
-        values = np.asarray([per_row[k] for k in keys], np.float64).reshape(-1, 3)
         summary = {
             "model": Path(run).resolve().name, "task": task.name, "samples": config.samples,
             "histories": histories.height, "label_rows": rows.height, "rows_not_scored": skipped,
@@ -560,16 +572,26 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
             "config": {"run": str(run), "sample": asdict(config), "window_tokens": sampler.limit,
                        "keep_tokens_on_slide": sampler.keep, "run_config": run_config.to_dict()},
         }
-        for k, estimator in enumerate(ESTIMATORS):
-            name = f"{summary['model']}[{estimator}x{config.samples}]"
-            frame = prediction_frame(rows.with_columns(pl.Series("undecided", values[:, 2].astype(np.int64)),
-                                                       pl.lit(config.samples).alias("samples")),
-                                     values[:, k], name, extra_columns=("undecided", "samples"))
-            info = {"model": name, "kind": ZERO_SHOT, "estimator": estimator, "label_counts": labels.counts,
-                    **{key: summary[key] for key in ("samples", "trajectories", "ended", "undecided_row_trajectories",
-                                                     "context_slides", "seconds", "precision")},
-                    "config": summary["config"]}
-            write_predictions(staging / estimator, frame, info)
+        for n, results in [(config.samples, per_row)] + [(k, per_row_k[k]) for k in subsets]:
+            values = np.asarray([results[key] for key in keys], np.float64).reshape(-1, 3)
+            for e, estimator in enumerate(ESTIMATORS):
+                name = f"{summary['model']}[{estimator}x{n}]"
+                frame = prediction_frame(rows.with_columns(pl.Series("undecided", values[:, 2].astype(np.int64)),
+                                                           pl.lit(n).alias("samples")),
+                                         values[:, e], name, extra_columns=("undecided", "samples"))
+                info = {"model": name, "kind": ZERO_SHOT, "estimator": estimator, "label_counts": labels.counts,
+                        **{key: summary[key] for key in ("trajectories", "ended", "undecided_row_trajectories",
+                                                         "context_slides", "seconds", "precision")},
+                        "samples": n, "config": summary["config"]}
+                write_predictions(staging / (estimator if n == config.samples else f"{estimator}_n{n}"), frame, info)
+        beyond = [h for h in sorted(rows["horizon_days"].unique().to_list()) if h > sampler.last_edge]
+        if beyond:
+            share = counts.ended["no_further_visit"] / max(counts.trajectories, 1)
+            summary["warnings"] = [
+                f"horizon(s) {', '.join(map(str, beyond))} days reach past the visit-time head's last bin "
+                f"({sampler.last_edge} days): {share:.1%} of the trajectories drew no visit within it and are undecided "
+                "past that day (counted in undecided)"]
+            print(f"nextvisit sample: warning: {summary['warnings'][0]}", file=sys.stderr)
         (staging / SAMPLING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -577,7 +599,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
 def run_cli(args) -> int:
     config = SampleConfig(samples=args.samples, temperature=args.temperature, seed=args.seed,
                           batch_size=args.batch_size, max_visits=args.max_visits, splits=parse_splits(args.splits),
-                          precision=args.precision, write_trajectories=not args.no_trajectories).validate()
+                          precision=args.precision, write_trajectories=not args.no_trajectories,
+                          sample_counts=tuple(args.sample_counts)).validate()
     summary = sample(args.run, args.meds_dir, args.labels, args.out, config, args.device, args.overwrite)
     ended = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in summary["ended"].items())
     print(f"sampled {summary['trajectories']:,} trajectories ({summary['samples']} per history, "
