@@ -49,6 +49,12 @@ scored on the same rows and the same resamples (``nextvisit.evaluate.bootstrap.r
 shares have paired intervals; the AUROC interval equals ``nextvisit evaluate``'s on the same predictions. The
 table is computed from the predictions folders with ``nextvisit.evaluate``'s own preparation, bootstrap and
 metrics (two views instead of evaluate's ten: about 2 s per model and task-horizon at 45,000 rows).
+
+**Sampling** (``--samples N``, off by default): ``nextvisit sample`` on the default run (it needs the visit-time
+head) for the held_out rows of ``--sample-subjects`` random held_out subjects (sampling all 45,000 would take
+hours on 2 cores), N trajectories per history and the risks of the first k samples for each of
+``--sample-counts``; a second table puts both estimators at each k beside every other model, all restricted to
+the same subjects (paired as above), and ``sampling_auroc.png`` plots AUROC against k (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -126,6 +132,12 @@ class QualityConfig:
     device: str = "auto"
     variants: dict = field(default_factory=dict)  # name -> {preset, pretrain, forecast}
     only: tuple[str, ...] | None = None
+    # Monte Carlo sampling of the default next-visit run (0 = off): trajectories per history, on a random subset
+    # of held_out subjects (sampling every evaluation subject takes hours on 2 cores), with the risks of the first
+    # k samples for each of sample_counts; every other model is scored on the same subset for that table
+    samples: int = 0
+    sample_subjects: int = 2000
+    sample_counts: tuple[int, ...] = (1, 4, 16)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -343,6 +355,69 @@ def write_held_out_labels(labels_dir: Path, out: Path) -> int:
     held.write_parquet(out / "labels.parquet")
     shutil.copy(Path(labels_dir) / "task.yaml", out / "task.yaml")
     return held.height
+
+
+def write_subject_subset_labels(labels_dir: Path, out: Path, subjects: int, seed: int) -> dict:
+    """The held_out rows of ``subjects`` held_out subjects drawn at random (``seed``), with the task.yaml: the
+    rows the sampling table scores."""
+    from nextvisit.tasks import read_labels
+
+    frame = read_labels(labels_dir).filter(pl.col("split") == meds.held_out_split)
+    ids = np.sort(frame["subject_id"].unique().to_numpy())
+    chosen = np.random.default_rng(seed).choice(ids, size=min(subjects, len(ids)), replace=False)
+    subset = frame.filter(pl.col("subject_id").is_in(chosen.tolist()))
+    out.mkdir(parents=True)
+    subset.write_parquet(out / "labels.parquet")
+    shutil.copy(Path(labels_dir) / "task.yaml", out / "task.yaml")
+    return {"subjects": int(len(chosen)), "of": int(len(ids)), "rows": subset.height}
+
+
+def write_prediction_subset(predictions_dir: Path, labels_dir: Path, out: Path) -> int:
+    """A predictions folder restricted to the (subject, prediction time) pairs of a labels folder."""
+    from nextvisit.artifacts.predictions import INFO_FILE, PREDICTIONS_FILE
+    from nextvisit.tasks import read_labels
+
+    keys = read_labels(labels_dir).select("subject_id", "prediction_time").unique()
+    frame = pl.read_parquet(Path(predictions_dir) / PREDICTIONS_FILE).join(keys, on=["subject_id", "prediction_time"])
+    out.mkdir(parents=True)
+    frame.write_parquet(out / PREDICTIONS_FILE)
+    shutil.copy(Path(predictions_dir) / INFO_FILE, out / INFO_FILE)
+    return frame.height
+
+
+def draw_sampling_plot(rows: list[dict], out: Path) -> Path:
+    """AUROC (95% interval) against the number of samples, per task-horizon: both estimators, with the horizon
+    query and the other models as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    cells = sorted({(r["task"], r["horizon_days"]) for r in rows})
+    fig = Figure(figsize=(4.2 * len(cells), 3.8))
+    for i, cell in enumerate(cells):
+        ax = fig.add_subplot(1, len(cells), i + 1)
+        mine = [r for r in rows if (r["task"], r["horizon_days"]) == cell]
+        for estimator, marker in (("monte_carlo", "o"), ("rao_blackwell", "s")):
+            points = sorted((r["samples"], r) for r in mine if r.get("estimator") == estimator)
+            if points:
+                xs = [n for n, _ in points]
+                ys = [r["auroc"] for _, r in points]
+                err = [[r["auroc"] - r["auroc_low"] for _, r in points], [r["auroc_high"] - r["auroc"] for _, r in points]]
+                ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=estimator.replace("_", " "))
+        for r in mine:
+            if r.get("estimator") is None:
+                ax.axhline(r["auroc"], linestyle="--" if r["kind"] != ZERO_SHOT else "-", linewidth=1, color=None)
+                ax.annotate(r["model"], (1, r["auroc"]), fontsize=7, va="bottom")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("samples per history")
+        ax.set_ylabel("held_out AUROC")
+        ax.set_title(f"{cell[0]}, {cell[1]} days", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(out) / "sampling_auroc.png"
+    fig.savefig(path, dpi=100)
+    return path
 
 
 # -- the age-and-sex reference as a compared model ------------------------------------------------------------
@@ -910,11 +985,76 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print("\n" + format_table(rows, "; ".join(rules)))
+    if config.samples and DEFAULT_VARIANT in pretrained:
+        rows += sampling_table(runner, config, pretrained[DEFAULT_VARIANT][0], data, labels, predictions, table_models)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
         print(f"wrote {len(rows)} rows to {json_path}")
     print("\n".join(runner.timing_lines()))
     return rows
+
+
+def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data: Stage, labels: dict[str, Stage],
+                   predictions: dict[str, dict[str, Stage]], table_models: list[TableModel]) -> list[dict]:
+    """Monte Carlo risk of the default run by number of samples, both estimators, beside every other model, on
+    a random subset of held_out subjects (docs/sampling.md); prints the table, draws the plot, returns the rows
+    (``table: sampling``)."""
+    counts = sorted({k for k in config.sample_counts if k < config.samples} | {config.samples})
+    flat: list[TableModel] = []
+    sampled: dict[str, Stage] = {}
+    for task in config.tasks:
+        subset = runner.stage(f"sample_labels_{task}", {"subjects": config.sample_subjects, "seed": config.seed},
+                              labels=labels[task])
+        runner.python(subset, f"held_out rows of {config.sample_subjects:,} random held_out subjects ({task})",
+                      lambda out, labels_dir=labels[task].out: print("   " + json.dumps(write_subject_subset_labels(
+                          labels_dir, out, config.sample_subjects, config.seed))),
+                      f"write_subject_subset_labels({labels[task].out})")
+        stage = runner.stage(f"sample_{DEFAULT_VARIANT}_{task}", {"samples": config.samples, "counts": counts,
+                                                                  "device": config.device},
+                             run=pretrain, meds=data, labels=subset)
+        runner.cli(stage, f"Monte Carlo trajectories {task} ({config.samples} per history)",
+                   ["sample", pretrain.out, data.out, subset.out, "--out", stage.out, "--samples", config.samples,
+                    "--sample-counts", ",".join(map(str, counts)), "--no-trajectories", "--splits", meds.held_out_split,
+                    "--device", config.device])
+        sampled[task] = stage
+        for model in table_models:
+            cut = runner.stage(f"subset_{model.name}_{task}", {}, predictions=predictions[model.name][task],
+                               labels=subset)
+            runner.python(cut, f"{model.name} {task} on the sampled subjects",
+                          lambda out, source=predictions[model.name][task].out, labels_dir=subset.out: print(
+                              f"   {write_prediction_subset(source, labels_dir, out):,} rows"),
+                          f"write_prediction_subset({predictions[model.name][task].out})")
+            flat.append(TableModel(model.name, model.kind, cut.out, model.budget))
+        for n in counts:
+            for estimator in ("monte_carlo", "rao_blackwell"):
+                folder = stage.out / (estimator if n == config.samples else f"{estimator}_n{n}")
+                flat.append(TableModel(f"{estimator} x{n}", ZERO_SHOT, folder, {"samples": n, "estimator": estimator}))
+    evaluation = runner.stage("sampling_evaluation", {"bootstrap": config.bootstrap, "seed": config.seed,
+                                                      "models": [m.name for m in flat]},
+                              **{f"sample/{task}": s for task, s in sampled.items()})
+
+    def evaluate(out: Path) -> None:
+        rows, warnings = quality_rows(flat, config.bootstrap, config.seed, config.confidence, DEFAULT_VARIANT)
+        for row in rows:
+            model = next(m for m in flat if m.name == row["model"])
+            row.update(table="sampling", samples=model.budget.get("samples"), estimator=model.budget.get("estimator"))
+        out.mkdir(parents=True)
+        (out / "table.json").write_text(json.dumps({"rows": rows, "warnings": warnings}, indent=2, default=str) + "\n")
+        draw_sampling_plot(rows, out)
+
+    runner.python(evaluation, "sampling evaluation: every model on the sampled subjects", evaluate,
+                  f"quality_rows over {len(flat)} predictions folders")
+    result = json.loads((evaluation.out / "table.json").read_text())
+    seconds = {task: json.loads((s.out / "sampling.json").read_text()) for task, s in sampled.items()}
+    print(f"\nSampling: {config.samples} trajectories per history of {config.sample_subjects:,} random held_out subjects "
+          f"(every model scored on the same rows; differences: {DEFAULT_VARIANT} (horizon query) minus the model)")
+    for task, info in seconds.items():
+        print(f"  {task}: {info['trajectories']:,} trajectories in {info['seconds']:,} s "
+              f"({info['trajectories_per_s']} /s); ended {info['ended']}; undecided pairs "
+              f"{info['undecided_row_trajectories']:,}; slides {info['context_slides']:,}")
+    print(format_table(result["rows"]))
+    print(f"plot: {evaluation.out / 'sampling_auroc.png'}")
+    return result["rows"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -956,6 +1096,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None,
                    help=f"comma-separated models to run: {DEFAULT_VARIANT}, the variants' names, "
                         f"{', '.join(BASELINES)}; '{DATA_ONLY}' runs the data stages (simulate, combine, tokenize, labels)")
+    p.add_argument("--samples", type=int, default=defaults.samples,
+                   help="Monte Carlo trajectories per history for the sampling table (0: none; needs a default run "
+                        "with the visit-time head)")
+    p.add_argument("--sample-subjects", type=int, default=defaults.sample_subjects,
+                   help="held_out subjects (random) the sampling table scores")
+    p.add_argument("--sample-counts", default=",".join(map(str, defaults.sample_counts)),
+                   help="also the risks of the first k samples, for each k")
     p.add_argument("--json", type=Path, default=None,
                    help="write the table as a JSON list of rows (model, kind, task, horizon_days, auroc, auroc_low, "
                         "auroc_high, age_sex_auroc, positive_subjects, budget, oracle_share, difference_vs_zero_shot, ...)")
@@ -970,13 +1117,23 @@ def config_from_args(args) -> QualityConfig:
         raise UserError("--budget-minutes and --finetune-minutes must be positive")
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
         raise UserError(f"--pretrain-steps {args.pretrain_steps}: must be at least 1")
+    if args.samples < 0 or args.sample_subjects < 1:
+        raise UserError("--samples must be at least 0 and --sample-subjects at least 1")
+    try:
+        counts = [int(k) for k in str(args.sample_counts).split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--sample-counts {args.sample_counts!r}: expected comma-separated whole numbers") from None
+    if any(k < 1 for k in counts):
+        raise UserError(f"--sample-counts {args.sample_counts!r}: each must be at least 1")
     only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else None
     return QualityConfig(
         dataset=args.dataset, train_subjects=args.train_subjects, eval_subjects=args.eval_subjects,
         train_seed=args.train_seed, eval_seed=args.eval_seed, synthea_dir=args.synthea_dir, work=args.work,
         budget_minutes=args.budget_minutes, pretrain_steps=args.pretrain_steps, finetune_minutes=args.finetune_minutes,
         preset=args.preset, masked_preset=args.masked_preset, oracle_samples=args.oracle_samples,
-        bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only)
+        bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only,
+        samples=args.samples, sample_subjects=args.sample_subjects,
+        sample_counts=tuple(counts))
 
 
 def main(argv: list[str] | None = None) -> int:

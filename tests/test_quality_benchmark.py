@@ -289,3 +289,30 @@ def test_variants_file_and_only(tmp_path):
                                     work=tmp_path / "work", variants=variants, only=("counts",))
     with pytest.raises(UserError, match="absent is missing"):
         quality.run_benchmark(missing, rerun="unused")
+
+
+def test_sampling_subset_keeps_whole_held_out_subjects_and_the_plot_draws(hand_made, tmp_path):
+    """The sampling table's subset: every row of the chosen held_out subjects and nothing else, the same for
+    every model (so quality_rows can pair them), and the AUROC-by-samples plot is written."""
+    models, rows, scores = hand_made
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rows.with_columns(pl.when(pl.col("boolean_value")).then(pl.lit("positive")).otherwise(pl.lit("negative"))
+                      .alias("reason")).write_parquet(labels / "labels.parquet")
+    (labels / "task.yaml").write_text("name: dementia\n")
+    counts = quality.write_subject_subset_labels(labels, tmp_path / "subset", subjects=50, seed=0)
+    subset = pl.read_parquet(tmp_path / "subset" / "labels.parquet")
+    assert counts == {"subjects": 50, "of": 400, "rows": 100} and subset["subject_id"].n_unique() == 50
+    chosen = set(subset["subject_id"].to_list())
+    assert subset.height == rows.filter(pl.col("subject_id").is_in(list(chosen))).height
+    cut = []
+    for model in models:
+        out = tmp_path / "cut" / model.name
+        assert quality.write_prediction_subset(model.predictions, tmp_path / "subset", out) == 100
+        cut.append(quality.TableModel(model.name, model.kind, out, model.budget))
+    table, _ = quality.quality_rows(cut, n_bootstrap=50, seed=0, zero_shot_reference="nextvisit")
+    assert all(r["rows"] == 100 for r in table)
+    for r in table:
+        r.update(samples=None, estimator=None)
+    table.append({**table[0], "model": "monte_carlo x4", "samples": 4, "estimator": "monte_carlo"})
+    assert quality.draw_sampling_plot(table, tmp_path).stat().st_size > 1000
