@@ -390,13 +390,27 @@ def test_aces_labels_of_the_trajectories_agree_with_the_monte_carlo_risk(world, 
 
 
 def test_cli_writes_predictions_evaluate_reads(world, tmp_path, capsys):
+    """Both estimators reach `evaluate`; the run's visit-time calibration (written by pretraining) reaches the
+    report as a figure and a table whose numbers are metrics.json's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    calibration = {"step": 10, "split": "tuning", "visits": 123, "days": [1, 30, 365],
+                   "predicted_share": [0.1, 0.4, 0.9], "observed_share": [0.12, 0.38, 0.93]}
+    (run / "visit_time_calibration.json").write_text(json.dumps(calibration))
     out = tmp_path / "traj"
-    assert main(["sample", str(world["run"]), str(world["meds"]), str(world["labels"]), "--out", str(out),
+    assert main(["sample", str(run), str(world["meds"]), str(world["labels"]), "--out", str(out),
                  "--samples", "2", "--precision", "fp32", "--device", "cpu"]) == 0
     assert "trajectories/s" in capsys.readouterr().out
     assert main(["evaluate", str(out), "--out", str(tmp_path / "report"), "--bootstrap", "20"]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert "rao_blackwell" in json.dumps(metrics) and "monte_carlo" in json.dumps(metrics)
+    model = next(name for name in metrics["models"] if "monte_carlo" in name)
+    assert metrics["models"][model]["visit_time_calibration"]["observed_share"] == [0.12, 0.38, 0.93]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Visit-time head" in page and f'visit_time_calibration/observed_share/2">0.930<' in page
+    assert list((tmp_path / "report").glob("*_visit_time.png"))
     # a folder it did not make is refused
     assert main(["sample", str(world["run"]), str(world["meds"]), str(world["labels"]), "--out", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err

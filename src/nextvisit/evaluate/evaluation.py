@@ -685,6 +685,9 @@ def _record_model(models: dict, e: ModelPredictions, row: dict) -> None:
         model["sources"].append(e.source)
     if e.config not in model["configs"]:
         model["configs"].append(e.config)
+    calibration = e.info.get("visit_time_calibration")  # sampled risks: the run's visit-time head
+    if calibration and "visit_time_calibration" not in model:
+        model["visit_time_calibration"] = calibration
 
 
 def _task_table(task: str, horizon: int, rows: list[dict], config: EvaluationConfig, warnings: list[str],

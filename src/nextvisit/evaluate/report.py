@@ -133,6 +133,12 @@ def write_report(metrics: dict, plots: list[list[dict]], out_dir: Path) -> dict:
         name = f"{slug(block['task'])}_inflation.png"
         _draw_inflation(block, out_dir / name)
         figures["inflation"].append(name)
+    figures["visit_time"] = {}
+    for model_name, model in metrics["models"].items():
+        if model.get("visit_time_calibration"):
+            name = f"{slug(model_name)}_visit_time.png"
+            _draw_visit_time(model["visit_time_calibration"], model_name, out_dir / name)
+            figures["visit_time"][model_name] = name
     page = _page(metrics, figures)
     tmp = out_dir / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -350,6 +356,23 @@ def _draw_calibration(curves: list[dict], colors: dict[str, str], title_: str, p
     _save(fig, path)
 
 
+def _draw_visit_time(calibration: dict, model_name: str, path: Path) -> None:
+    """Predicted against observed share of next visits within each checked gap (the visit-time head that dates a
+    sampled trajectory's visits), on the run's validation visits."""
+    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    ax = fig.add_subplot()
+    days = calibration["days"]
+    ax.plot(days, calibration["observed_share"], marker="o", color="black", label="observed")
+    ax.plot(days, calibration["predicted_share"], marker="s", label="predicted (visit-time head)")
+    ax.set_xscale("log")
+    ax.set_xlabel("days to the next visit")
+    ax.set_ylabel("share of next visits within")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{model_name}: visit-time calibration", fontsize=9)
+    _legend(ax, "lower right")
+    _save(fig, path)
+
+
 def _draw_inflation(block: dict, path: Path) -> None:
     fig = Figure(figsize=(max(5.0, 1.6 * len(block["models"]) + 2), 4.2))
     ax = fig.add_subplot()
@@ -541,6 +564,19 @@ def _page(metrics: dict, figures: dict) -> str:
             parts.append(f"<p>{len(model['configs'])} different configurations across its prediction folders:</p>")
         parts += [f"<details><summary>configuration</summary><pre>{_e(json.dumps(c, indent=2, default=str))}</pre>"
                   "</details>" for c in model["configs"]]
+        if name in figures.get("visit_time", {}):
+            c = model["visit_time_calibration"]
+            cells = "".join(
+                f'<tr><td>{_e(d)}</td><td data-number="models/{_e(name)}/visit_time_calibration/predicted_share/{i}">'
+                f"{format_metric({'value': p})}</td><td data-number=\"models/{_e(name)}/visit_time_calibration/"
+                f"observed_share/{i}\">{format_metric({'value': o})}</td></tr>"
+                for i, (d, p, o) in enumerate(zip(c["days"], c["predicted_share"], c["observed_share"])))
+            parts.append(f"<p>Visit-time head (dates the sampled visits): predicted against observed share of next "
+                         f"visits within each gap, on {c['visits']:,} {_e(c['split'])} visits of the run's last "
+                         "validation.</p>"
+                         f'<div class="figures"><img src="{_e(figures["visit_time"][name])}" alt="visit-time '
+                         f'calibration, {_e(name)}"></div><table><tr><th>days</th><th>predicted</th><th>observed</th>'
+                         f"</tr>{cells}</table>")
     parts.append("<h2>Inputs</h2><ul>")
     parts += [f"<li><code>{_e(i['file'])}</code>: {_e(i['model'])} ({_e(i['kind'])})</li>" for i in metrics["inputs"]]
     parts.append("</ul></body></html>")

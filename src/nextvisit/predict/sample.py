@@ -73,6 +73,7 @@ _EPOCH = date(1970, 1, 1)
 ESTIMATORS = ("monte_carlo", "rao_blackwell")
 TRAJECTORIES = "trajectories"  # TRAJ/trajectories/<sample index>.parquet
 SAMPLING_FILE = "sampling.json"
+VISIT_TIME_CALIBRATION = "visit_time_calibration.json"  # written by pretraining (nextvisit.train.loop)
 # why a trajectory stopped: past its longest horizon (decided), death (decided), no further visit within the
 # visit-time head's last bin (decided when that lies past the horizon), max_visits (undecided where it falls short)
 END_REASONS = ("horizon", "death", "no_further_visit", "max_visits")
@@ -572,6 +573,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
             "config": {"run": str(run), "sample": asdict(config), "window_tokens": sampler.limit,
                        "keep_tokens_on_slide": sampler.keep, "run_config": run_config.to_dict()},
         }
+        calibration_file = Path(run) / VISIT_TIME_CALIBRATION
+        calibration = json.loads(calibration_file.read_text()) if calibration_file.exists() else None
         for n, results in [(config.samples, per_row)] + [(k, per_row_k[k]) for k in subsets]:
             values = np.asarray([results[key] for key in keys], np.float64).reshape(-1, 3)
             for e, estimator in enumerate(ESTIMATORS):
@@ -582,7 +585,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
                 info = {"model": name, "kind": ZERO_SHOT, "estimator": estimator, "label_counts": labels.counts,
                         **{key: summary[key] for key in ("trajectories", "ended", "undecided_row_trajectories",
                                                          "context_slides", "seconds", "precision")},
-                        "samples": n, "config": summary["config"]}
+                        "samples": n, "config": summary["config"],
+                        **({"visit_time_calibration": calibration} if calibration else {})}
                 write_predictions(staging / (estimator if n == config.samples else f"{estimator}_n{n}"), frame, info)
         beyond = [h for h in sorted(rows["horizon_days"].unique().to_list()) if h > sampler.last_edge]
         if beyond:
