@@ -292,3 +292,24 @@ def test_unfused_loss_inside_autocast_still_sums_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = next_visit_loss(logits, rows, tokens, repeats, supervised, LossConfig())
     torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)
+
+
+def test_implied_probability_inverts_the_losses_minimiser():
+    """The logit that minimises the expected loss at rate r (by search, the validation's code-frequency baseline)
+    stands for probability r: focal loss (where sigmoid of that logit is far from r) and BCE, with repeat
+    weights moving it the way the loss does (a down-weighted positive's logit stands for a higher rate)."""
+    import numpy as np
+
+    from nextvisit.config import LossConfig
+    from nextvisit.model.losses import implied_probability
+    from nextvisit.train.validation import best_constant_logits
+
+    rates = np.array([1e-4, 1e-3, 0.01, 0.1, 0.5, 0.9, 0.99])
+    for config in (LossConfig(), LossConfig(kind="bce"), LossConfig(gamma=1.0, alpha=0.9)):
+        x = torch.tensor(best_constant_logits(rates, config))
+        assert np.allclose(implied_probability(x, config.kind, config.gamma, config.alpha).numpy(), rates, rtol=1e-4)
+    focal = LossConfig()
+    x = torch.tensor(best_constant_logits(rates, focal))
+    assert torch.all(torch.sigmoid(x[:3]) > 10 * torch.tensor(rates[:3]))  # sigmoid(logit) is no probability here
+    weighted = implied_probability(x, focal.kind, focal.gamma, focal.alpha, 0.25).numpy()
+    assert np.all(weighted[:-1] > rates[:-1])

@@ -203,6 +203,7 @@ def rolling_run(folder: Path, tokenizer: Tokenizer, head: bool = True, query_max
     config.model.vocab_size = len(tokenizer.vocab)
     config.model.visit_time_head = head
     config.data.query_max_tokens = query_max_tokens
+    config.loss.kind = "bce"  # its logits are then the log-odds the sampler draws with (losses.implied_probability)
     torch.manual_seed(0)
     model = NextVisitModel(config.model)
     with torch.no_grad():
@@ -303,8 +304,10 @@ def test_undecided_trajectories_are_counted_not_dropped(world, tmp_path):
 
 @torch.no_grad()
 def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world):
-    """A model whose next-visit logits are its output bias alone: the drawn frequencies of every token match
-    sigmoid(bias / temperature) within sampling error, and a token of probability 0.001 appears."""
+    """A model whose next-visit logits are its output bias alone: the drawn frequencies of every token match the
+    probability the logit stands for under the run's loss (BCE: sigmoid(bias); focal loss: the rate at which the
+    bias minimises the expected loss) at the temperature, within sampling error; a token of probability 0.001
+    appears. A repeat in the window is read back through its repeat weight."""
     tokenizer = world["tokenizer"]
     vocab = tokenizer.vocab
     config = preset("tiny")
@@ -319,6 +322,7 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
         p.zero_()
     logits = np.log(probabilities / (1 - probabilities))
     model.output_bias.copy_(torch.from_numpy(logits))
+    config.loss.kind = "bce"
     for temperature in (1.0, 2.0):
         sampler = Sampler(model, vocab, tokenizer, config, SampleConfig(temperature=temperature, precision="fp32"),
                           torch.tensor([rare]))
@@ -326,6 +330,8 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
         subject = Subject(1, 0, np.array([10_000], np.int32), np.array([0, 1], np.int64), np.array([sure], np.int32))
         history = History(subject, 1, pl.Series([0]).cast(pl.Datetime).to_list()[0], [730])
         rows = [Trajectory(history, s, np.random.Generator(np.random.Philox(s + 7))) for s in range(n)]
+        for t in rows:
+            t.window_counts = np.zeros(len(vocab), np.int32)
         visits, onsets, p_onset, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
         counts = np.zeros(len(vocab))
         for v in visits:
@@ -337,6 +343,40 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
         assert counts[rare] > 0
         assert np.allclose(p_onset, expected[rare]) and onsets.sum() == counts[rare]
         assert sum(t.redraws for t in rows) <= n // 1000  # an all-empty draw needs the sure token to miss
+    # focal loss: the bias of a token at rate r is the logit minimising the expected loss at r (the validation's
+    # code-frequency baseline computes it by search); the sampler must draw it at r, not at sigmoid(logit)
+    from nextvisit.train.validation import best_constant_logits
+
+    config.loss.kind = "focal"
+    rates = probabilities.copy()
+    focal = best_constant_logits(rates, config.loss)
+    uncommon = supervised[rates[supervised] < 0.1]
+    assert np.all(1 / (1 + np.exp(-focal[uncommon])) > 5 * rates[uncommon])  # sigmoid(logit) would oversample
+    model.output_bias.copy_(torch.from_numpy(focal))
+    sampler = Sampler(model, vocab, tokenizer, config, SampleConfig(precision="fp32"), torch.tensor([rare]))
+    n = 20_000
+    subject = Subject(1, 0, np.array([10_000], np.int32), np.array([0, 1], np.int64), np.array([sure], np.int32))
+    history = History(subject, 1, pl.Series([0]).cast(pl.Datetime).to_list()[0], [730])
+    rows = [Trajectory(history, s, np.random.Generator(np.random.Philox(s + 99))) for s in range(n)]
+    for t in rows:
+        t.window_counts = np.zeros(len(vocab), np.int32)
+    visits, _, _, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
+    counts = np.zeros(len(vocab))
+    for v in visits:
+        counts[v[1:]] += 1
+    freq = counts[supervised] / n
+    sd = np.sqrt(rates[supervised] * (1 - rates[supervised]) / n)
+    assert np.all(np.abs(freq - rates[supervised]) <= 4.5 * sd + 1e-9), (freq, rates[supervised])
+    # the same logit of a token already twice a target in the window stands for a higher rate (weight 0.25)
+    from nextvisit.model.losses import implied_probability
+
+    for t in rows:
+        t.window_counts[half] = 2
+    visits, _, _, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
+    repeated = sum(half in v[1:] for v in visits) / n
+    expected = float(implied_probability(torch.tensor(focal[half]), "focal", config.loss.gamma, config.loss.alpha,
+                                         0.25))
+    assert expected > rates[half] + 0.1 and abs(repeated - expected) <= 4.5 * np.sqrt(expected * (1 - expected) / n)
 
 
 # -- meds-trajectory-evaluation and ACES -------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ same loss with the tied head fused into it, chunk by chunk over the vocabulary (
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +46,28 @@ def positive_term(x: torch.Tensor, kind: str, gamma: float, alpha: float) -> tor
     if kind == "bce":
         return F.softplus(-x)
     return alpha * torch.exp(gamma * F.logsigmoid(-x)) * F.softplus(-x)
+
+
+def implied_probability(logits: torch.Tensor, kind: str, gamma: float, alpha: float,
+                        weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The probability of a token that a logit stands for under the training loss: the rate r at which ``logits``
+    minimise the expected loss r * weight * positive_term + (1 - r) * negative_term, i.e. the r where its derivative
+    vanishes, r = N'(x) / (N'(x) - weight * P'(x)). For BCE (and weight 1) this is sigmoid(x); focal loss with
+    alpha = 0.995 puts the minimiser far above the calibrated logit (a 1% token gets a logit near 0), so sampling
+    from sigmoid(x) would draw far too many codes. ``weight``: the repeat weight the loss gave such a positive
+    (``repeat_weight``), so a recurring code is read back at its own rate. Float64, in log space."""
+    x = logits.double()
+    log_s, log_1s = F.logsigmoid(x), F.logsigmoid(-x)
+    s, one_minus_s = torch.exp(log_s), torch.exp(log_1s)
+    if kind == "bce":
+        log_ratio = log_1s - log_s  # -P'/N' = (1 - s) / s
+    else:
+        # N' = (1-a) s^g [g (1-s) softplus(x) + s];  -P' = a (1-s)^g [g s softplus(-x) + (1-s)]
+        log_ratio = (math.log(alpha) - math.log1p(-alpha) + gamma * (log_1s - log_s)
+                     + torch.log(gamma * s * F.softplus(-x) + one_minus_s)
+                     - torch.log(gamma * one_minus_s * F.softplus(x) + s))
+    w = torch.as_tensor(weight, dtype=torch.float64, device=x.device)
+    return torch.sigmoid(-(torch.log(w) + log_ratio))
 
 
 class _DenseNegatives(torch.autograd.Function):

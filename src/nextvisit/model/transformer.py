@@ -174,8 +174,9 @@ class Block(nn.Module):
 
 @dataclass
 class KVCache:
-    """Per layer, the keys and values [R, H, C, d] of the tokens encoded so far (rotary turn applied), and each
-    cached token's rotary day and attention day [R, C]; ``length`` [R] tokens of each row are in use."""
+    """Per layer, the keys and values [R, C, H, d] of the tokens encoded so far (rotary turn applied; a token's
+    heads side by side, so appending one is one row write), and each cached token's rotary day and attention day
+    [R, C]; ``length`` [R] tokens of each row are in use."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -186,7 +187,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, rows: int, capacity: int, device, dtype) -> "KVCache":
         H, d = config.n_heads, config.d_model // config.n_heads
-        shape = (rows, H, capacity, d)
+        shape = (rows, capacity, H, d)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)],
                    torch.zeros(rows, capacity, dtype=torch.float32, device=device),
@@ -346,44 +347,56 @@ class NextVisitModel(nn.Module):
     def extend(self, cache: "KVCache", tokens: torch.Tensor, days: torch.Tensor, att_days: torch.Tensor,
                counts: torch.Tensor) -> torch.Tensor:
         """Append ``counts[r]`` new tokens to each row of ``cache`` (``tokens``, rotary ``days`` and ``att_days``
-        [R, k], padded past each row's count) and return their final hidden states [R, k, D] (padding rows
-        undefined). Each new token attends the cached tokens and the new ones by ``attention_allowed`` (one
+        [R, k], padded past each row's count) and return their final hidden states [R, k, D] (zeros past each
+        row's count). Each new token attends the cached tokens and the new ones by ``attention_allowed`` (one
         document, no horizon queries), so appending a visit, then its SEP, ... gives the hidden states a full
         forward over the whole sequence gives: earlier tokens never attend later ones under that rule when
         attention days do not decrease, which a rolled-forward trajectory guarantees. ``cache`` holds every
-        layer's keys and values after the call."""
+        layer's keys and values after the call. The layers run on the new tokens only (no padding); attention
+        reads the cache up to the longest row."""
         config = self.config
         R, k = tokens.shape
         H = config.n_heads
         d = config.d_model // H
         device = tokens.device
-        slots = cache.length[:, None] + torch.arange(k, device=device)[None, :]  # [R, k]
-        if k and int(slots.max()) >= cache.capacity:
+        counts = counts.to(cache.length.dtype)
+        columns_k = torch.arange(k, device=device)
+        valid = columns_k[None, :] < counts[:, None]  # [R, k]
+        rows, cols = valid.nonzero(as_tuple=True)  # the M new tokens
+        slots = cache.length[rows] + cols
+        length = cache.length + counts
+        if len(slots) and int(slots.max()) >= cache.capacity:
             raise ValueError(f"cache of {cache.capacity} tokens cannot take {k} more after {int(cache.length.max())}")
-        cache.days.scatter_(1, slots, days.to(cache.days.dtype))
-        cache.att_days.scatter_(1, slots, att_days.to(cache.att_days.dtype))
-        length = cache.length + counts.to(cache.length.dtype)
-        columns = torch.arange(cache.capacity, device=device)
-        att = att_days.to(cache.att_days.dtype)
-        allowed = (columns[None, None, :] < length[:, None, None]) \
-            & (att[:, :, None] >= cache.att_days[:, None, :]) \
-            & (cache.days[:, None, :] <= att.to(cache.days.dtype)[:, :, None])
-        allowed |= columns[None, None, :] == slots[:, :, None]  # every token attends itself (padding included)
+        cache.days[rows, slots] = days[rows, cols].to(cache.days.dtype)
+        cache.att_days[rows, slots] = att_days[rows, cols].to(cache.att_days.dtype)
+        L = max(1, int(length.max()))
+        key_days, key_att = cache.days[:, :L], cache.att_days[:, :L]
+        att = att_days.to(key_att.dtype)
+        columns = torch.arange(L, device=device)
+        allowed = (columns[None, None, :] < length[:, None, None]) & (att[:, :, None] >= key_att[:, None, :]) \
+            & (key_days[:, None, :] <= att.to(key_days.dtype)[:, :, None])
+        own = (cache.length[:, None] + columns_k[None, :]).clamp(max=L - 1)
+        allowed |= columns[None, None, :] == torch.where(valid, own, torch.zeros_like(own))[:, :, None]  # itself
         additive = torch.zeros(allowed.shape, dtype=cache.dtype, device=device).masked_fill_(~allowed, float("-inf"))
-        cos, sin = rotary_tables(days, d, config.rope_base)  # [R, 1, k, d]
-        x = self.embed(tokens)
-        index = slots[:, None, :, None].expand(R, H, k, d)
+        cos, sin = rotary_tables(days[rows, cols].to(torch.float32)[None], d, config.rope_base)  # [1, 1, M, d]
+        x = self.embed(tokens[rows, cols])  # [M, D]
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
             attn = block.attn
-            qkv = attn.qkv(block.ln_attn(x)).view(R, k, 3, H, d).permute(2, 0, 3, 1, 4)  # [3, R, H, k, d]
-            q = apply_rotary(qkv[0], cos, sin).to(cache.dtype)
-            keys.scatter_(2, index, apply_rotary(qkv[1], cos, sin).to(cache.dtype))
-            values.scatter_(2, index, qkv[2].to(cache.dtype))
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=additive[:, None])
-            x = x + attn.proj(y.transpose(1, 2).reshape(R, k, -1).to(x.dtype))
+            qkv = attn.qkv(block.ln_attn(x)).view(-1, 3, H, d).permute(1, 2, 0, 3)[:, None]  # [3, 1, H, M, d]
+            q = apply_rotary(qkv[0], cos, sin)[0].transpose(0, 1)  # [M, H, d]
+            keys[rows, slots] = apply_rotary(qkv[1], cos, sin)[0].transpose(0, 1).to(cache.dtype)
+            values[rows, slots] = qkv[2][0].transpose(0, 1).to(cache.dtype)
+            padded = torch.zeros(R, k, H, d, dtype=cache.dtype, device=device)
+            padded[rows, cols] = q.to(cache.dtype)
+            y = F.scaled_dot_product_attention(padded.transpose(1, 2), keys[:, :L].transpose(1, 2),
+                                               values[:, :L].transpose(1, 2), attn_mask=additive[:, None])
+            x = x + attn.proj(y.transpose(1, 2)[rows, cols].reshape(len(rows), H * d).to(x.dtype))
             x = x + block.fc_out(F.gelu(block.fc(block.ln_mlp(x))))
         cache.length = length
-        return self.ln_final(x)
+        hidden = self.ln_final(x)
+        out = hidden.new_zeros(R, k, hidden.shape[-1])
+        out[rows, cols] = hidden
+        return out
 
     def next_visit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next-visit head on hidden states [..., D] (e.g. of SEPs from ``extend``): logits [..., V]."""

@@ -62,6 +62,7 @@ from nextvisit.compare import Labels
 from nextvisit.data import meds
 from nextvisit.data.histories import add_counts, read_histories
 from nextvisit.errors import UserError
+from nextvisit.model.losses import implied_probability, repeat_weight
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
 from nextvisit.model.sequence import HistorySummary, recent_start, visit_cap, window_arrays
 from nextvisit.model.visit_time import edges_tensor, sample_gaps
@@ -154,6 +155,7 @@ class Trajectory:
     origin: int = 0  # day of that visit: rotary days are relative to it
     summary_tokens: int = 0  # history-summary tokens ahead of the window (not counted against the context)
     window_cost: int = 0  # tokens of the window's visits, one SEP each (``window_cost``; the context rule)
+    window_counts: np.ndarray | None = None  # per token: target visits of the window holding it (repeat weights)
     slides: int = 0
     redraws: int = 0
     empty_visits: int = 0
@@ -206,6 +208,7 @@ class Sampler:
             raise UserError("the run has no visit-time head (model.visit_time_head: false), so it cannot say when "
                             "the next visit happens; pretrain with model.visit_time_head: true (the presets' default)")
         self.model, self.vocab, self.tokenizer, self.config = model, vocab, tokenizer, config.validate()
+        self.loss = run_config.loss
         self.device = next(model.parameters()).device
         self.autocast, self.precision = autocast_for(config.precision, self.device)
         self.limit = run_config.data.query_max_tokens + 1  # the window a forecast reads, its closing SEP included
@@ -238,6 +241,10 @@ class Sampler:
             tokens, days, att_days = window_arrays(record, t.start, self.limit, self.summary, query_day=query)
             t.summary_tokens = int(np.sum(days < 0)) if t.start > 0 else 0
             t.window_cost = _window_cost(record, t.start, self.cap)
+            # the window's target visits (all but its first): how often each token was a positive target before,
+            # as the loss's repeat weight saw it (``Batch.target_repeats``)
+            targets = record.tokens[record.visit_offsets[t.start + 1]:] if t.start + 1 < record.n_visits else []
+            t.window_counts = np.bincount(np.asarray(targets, np.int64), minlength=len(self.vocab)).astype(np.int32)
             rows.append((tokens, days, att_days))
         k = max(len(r[0]) for r in rows)
         R = len(rows)
@@ -321,6 +328,7 @@ class Sampler:
         for t in trajectories:
             first = firsts[distinct[id(t.history)]]
             t.origin, t.summary_tokens, t.window_cost = first.origin, first.summary_tokens, first.window_cost
+            t.window_counts = first.window_counts.copy()
         index = torch.tensor([distinct[id(t.history)] for t in trajectories], device=self.device)
         return cache.select(index), last.index_select(0, index)
 
@@ -383,6 +391,7 @@ class Sampler:
                 t.days.append(day)
                 t.visits.append(tokens)
                 t.window_cost += min(len(tokens), self.cap) + 1
+                t.window_counts[tokens] += 1
                 t.known_until = day
                 if t.onset_day is None:
                     t.hazards.append((day, float(p_onset[j])))
@@ -419,7 +428,16 @@ class Sampler:
         config = self.config
         with self.autocast():
             logits = self.model.next_visit_logits(sep_hidden.to(self._dtype())).float()
-        probs = torch.sigmoid(logits.index_select(1, self.supervised_ids).double() / config.temperature)  # [R, S]
+        # the probability each logit stands for under the run's loss (focal loss does not give sigmoid(logit)),
+        # with the repeat weight the loss gave a token already a target in the window; then the temperature
+        ids_np = self.supervised_ids.cpu().numpy()
+        repeats = torch.from_numpy(np.stack([t.window_counts[ids_np] for t in rows])).to(self.device)
+        loss = self.loss
+        weight = repeat_weight(repeats, loss.repeat_decay, loss.repeat_floor).double()
+        probs = implied_probability(logits.index_select(1, self.supervised_ids), loss.kind, loss.gamma, loss.alpha,
+                                    weight)
+        if config.temperature != 1.0:
+            probs = torch.sigmoid(torch.logit(probs) / config.temperature)  # [R, S]
         S = probs.shape[1]
         uniforms = torch.from_numpy(np.stack([t.rng.random(S) for t in rows])).to(self.device)
         drawn = uniforms < probs
