@@ -317,7 +317,8 @@ class NextVisitModel(nn.Module):
             both = self(tokens, days, att_days, doc_ids, torch.cat([positions, time_positions]), head=False,
                         is_query=is_query)
             out = both[:n] if not head else self._head(both[:n])
-            return out, self.visit_time(both[n:])
+            at_visits = both[n:].detach() if self.config.visit_time_detach else both[n:]
+            return out, self.visit_time(at_visits)
         if self.config.attention == "flex":
             hidden = self.hidden_states(tokens, days, att_days, doc_ids, is_query)
             at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nextvisit.config import RunConfig, resolve
@@ -23,6 +24,7 @@ from nextvisit.model.optim import make_optimizer
 from nextvisit.model.run import METRICS_FILE, autocast_for
 from nextvisit.model.sequence import TrainingPlan, visit_cap
 from nextvisit.model.transformer import NextVisitModel
+from nextvisit.model.visit_time import constant_hazard_logits
 from nextvisit.tokenize.store import TokenStore
 from nextvisit.train.checkpoint import load_checkpoint
 from nextvisit.train.data import training_plan
@@ -94,12 +96,27 @@ def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_
         share = target_visit_share(train_split, vocab_size)
         with torch.no_grad():
             model.output_bias.copy_(torch.from_numpy(best_constant_logits(share, config.loss)).float())
+    if model.visit_time is not None and not resume:
+        with torch.no_grad():
+            model.visit_time.bias.copy_(torch.from_numpy(
+                constant_hazard_logits(train_gaps(train_split), config.model.visit_time_edges)).float())
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume:
         state = load_checkpoint(run_dir, model, optimizer)
         truncate_metrics(run_dir / METRICS_FILE, state["step"])
     return model, optimizer, state
+
+
+def train_gaps(split) -> np.ndarray:
+    """Days between consecutive visits of each subject of a store split (the visit-time head's targets)."""
+    days = np.asarray(split.visit_days, np.int64)
+    starts = np.asarray(split.subject_visits, np.int64)
+    gaps = np.diff(days)
+    same_subject = np.ones(len(gaps), bool)
+    crossing = starts[1:-1] - 1  # the step from one subject's last visit to the next subject's first
+    same_subject[crossing[(crossing >= 0) & (crossing < len(gaps))]] = False
+    return gaps[same_subject]
 
 
 def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: str) -> None:
