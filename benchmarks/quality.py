@@ -138,6 +138,7 @@ class QualityConfig:
     samples: int = 0
     sample_subjects: int = 2000
     sample_counts: tuple[int, ...] = (1, 4, 16)
+    sample_tasks: tuple[str, ...] | None = None  # the tasks of the sampling table (default: all)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -1002,7 +1003,7 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
     counts = sorted({k for k in config.sample_counts if k < config.samples} | {config.samples})
     flat: list[TableModel] = []
     sampled: dict[str, Stage] = {}
-    for task in config.tasks:
+    for task in config.sample_tasks or config.tasks:
         subset = runner.stage(f"sample_labels_{task}", {"subjects": config.sample_subjects, "seed": config.seed},
                               labels=labels[task])
         runner.python(subset, f"held_out rows of {config.sample_subjects:,} random held_out subjects ({task})",
@@ -1103,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held_out subjects (random) the sampling table scores")
     p.add_argument("--sample-counts", default=",".join(map(str, defaults.sample_counts)),
                    help="also the risks of the first k samples, for each k")
+    p.add_argument("--sample-tasks", default=None, help="comma-separated tasks of the sampling table (default: all)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the table as a JSON list of rows (model, kind, task, horizon_days, auroc, auroc_low, "
                         "auroc_high, age_sex_auroc, positive_subjects, budget, oracle_share, difference_vs_zero_shot, ...)")
@@ -1125,6 +1127,11 @@ def config_from_args(args) -> QualityConfig:
         raise UserError(f"--sample-counts {args.sample_counts!r}: expected comma-separated whole numbers") from None
     if any(k < 1 for k in counts):
         raise UserError(f"--sample-counts {args.sample_counts!r}: each must be at least 1")
+    if args.sample_tasks:
+        unknown = [t for t in args.sample_tasks.split(",") if t.strip() and t.strip() not in TASKS[args.dataset]]
+        if unknown:
+            raise UserError(f"--sample-tasks {','.join(unknown)}: not a task of --dataset {args.dataset} "
+                            f"({', '.join(TASKS[args.dataset])})")
     only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else None
     return QualityConfig(
         dataset=args.dataset, train_subjects=args.train_subjects, eval_subjects=args.eval_subjects,
@@ -1133,7 +1140,8 @@ def config_from_args(args) -> QualityConfig:
         preset=args.preset, masked_preset=args.masked_preset, oracle_samples=args.oracle_samples,
         bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only,
         samples=args.samples, sample_subjects=args.sample_subjects,
-        sample_counts=tuple(counts))
+        sample_counts=tuple(counts),
+        sample_tasks=tuple(t.strip() for t in args.sample_tasks.split(",") if t.strip()) if args.sample_tasks else None)
 
 
 def main(argv: list[str] | None = None) -> int:
