@@ -223,9 +223,12 @@ def test_query_day_is_the_prediction_day_plus_h_when_that_day_left_no_visit(worl
     sid, t = row["subject_id"][0], row["prediction_time"][0]
     later = t + timedelta(days=10)  # visits are at least 150 days apart: a day of its own
     meds = with_extra_events(world, "removed_only_landmark", [(sid, later - END_OF_DAY + timedelta(hours=9), "ICD10CM//R41.1")])
-    moved = run_forecast(world, meds=meds, labels=row.with_columns(prediction_time=pl.lit(later, dtype=pl.Datetime("us"))))
-    same_day = run_forecast(world, meds=meds, labels=row)
-    longer = run_forecast(world, meds=meds, labels=row.with_columns(horizon_days=pl.lit(740, dtype=pl.Int32)))
+    # float32: a 10-day shift of the query moves this random model's logits by ~1e-4, below bfloat16's resolution
+    fp32 = {"precision": "fp32"}
+    moved = run_forecast(world, meds=meds, labels=row.with_columns(prediction_time=pl.lit(later, dtype=pl.Datetime("us"))),
+                         **fp32)
+    same_day = run_forecast(world, meds=meds, labels=row, **fp32)
+    longer = run_forecast(world, meds=meds, labels=row.with_columns(horizon_days=pl.lit(740, dtype=pl.Int32)), **fp32)
     assert moved[PROBABILITY][0] == pytest.approx(longer[PROBABILITY][0], rel=1e-9)
     assert moved[PROBABILITY][0] != pytest.approx(same_day[PROBABILITY][0], rel=1e-9)
 

@@ -223,7 +223,11 @@ def _add_sample(verbs) -> None:
                    help="also write the risks of the first k samples for each k (e.g. 1,4,16): OUT/monte_carlo_nK "
                         "and OUT/rao_blackwell_nK, the cost of N from one run")
     _add_inference_options(p)
-    p.set_defaults(func=_handler("nextvisit.predict.sample:run_cli"))
+    p.set_defaults(func=_handler("nextvisit.predict.sample:run_cli"), precision="fp32")
+    for action in p._actions:  # float32 by default here (docs/sampling.md), not the other verbs' auto
+        if action.dest == "precision":
+            action.help = ("fp32 (default: a trajectory is then the same whatever its batch; bfloat16 rounding can "
+                           "flip a draw near its probability), auto or bf16")
 
 
 def _add_occurrence(verbs) -> None:

@@ -94,7 +94,10 @@ class SampleConfig:
     keep_fraction: float = 0.75  # a slide re-encodes the most recent visits filling this share of the context
     max_redraws: int = 64  # redraws of an all-empty code draw; still empty after them: kept empty, counted
     splits: tuple[str, ...] = SCORED_SPLITS
-    precision: str = "auto"
+    # float32 by default: under bfloat16 autocast a draw near its probability can flip with the batch's rounding
+    # (1-3 of 64 trajectories differed between cached and recomputed rolls), and float32 ran faster on this CPU
+    # (benchmarks/sample.py); "auto" and "bf16" as in forecast
+    precision: str = "fp32"
     cache: bool = True  # False: re-encode the whole window at every step (the reference for the KV cache)
     histories_per_chunk: int = 1024  # label histories read and tokenized at once
     write_trajectories: bool = True
