@@ -51,9 +51,10 @@ class ModelConfig:
     # `nextvisit sample` needs it to roll trajectories forward. On in the presets; off for configs written before it.
     visit_time_head: bool = False
     visit_time_edges: tuple = VISIT_TIME_EDGES
-    # The head reads the trunk's hidden states without training it (its loss reaches only the head): trained into
-    # the trunk it cost the horizon query -0.019 and -0.029 AUROC (paired, significant) in two of the quality
-    # benchmark's four cells at 1,412 steps (docs/model.md "Visit-time head"). False trains the trunk for it too.
+    # The head reads the trunk's hidden states without training it (its loss reaches only the head), so the
+    # next-visit objective is the one of a run without it; False trains the trunk for it too. On the quality
+    # benchmark neither differed from a run without the head beyond pretraining's seed-to-seed variation
+    # (docs/model.md "Visit-time head").
     visit_time_detach: bool = True
 
     def validate(self):
