@@ -509,3 +509,15 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "999" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_horizon_past_the_heads_last_bin_warns_with_the_mass_beyond_it(world, tmp_path, capsys):
+    labels = pl.read_parquet(world["few"] / "labels.parquet").with_columns(pl.lit(4000, dtype=pl.Int32).alias("horizon_days"))
+    labels = labels.unique(["subject_id", "prediction_time"], keep="first", maintain_order=True)
+    far = tmp_path / "far"
+    write_labels(far, LabelResult(labels, {}), TASK)
+    summary = sample(world["run"], world["meds"], far, tmp_path / "o", SampleConfig(samples=2, max_visits=3),
+                     "cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "4000 days reach past the visit-time head's last bin (3650 days)" in err
+    assert "of the first gap's probability lies beyond it" in err and summary["warnings"]

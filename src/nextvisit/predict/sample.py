@@ -65,7 +65,7 @@ from nextvisit.errors import UserError
 from nextvisit.model.losses import implied_probability, repeat_weight
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
 from nextvisit.model.sequence import HistorySummary, recent_start, visit_cap, window_arrays
-from nextvisit.model.visit_time import edges_tensor, sample_gaps
+from nextvisit.model.visit_time import bin_probabilities, edges_tensor, sample_gaps
 from nextvisit.predict.horizon import rows_to_score, tokenized_histories
 from nextvisit.predict.scoring import SCORED_SPLITS, condition_token_ids, parse_splits
 from nextvisit.tokenize.store import NO_DAY, SEP, Subject
@@ -153,6 +153,7 @@ class Trajectory:
     onset_day: int | None = None
     end: str | None = None
     known_until: int = 0  # the trajectory says what happens up to this day
+    first_open_mass: float | None = None  # P(no visit within the head's last bin) at the first gap
     closing: tuple | None = None  # (day, tokens) of the visit past the horizon, written out, never counted
     start: int = 0  # first visit of the encoded window (history visits, then generated ones)
     origin: int = 0  # day of that visit: rotary days are relative to it
@@ -191,8 +192,13 @@ class Counts:
     truncated_visits: int = 0
     undecided: int = 0  # (trajectory, label row) pairs short of the row's horizon without an onset
     ended: dict = field(default_factory=lambda: {reason: 0 for reason in END_REASONS})
+    open_mass_sum: float = 0.0
+
+    def mean_first_open_mass(self) -> float:
+        return self.open_mass_sum / max(self.trajectories, 1)
 
     def add(self, t: Trajectory) -> None:
+        self.open_mass_sum += t.first_open_mass or 0.0
         self.trajectories += 1
         self.visits += len(t.visits)
         self.generated_tokens += sum(len(v) for v in t.visits)
@@ -208,8 +214,9 @@ class Sampler:
 
     def __init__(self, model, vocab, tokenizer, run_config, config: SampleConfig, condition_ids: torch.Tensor):
         if model.visit_time is None:
-            raise UserError("the run has no visit-time head (model.visit_time_head: false), so it cannot say when "
-                            "the next visit happens; pretrain with model.visit_time_head: true (the presets' default)")
+            raise UserError("the run has no visit-time head (model.visit_time_head: false; runs pretrained before it "
+                            "existed), so it cannot say when the next visit happens; pretrain again (the presets "
+                            "have the head) or score the labels with `nextvisit forecast` instead")
         self.model, self.vocab, self.tokenizer, self.config = model, vocab, tokenizer, config.validate()
         self.loss = run_config.loss
         self.device = next(model.parameters()).device
@@ -350,6 +357,10 @@ class Sampler:
                                     device=self.device)
             uniforms = torch.from_numpy(np.stack([t.rng.random(2) for t in active])).to(self.device)
             gaps = sample_gaps(time_logits, self.edges, min_gaps, uniforms).cpu().numpy()
+            open_mass = bin_probabilities(time_logits)[:, -1].cpu().numpy()
+            for t, mass in zip(active, open_mass):
+                if t.first_open_mass is None:
+                    t.first_open_mass = float(mass)
             going, days = [], []
             for i, (t, gap) in enumerate(zip(active, gaps)):
                 if gap == 0:  # no further visit within the last bin
@@ -614,8 +625,9 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
             share = counts.ended["no_further_visit"] / max(counts.trajectories, 1)
             summary["warnings"] = [
                 f"horizon(s) {', '.join(map(str, beyond))} days reach past the visit-time head's last bin "
-                f"({sampler.last_edge} days): {share:.1%} of the trajectories drew no visit within it and are undecided "
-                "past that day (counted in undecided)"]
+                f"({sampler.last_edge} days): on average {counts.mean_first_open_mass():.1%} of the first gap's "
+                f"probability lies beyond it, and {share:.1%} of the trajectories drew no visit within it; they are "
+                "undecided past that day (counted in undecided)"]
             print(f"nextvisit sample: warning: {summary['warnings'][0]}", file=sys.stderr)
         (staging / SAMPLING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
