@@ -53,6 +53,11 @@ def test_gap_nll_is_the_hazard_likelihood():
     censored = gap_nll(logits, torch.tensor([10, 10, 10, 10, 10]), EDGES, censored=torch.ones(5, dtype=torch.bool))
     whole = int(np.searchsorted(EDGES.numpy(), 10, side="right"))
     assert float(censored[0]) == pytest.approx(-sum(math.log(1 - h[0, k]) for k in range(whole)), rel=1e-5)
+    # censored inside a bin (days 8..10): the bins before it, then 2 of its 3 days under the uniform law
+    inside = gap_nll(logits, torch.full((5,), 9), EDGES, censored=torch.ones(5, dtype=torch.bool))
+    expected = -sum(math.log(1 - h[0, k]) for k in range(7)) - math.log(1 - h[0, 7] * 2 / 3)
+    assert float(inside[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(inside[0]) == pytest.approx(-math.log(1 - float(cdf_at(logits[:1], torch.tensor([9]), EDGES))), rel=1e-5)
     # the bin probabilities, open bin included, sum to one; the CDF at the last edge is everything but the open bin
     probs = bin_probabilities(logits)
     assert torch.allclose(probs.sum(1), torch.ones(5, dtype=torch.float64))
@@ -351,7 +356,10 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
         sd = np.sqrt(expected[supervised] * (1 - expected[supervised]) / n)
         assert np.all(np.abs(freq - expected[supervised]) <= 4.5 * sd + 1e-9), (freq, expected[supervised])
         assert counts[rare] > 0
-        assert np.allclose(p_onset, expected[rare]) and onsets.sum() == counts[rare]
+        # P(onset) in the kept draw: an empty draw is drawn again (at most max_redraws times)
+        q = np.prod(1 - expected[supervised])
+        retries = (1 - q ** (sampler.config.max_redraws + 1)) / (1 - q)
+        assert np.allclose(p_onset, expected[rare] * retries) and onsets.sum() == counts[rare]
         assert sum(t.redraws for t in rows) <= n // 1000  # an all-empty draw needs the sure token to miss
     # focal loss: the bias of a token at rate r is the logit minimising the expected loss at r (the validation's
     # code-frequency baseline computes it by search); the sampler must draw it at r, not at sigmoid(logit)
@@ -519,5 +527,6 @@ def test_a_horizon_past_the_heads_last_bin_warns_with_the_mass_beyond_it(world, 
     summary = sample(world["run"], world["meds"], far, tmp_path / "o", SampleConfig(samples=2, max_visits=3),
                      "cpu", progress=False)
     err = capsys.readouterr().err
-    assert "4000 days reach past the visit-time head's last bin (3650 days)" in err
-    assert "of the first gap's probability lies beyond it" in err and summary["warnings"]
+    assert "4000 days reach past the visit-time head's last bin (3650 days, counted from the last visit)" in err
+    assert "of the first gap's probability (given no visit up to the prediction day) lies beyond it" in err
+    assert summary["warnings"]

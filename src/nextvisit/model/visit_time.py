@@ -47,9 +47,14 @@ def gap_nll(logits: torch.Tensor, gaps: torch.Tensor, edges: torch.Tensor,
     event = F.logsigmoid(logits).gather(1, b.clamp(max=K - 1)[:, None]).squeeze(1)
     nll = -(survived + torch.where(b < K, event, torch.zeros_like(event)))
     if censored is not None:
-        # bins wholly at or below the censoring day: edges[k] <= gap
-        whole = torch.searchsorted(edges, gaps.to(edges.dtype), right=True)
-        nll = torch.where(censored, -before.gather(1, whole[:, None]).squeeze(1), nll)
+        # survival to the censoring day c in bin b: every bin before it, then the part of bin b up to c under the
+        # within-bin uniform law, log(1 - h_b (c - low_b + 1) / width_b) (the open bin: nothing more)
+        lows, highs = _bounds(edges)
+        index = b.clamp(max=K - 1)
+        covered = ((gaps.double() - lows[index] + 1) / (highs[index] - lows[index] + 1)).clamp(0, 1)
+        partial = torch.log1p(-torch.sigmoid(logits.double().gather(1, index[:, None]).squeeze(1)) * covered)
+        partial = torch.where(b < K, partial, torch.zeros_like(partial)).to(nll.dtype)
+        nll = torch.where(censored, -(survived + partial), nll)
     return nll
 
 
@@ -74,6 +79,17 @@ def _bounds(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     highs = edges.double()
     lows = torch.cat([highs.new_zeros(1), highs[:-1]]) + 1
     return lows, highs
+
+
+def open_bin_probability(logits: torch.Tensor, edges: torch.Tensor, min_gaps: torch.Tensor) -> torch.Tensor:
+    """P(no visit within the last edge) [R] given that the gap is at least ``min_gaps`` (the law ``sample_gaps``
+    draws from)."""
+    probs = bin_probabilities(logits)
+    lows, highs = _bounds(edges)
+    m = min_gaps.double()[:, None]
+    share = ((highs[None, :] - torch.maximum(lows[None, :], m) + 1) / (highs - lows + 1)[None, :]).clamp(0, 1)
+    finite = (probs[:, :-1] * share).sum(1)
+    return probs[:, -1] / (finite + probs[:, -1]).clamp(min=1e-300)
 
 
 def sample_gaps(logits: torch.Tensor, edges: torch.Tensor, min_gaps: torch.Tensor,

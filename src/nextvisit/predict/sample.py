@@ -65,7 +65,7 @@ from nextvisit.errors import UserError
 from nextvisit.model.losses import implied_probability, repeat_weight
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
 from nextvisit.model.sequence import HistorySummary, recent_start, visit_cap, window_arrays
-from nextvisit.model.visit_time import bin_probabilities, edges_tensor, sample_gaps
+from nextvisit.model.visit_time import edges_tensor, open_bin_probability, sample_gaps
 from nextvisit.predict.horizon import rows_to_score, tokenized_histories
 from nextvisit.predict.scoring import SCORED_SPLITS, condition_token_ids, parse_splits
 from nextvisit.tokenize.store import NO_DAY, SEP, Subject
@@ -253,8 +253,11 @@ class Sampler:
             t.window_cost = _window_cost(record, t.start, self.cap)
             # the window's target visits (all but its first): how often each token was a positive target before,
             # as the loss's repeat weight saw it (``Batch.target_repeats``)
-            targets = record.tokens[record.visit_offsets[t.start + 1]:] if t.start + 1 < record.n_visits else []
-            t.window_counts = np.bincount(np.asarray(targets, np.int64), minlength=len(self.vocab)).astype(np.int32)
+            # (the tokens the model reads: a visit past the cap keeps its first ``cap``, as training's windows do)
+            targets = [record.tokens[a:min(b, a + self.cap)] for a, b in
+                       zip(record.visit_offsets[t.start + 1:-1], record.visit_offsets[t.start + 2:])]
+            t.window_counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *targets]).astype(np.int64),
+                                          minlength=len(self.vocab)).astype(np.int32)
             rows.append((tokens, days, att_days))
         k = max(len(r[0]) for r in rows)
         R = len(rows)
@@ -357,7 +360,7 @@ class Sampler:
                                     device=self.device)
             uniforms = torch.from_numpy(np.stack([t.rng.random(2) for t in active])).to(self.device)
             gaps = sample_gaps(time_logits, self.edges, min_gaps, uniforms).cpu().numpy()
-            open_mass = bin_probabilities(time_logits)[:, -1].cpu().numpy()
+            open_mass = open_bin_probability(time_logits, self.edges, min_gaps).cpu().numpy()
             for t, mass in zip(active, open_mass):
                 if t.first_open_mass is None:
                     t.first_open_mass = float(mass)
@@ -405,7 +408,7 @@ class Sampler:
                 t.days.append(day)
                 t.visits.append(tokens)
                 t.window_cost += min(len(tokens), self.cap) + 1
-                t.window_counts[tokens] += 1
+                t.window_counts[tokens[:self.cap]] += 1
                 t.known_until = day
                 if t.onset_day is None:
                     t.hazards.append((day, float(p_onset[j])))
@@ -447,7 +450,8 @@ class Sampler:
         ids_np = self.supervised_ids.cpu().numpy()
         repeats = torch.from_numpy(np.stack([t.window_counts[ids_np] for t in rows])).to(self.device)
         loss = self.loss
-        weight = repeat_weight(repeats, loss.repeat_decay, loss.repeat_floor).double()
+        # a floor of 0 would read a much-repeated token back at probability 1: keep the weight positive
+        weight = repeat_weight(repeats, loss.repeat_decay, loss.repeat_floor).double().clamp(min=1e-6)
         probs = implied_probability(logits.index_select(1, self.supervised_ids), loss.kind, loss.gamma, loss.alpha,
                                     weight)
         if config.temperature != 1.0:
@@ -463,7 +467,13 @@ class Sampler:
                 rows[j].redraws += 1
                 drawn[j] = torch.from_numpy(rows[j].rng.random(S)).to(self.device) < probs[j]
         cond = probs.index_select(1, self.condition_columns)
-        p_onset = (-torch.expm1(torch.log1p(-cond.clamp(max=1 - 1e-15)).sum(1))).cpu().numpy()
+        p_onset = -torch.expm1(torch.log1p(-cond.clamp(max=1 - 1e-15)).sum(1))
+        # the visit is drawn again while empty (at most max_redraws times), so an onset has that many more chances:
+        # P(onset in the kept draw) = p_onset (1 - q^(M+1)) / (1 - q), q = P(an empty draw)
+        log_q = torch.log1p(-probs.clamp(max=1 - 1e-15)).sum(1)
+        retries = torch.where(log_q < -40, torch.ones_like(log_q),
+                              torch.expm1((config.max_redraws + 1) * log_q) / torch.expm1(log_q))
+        p_onset = (p_onset * retries).clamp(max=1.0).cpu().numpy()
         onsets = drawn.index_select(1, self.condition_columns).any(1).cpu().numpy()
         deaths = drawn[:, self.death_column].cpu().numpy() if self.death_column is not None else np.zeros(len(rows), bool)
         ids = self.supervised_ids.cpu().numpy()
@@ -520,7 +530,7 @@ def trajectory_events(trajectories: list[Trajectory], vocab) -> dict[int, pa.Tab
                 if kinds[token] not in ("code", "lab"):
                     continue
                 text = vocab.tokens[token]
-                code, _, value_bin = text.partition("|")
+                code, value_bin = (text.rsplit("|", 1) if kinds[token] == "lab" else (text, ""))
                 columns["subject_id"].append(t.history.subject_id)
                 columns["time"].append(when)
                 columns["code"].append(code)
@@ -555,6 +565,7 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
     counts = Counts()
     cut_counts: dict = {}
     per_row = {}
+    reach: dict[int, int] = {}  # days from the last visit to a row's horizon end -> that horizon
     subsets = sorted(k for k in set(config.sample_counts) if k < config.samples)
     per_row_k: dict[int, dict] = {k: {} for k in subsets}
     bar = tqdm(total=histories.height * config.samples, desc=f"sample {task.name}", unit="trajectory",
@@ -568,6 +579,10 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
             add_counts(cut_counts, chunk.counts)
             group = [History(subject, subject_id, prediction_time, list(horizons_of[(subject_id, prediction_time)]))
                      for _, subject_id, prediction_time, subject in tokenized]
+            for h in group:
+                lead = h.prediction_day - int(h.subject.visit_days[-1])
+                for horizon in h.horizons:
+                    reach[lead + horizon] = horizon
             rolled = sampler.roll(group, progress=bar)
             for t in rolled:
                 counts.add(t)
@@ -620,13 +635,15 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
                         "samples": n, "config": summary["config"],
                         **({"visit_time_calibration": calibration} if calibration else {})}
                 write_predictions(staging / (estimator if n == config.samples else f"{estimator}_n{n}"), frame, info)
-        beyond = [h for h in sorted(rows["horizon_days"].unique().to_list()) if h > sampler.last_edge]
+        # the head's bins count from the last visit, which may lie before the prediction day
+        beyond = sorted({h for key, h in reach.items() if key > sampler.last_edge})
         if beyond:
             share = counts.ended["no_further_visit"] / max(counts.trajectories, 1)
             summary["warnings"] = [
                 f"horizon(s) {', '.join(map(str, beyond))} days reach past the visit-time head's last bin "
-                f"({sampler.last_edge} days): on average {counts.mean_first_open_mass():.1%} of the first gap's "
-                f"probability lies beyond it, and {share:.1%} of the trajectories drew no visit within it; they are "
+                f"({sampler.last_edge} days, counted from the last visit): on average "
+                f"{counts.mean_first_open_mass():.1%} of the first gap's probability (given no visit up to the "
+                f"prediction day) lies beyond it, and {share:.1%} of the trajectories drew no visit within it; they are "
                 "undecided past that day (counted in undecided)"]
             print(f"nextvisit sample: warning: {summary['warnings'][0]}", file=sys.stderr)
         (staging / SAMPLING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
