@@ -313,6 +313,18 @@ class NextVisitModel(nn.Module):
         if time_positions is not None:
             if self.visit_time is None:
                 raise ValueError("time_positions given to a model without the visit-time head")
+            if self.config.visit_time_detach and self.config.attention != "flex":
+                # the head trains nothing below it: its positions' last layer runs apart, without a graph (the
+                # joint run below cost the demo's pretraining about 1.5x per step)
+                where = QueryLayout(positions, *tokens.shape)
+                where_time = QueryLayout(time_positions, *tokens.shape)
+                x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
+                for block in self.blocks[:-1]:
+                    x = block(x, cos, sin, mask, False)
+                at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))
+                with torch.no_grad():
+                    at_visits = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where_time))
+                return (self._head(at_seps) if head else at_seps), self.visit_time(at_visits)
             n = len(positions)
             both = self(tokens, days, att_days, doc_ids, torch.cat([positions, time_positions]), head=False,
                         is_query=is_query)
