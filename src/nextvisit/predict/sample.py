@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -57,7 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nextvisit.artifacts.folders import atomic_folder, check_out
-from nextvisit.artifacts.predictions import PROBABILITY, ZERO_SHOT, prediction_frame, write_predictions
+from nextvisit.artifacts.predictions import ZERO_SHOT, prediction_frame, write_predictions
 from nextvisit.compare import Labels
 from nextvisit.data import meds
 from nextvisit.data.histories import add_counts, read_histories
