@@ -317,6 +317,23 @@ def test_undecided_trajectories_are_counted_not_dropped(world, tmp_path):
 # -- untruncated draws ---------------------------------------------------------------------------------------------
 
 
+def _draw_many(sampler, vocab, sure: int, n: int, seed: int, repeated: int | None = None):
+    """One visit's codes drawn for n trajectories of a one-visit history (the visit holds ``sure``; ``repeated``,
+    if given, counts as twice a target in the window): (rows, visits, onsets, P(onset), per-token counts)."""
+    subject = Subject(1, 0, np.array([10_000], np.int32), np.array([0, 1], np.int64), np.array([sure], np.int32))
+    history = History(subject, 1, pl.Series([0]).cast(pl.Datetime).to_list()[0], [730])
+    rows = [Trajectory(history, s, np.random.Generator(np.random.Philox(s + seed))) for s in range(n)]
+    for t in rows:
+        t.window_counts = np.zeros(len(vocab), np.int32)
+        if repeated is not None:
+            t.window_counts[repeated] = 2
+    visits, onsets, p_onset, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
+    counts = np.zeros(len(vocab))
+    for v in visits:
+        counts[v[1:]] += 1
+    return rows, visits, onsets, p_onset, counts
+
+
 @torch.no_grad()
 def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world):
     """A model whose next-visit logits are its output bias alone: the drawn frequencies of every token match the
@@ -342,15 +359,7 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
         sampler = Sampler(model, vocab, tokenizer, config, SampleConfig(temperature=temperature, precision="fp32"),
                           torch.tensor([rare]))
         n = 20_000
-        subject = Subject(1, 0, np.array([10_000], np.int32), np.array([0, 1], np.int64), np.array([sure], np.int32))
-        history = History(subject, 1, pl.Series([0]).cast(pl.Datetime).to_list()[0], [730])
-        rows = [Trajectory(history, s, np.random.Generator(np.random.Philox(s + 7))) for s in range(n)]
-        for t in rows:
-            t.window_counts = np.zeros(len(vocab), np.int32)
-        visits, onsets, p_onset, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
-        counts = np.zeros(len(vocab))
-        for v in visits:
-            counts[v[1:]] += 1
+        rows, visits, onsets, p_onset, counts = _draw_many(sampler, vocab, sure, n, seed=7)
         expected = 1 / (1 + np.exp(-logits / temperature))
         freq = counts[supervised] / n
         sd = np.sqrt(expected[supervised] * (1 - expected[supervised]) / n)
@@ -373,25 +382,15 @@ def test_code_draws_are_untruncated_bernoullis_at_the_model_probabilities(world)
     model.output_bias.copy_(torch.from_numpy(focal))
     sampler = Sampler(model, vocab, tokenizer, config, SampleConfig(precision="fp32"), torch.tensor([rare]))
     n = 20_000
-    subject = Subject(1, 0, np.array([10_000], np.int32), np.array([0, 1], np.int64), np.array([sure], np.int32))
-    history = History(subject, 1, pl.Series([0]).cast(pl.Datetime).to_list()[0], [730])
-    rows = [Trajectory(history, s, np.random.Generator(np.random.Philox(s + 99))) for s in range(n)]
-    for t in rows:
-        t.window_counts = np.zeros(len(vocab), np.int32)
-    visits, _, _, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
-    counts = np.zeros(len(vocab))
-    for v in visits:
-        counts[v[1:]] += 1
+    _, _, _, _, counts = _draw_many(sampler, vocab, sure, n, seed=99)
     freq = counts[supervised] / n
     sd = np.sqrt(rates[supervised] * (1 - rates[supervised]) / n)
     assert np.all(np.abs(freq - rates[supervised]) <= 4.5 * sd + 1e-9), (freq, rates[supervised])
     # the same logit of a token already twice a target in the window stands for a higher rate (weight 0.25)
     from nextvisit.model.losses import implied_probability
 
-    for t in rows:
-        t.window_counts[half] = 2
-    visits, _, _, _ = sampler._draw_codes(rows, torch.zeros(n, 32, dtype=torch.float64), [10_001] * n)
-    repeated = sum(half in v[1:] for v in visits) / n
+    _, _, _, _, counts = _draw_many(sampler, vocab, sure, n, seed=99, repeated=half)
+    repeated = counts[half] / n
     expected = float(implied_probability(torch.tensor(focal[half]), "focal", config.loss.gamma, config.loss.alpha,
                                          0.25))
     assert expected > rates[half] + 0.1 and abs(repeated - expected) <= 4.5 * np.sqrt(expected * (1 - expected) / n)
