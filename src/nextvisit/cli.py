@@ -97,6 +97,54 @@ def _add_simulate(verbs) -> None:
     p.set_defaults(func=_handler("nextvisit.data.simulate.cli:run"))
 
 
+def _add_convert(verbs) -> None:
+    p = verbs.add_parser("convert", help="convert other formats to MEDS (OMOP CDM)",
+                         description="Convert a dataset in another format into a MEDS 0.4 dataset.")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser, required=True)
+    q = formats.add_parser(
+        "omop",
+        help="OMOP CDM 5.4 tables -> MEDS, through the maintained converter meds_etl_omop",
+        description=(
+            "Convert an OMOP CDM 5.4 folder (person, concept, and any of visit_occurrence, condition_occurrence, "
+            "drug_exposure, procedure_occurrence, measurement, observation, death, device_exposure, note, "
+            "visit_detail; CSV, CSV.gz, parquet or folders of shards, names in any case) into MEDS 0.4 with "
+            "meds_etl_omop (meds_etl " "0.3.11, run in its own environment: `make omop-env`). Codes are "
+            "vocabulary_id//concept_code (e.g. SNOMED//26929004, RxNorm//..., LOINC//...) from the concept "
+            "table; splits are drawn per person; every input row is accounted for in "
+            "OUT/metadata/omop_conversion.json (events written, rows dropped per field and reason). docs/omop.md."
+        ),
+    )
+    q.add_argument("omop_dir", type=Path, metavar="OMOP_DIR", help="folder holding the OMOP CDM tables")
+    q.add_argument("--out", type=Path, required=True, help="MEDS dataset folder to write")
+    q.add_argument("--concepts", default="standard", choices=["standard", "source"],
+                   help="standard (default): each row's standard concept (*_concept_id); source: its source "
+                        "concept (*_source_concept_id) where non-zero, else the standard one")
+    q.add_argument("--converter", type=Path, default=None, metavar="PATH",
+                   help="the meds_etl_omop executable (default: $NEXTVISIT_MEDS_ETL_OMOP, else on PATH, else "
+                        "the project's .venv-omop from `make omop-env`)")
+    q.add_argument("--tables", default=None, metavar="T1,T2",
+                   help="convert only these tables (person always), e.g. condition_occurrence,drug_exposure "
+                        "(default: every table the converter reads that the folder holds)")
+    q.add_argument("--split-seed", type=int, default=0, help="seed of the train/tuning/held_out draw (default 0)")
+    q.add_argument("--split-fractions", type=_fractions, default=None, metavar="TRAIN,TUNING,HELD_OUT",
+                   help="shares of persons per split (default 0.8,0.1,0.1)")
+    q.add_argument("--shards", type=_positive_int, default=None,
+                   help="MEDS data shards (default: one per 100,000 persons)")
+    q.add_argument("--workers", type=_positive_int, default=1, help="converter processes (default 1)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.set_defaults(func=_handler("nextvisit.data.omop:run_cli"))
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated shares, got {text!r}") from None
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three shares of at least 0 summing to 1, got {text!r}")
+    return values
+
+
 def _add_tokenize(verbs) -> None:
     p = verbs.add_parser(
         "tokenize",
@@ -392,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     parser.set_defaults(func=None)
     _add_simulate(verbs)
+    _add_convert(verbs)
     _add_tokenize(verbs)
     _add_inspect(verbs)
     _add_pretrain(verbs)
