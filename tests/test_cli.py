@@ -69,3 +69,13 @@ def test_unknown_or_unavailable_device_is_one_line(verb, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--device" in err and "Traceback" not in err, err
+
+
+def test_bad_max_time_is_one_line_naming_the_option(capsys):
+    for value in ("tomorrow", "2203-13-01", "2203-01-01T00:00+01:00", "None", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tokenize", "MEDS", "--out", "STORE", "--max-time", value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--max-time" in err and repr(value) in err, err
+        assert "now, none or an ISO date" in err and "Traceback" not in err

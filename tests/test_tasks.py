@@ -4,6 +4,7 @@ censoring and death counted, strict task files)."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +18,17 @@ from nextvisit.tasks import (
     END_OF_DAY, FOLLOW_UP_SCHEMA, LABEL_SCHEMA, Task, builtin_tasks, load_task, make_labels, read_labels,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def shared_data() -> Path:
+    """The read-only third-party data folder: $NEXTVISIT_SHARED_DATA, else ``shared/data`` beside the repository
+    (as in CI), else /work/shared/data (for a checkout that sits elsewhere). Tests skip where it is absent."""
+    if os.environ.get("NEXTVISIT_SHARED_DATA"):
+        return Path(os.environ["NEXTVISIT_SHARED_DATA"])
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return beside if beside.is_dir() else Path("/work/shared/data")
+
+
+DATA = shared_data()
 F03 = "ICD10CM//F03.90"
 
 

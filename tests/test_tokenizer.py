@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from nextvisit.errors import UserError
 from nextvisit.tokenize.config import TokenizerConfig
@@ -19,8 +20,9 @@ from nextvisit.tokenize.events import DROP_REASONS
 from nextvisit.tokenize.store import NO_DAY, SPLITS, UNK, TokenStore
 from nextvisit.tokenize.timeline import format_timeline
 from nextvisit.tokenize.tokenizer import Tokenizer, balance_gap
+from test_tasks import DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = DATA  # ../shared/data, resolved once in test_tasks
 MIMIC = SHARED_DATA / "mimic-iv-demo-meds"
 SYNTHEA = SHARED_DATA / "synthea-covid19-10k-meds"
 EVENT_SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
@@ -412,6 +414,45 @@ def test_cli_tokenize_and_inspect(tmp_path, capsys):
     assert main(["tokenize", str(meds_dir), "--out", str(tmp_path / "store")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
+
+def test_cli_max_time_overrides_the_config_and_the_reused_store_and_is_recorded(tmp_path, capsys):
+    """--max-time replaces max_time of the --config file (leaving its other fields) and of a --vocab-from store;
+    the store's tokenizer.yaml records the value applied, and a later --vocab-from applies it again."""
+    from nextvisit.cli import main
+
+    frame, splits = cohort(n_subjects=10, seed=5)
+    late = pl.concat([frame, events([(1, "2031-01-01", "ICD10CM//I10", None)])])
+    meds_dir = write_meds(tmp_path / "meds", late, splits)
+    (tmp_path / "cfg.yaml").write_text("tokenizer:\n  min_count: 1\n  max_time: '2030-06-01'\n")
+
+    def tokenize(out, *options, meds=meds_dir):
+        code = main(["tokenize", str(meds), "--out", str(tmp_path / out), "--workers", "1", *map(str, options)])
+        recorded = yaml.safe_load((tmp_path / out / "tokenizer.yaml").read_text())["tokenizer"] if code == 0 else None
+        return code, capsys.readouterr(), recorded
+
+    code, printed, _ = tokenize("refused", "--config", tmp_path / "cfg.yaml")
+    assert code == 2 and "after max_time 2030-06-01" in printed.err and "`--max-time none`" in printed.err
+    assert not (tmp_path / "refused").exists()
+    code, printed, recorded = tokenize("open", "--config", tmp_path / "cfg.yaml", "--max-time", "none")
+    assert code == 0 and recorded["max_time"] is None and recorded["min_count"] == 1
+    assert "max_time none: no check for future dates" in printed.out
+    code, printed, recorded = tokenize("dated", "--config", tmp_path / "cfg.yaml", "--max-time", "2031-01-01T00:00")
+    assert code == 0 and recorded["max_time"] == "2031-01-01T00:00" and recorded["min_count"] == 1
+    # a store reused without the flag applies its recorded rule; with it, the flag's
+    assert tokenize("reused", "--vocab-from", tmp_path / "open")[2]["max_time"] is None
+    code, printed, _ = tokenize("reused_now", "--vocab-from", tmp_path / "open", "--max-time", "now")
+    assert code == 2 and "has time 2031-01-01" in printed.err
+    code, _, recorded = tokenize("reused_dated", "--vocab-from", tmp_path / "open", "--max-time", "2032-01-01")
+    assert code == 0 and recorded["max_time"] == "2032-01-01"
+    # now is recorded as the time of tokenizing (UTC), so a later --vocab-from applies the same cut-off
+    recorded = tokenize("now", "--max-time", "now", meds=write_meds(tmp_path / "meds_past", frame, splits))[2]
+    written = dt.datetime.fromisoformat(recorded["max_time"])
+    assert abs((written - dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)).total_seconds()) < 600
+
+
+def test_max_time_with_a_time_zone_is_refused():
+    with pytest.raises(UserError, match="has a time zone; MEDS times have none"):
+        TokenizerConfig(max_time="2030-01-01T00:00:00+00:00").validate()
 
 # -- real third-party data (skipped where ../shared is absent) ----------------------------------------------------
 @pytest.mark.skipif(not MIMIC.exists(), reason=f"{MIMIC} absent (real MIMIC-IV demo in MEDS from ../shared/data)")

@@ -40,6 +40,22 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _max_time(text: str) -> str:
+    """--max-time: ``now``, ``none`` or an ISO date or datetime without a time zone, checked by the tokenizer
+    config's own rule (imported only when the option is given)."""
+    if text in ("now", "none"):
+        return text
+    from nextvisit.tokenize.config import TokenizerConfig
+
+    try:
+        TokenizerConfig(max_time=text).max_time_value()
+    except UserError:
+        raise argparse.ArgumentTypeError(
+            f"expected now, none or an ISO date or datetime without a time zone (e.g. 2203-01-01 or "
+            f"2203-01-01T12:00), got {text!r}") from None
+    return text
+
+
 def _add_inference_options(p) -> None:
     """--device, --precision and --overwrite of the verbs that run a pretrained model (forecast, occurrence)."""
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -160,6 +176,11 @@ def _add_tokenize(verbs) -> None:
     p.add_argument("--config", type=Path, default=None, help="tokenizer config YAML (fields and defaults: docs/tokenizer.md)")
     p.add_argument("--vocab-from", type=Path, default=None, metavar="STORE_OR_RUN",
                    help="reuse the vocabulary and lab statistics of an existing token store or model run")
+    p.add_argument("--max-time", type=_max_time, default=None, metavar="DATE|now|none",
+                   help="the guard against future dates: events after this time are an error (or counted and "
+                        "dropped with future_events: drop); an ISO date or datetime, now, or none (no check, e.g. "
+                        "for date-shifted data such as MIMIC). Overrides max_time of the --config file (default: "
+                        "its max_time, else the --vocab-from store's, else now); recorded in STORE/tokenizer.yaml")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes (default: one per 2M events, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -65,9 +65,13 @@ class TokenizerConfig:
         if self.max_time == "now":
             return datetime.now(timezone.utc).replace(tzinfo=None)
         try:
-            return datetime.fromisoformat(str(self.max_time))
+            value = datetime.fromisoformat(str(self.max_time))
         except ValueError:
             raise UserError(f"tokenizer max_time {self.max_time!r} is not 'now', null or an ISO date") from None
+        if value.tzinfo is not None:  # MEDS times carry no time zone, so an aware cut-off compares with nothing
+            raise UserError(f"tokenizer max_time {self.max_time!r} has a time zone; MEDS times have none: give the "
+                            "date (and time) without it")
+        return value
 
     def resolved(self) -> "TokenizerConfig":
         """A copy with ``max_time: now`` fixed to the current time, so re-tokenizing later (forecast) applies

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -352,15 +353,31 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
 
 
 # -- command line ---------------------------------------------------------------------------------------------
+def _cli_config(args) -> TokenizerConfig | None:
+    """The config the options ask for: the reused store's (``--vocab-from``) or the defaults, overridden field by
+    field by ``--config``, then ``max_time`` by ``--max-time``; None when no option changes anything."""
+    if args.config is None and args.max_time is None:
+        return None
+    base = Tokenizer.load(args.vocab_from).config if args.vocab_from is not None else None
+    config = TokenizerConfig.load(args.config, base=base) if args.config is not None else None
+    if args.max_time is not None:
+        config = replace(config or base or TokenizerConfig(),
+                         max_time=None if args.max_time == "none" else args.max_time).validate()
+    return config
+
+
+def _max_time_rule(config: TokenizerConfig) -> str:
+    if config.max_time is None:
+        return "max_time none: no check for future dates"
+    return f"max_time {config.max_time}: events after it are {'errors' if config.future_events == 'error' else 'dropped'}"
+
+
 def run_cli(args) -> int:
-    config = None
-    if args.config is not None:
-        # with --vocab-from, the file overrides the reused tokenizer's config, field by field
-        base = Tokenizer.load(args.vocab_from).config if args.vocab_from is not None else None
-        config = TokenizerConfig.load(args.config, base=base)
+    config = _cli_config(args)
     manifest = tokenize_dataset(args.meds_dir, args.out, config=config, vocab_from=args.vocab_from,
                                 workers=args.workers, overwrite=args.overwrite, progress=True)
-    print(f"token store written to {args.out} ({manifest['vocab_size']} tokens in the vocabulary)")
+    print(f"token store written to {args.out} ({manifest['vocab_size']} tokens in the vocabulary; "
+          f"{_max_time_rule(TokenizerConfig.load(args.out / 'tokenizer.yaml'))})")
     print(f"{'split':<10}{'subjects':>10}{'visits':>12}{'tokens':>14}{'events in':>14}{'dropped':>12}{'UNK share':>11}")
     for split, c in manifest["splits"].items():
         print(f"{split:<10}{c['subjects_out']:>10,}{c['visits']:>12,}{c['tokens_out']:>14,}{c['events_in']:>14,}"

@@ -85,7 +85,8 @@ def check_future(frame: pl.DataFrame, config: TokenizerConfig, max_time: datetim
         row = int(frame.get_column(row_column)[index]) if row_column else index
         raise UserError(
             f"{source}: row {row} (subject {frame['subject_id'][index]}) has time {frame['time'][index]}, after "
-            f"max_time {max_time:%Y-%m-%d %H:%M}; if the dates are shifted (as in MIMIC), set max_time in the "
-            "tokenizer config to the data's end or null, or set future_events: drop to count and drop them"
+            f"max_time {max_time:%Y-%m-%d %H:%M}; if the dates are shifted (as in MIMIC), tokenize with "
+            "`--max-time none` or `--max-time <a date after the data's end>` (or set max_time in the tokenizer "
+            "config), or set future_events: drop to count and drop them"
         )
 
