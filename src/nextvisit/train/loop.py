@@ -196,10 +196,13 @@ def run_steps(trainee: Trainee, state: dict, limits: Limits, validation: Validat
                 rate = window_tokens / max(now - window_start, 1e-9)
                 window_tokens, window_start = 0, now
                 row = _step_row(state, lr, step_loss, grad_norm, rate)
-                eta = (limits.steps - state["step"]) / max(bar.format_dict.get("rate") or 1e-9, 1e-9)
+                steps_per_s = bar.format_dict.get("rate")  # None until tqdm has timed a few steps
+                eta = (limits.steps - state["step"]) / steps_per_s if steps_per_s else None
                 if limits.seconds is not None:
-                    eta = min(eta, limits.seconds - (now - limits.start))
-                bar.set_postfix_str(f"loss {step_loss:.4f} {rate:,.0f} tok/s eta {max(eta, 0) / 60:.1f} min")
+                    left = limits.seconds - (now - limits.start)
+                    eta = left if eta is None else min(eta, left)
+                eta_text = "?" if eta is None else f"{max(eta, 0) / 60:.1f}"
+                bar.set_postfix_str(f"loss {step_loss:.4f} {rate:,.0f} tok/s eta {eta_text} min")
             if state["step"] % tc.eval_every == 0 and dist.main:
                 row = row or _step_row(state, lr, step_loss, grad_norm)
                 row.update(validation.run(trainee.model))
