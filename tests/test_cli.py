@@ -10,7 +10,8 @@ from nextvisit.cli import build_parser, main
 VERBS = [
     ["simulate"], ["tokenize"], ["inspect"], ["pretrain"], ["label"], ["forecast"], ["occurrence"], ["oracle"],
     ["baseline"], ["baseline", "masked"], ["baseline", "masked", "pretrain"], ["baseline", "masked", "finetune"],
-    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["demo"],
+    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["medsdev"], ["medsdev", "unsupervised-train"],
+    ["medsdev", "supervised-train"], ["medsdev", "predict"], ["medsdev", "model-dir"], ["demo"],
 ]
 
 
@@ -55,6 +56,9 @@ DEVICE_VERBS = [
     ["pretrain", "STORE", "--out", "RUN"], ["forecast", "RUN", "MEDS", "LABELS", "--out", "PRED"],
     ["occurrence", "RUN", "STORE", "dementia", "--out", "PRED"], ["baseline", "masked", "pretrain", "STORE", "--out", "RUN"],
     ["baseline", "masked", "finetune", "RUN", "MEDS", "LABELS", "--out", "RUN2"],
+    ["medsdev", "unsupervised-train", "--dataset-dir", "MEDS", "--output-dir", "OUT"],
+    ["medsdev", "predict", "--dataset-dir", "MEDS", "--labels-dir", "LABELS", "--model-initialization-dir", "M",
+     "--output-dir", "OUT"],
 ]
 
 

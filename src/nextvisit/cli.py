@@ -78,6 +78,27 @@ def _device(text: str) -> str:
     return text
 
 
+def _or_none(kind):
+    """An option that ``model.yaml`` fills from an environment variable (``nextvisit medsdev``): an empty value,
+    an unset variable's, means the option was not given."""
+
+    def parse(text: str):
+        return None if text.strip() == "" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its error message
+    return parse
+
+
+def _flag(text: str) -> bool:
+    """MEDS-DEV's ``{demo}`` (``True`` or ``False``), or true/false, yes/no, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def _handler(target: str):
     """`module:function` resolved at call time."""
 
@@ -431,6 +452,80 @@ def _add_export_meds_eval(verbs) -> None:
     p.set_defaults(func=_handler("nextvisit.artifacts.meds_evaluation:run_cli"))
 
 
+def _add_medsdev(verbs) -> None:
+    p = verbs.add_parser(
+        "medsdev",
+        help="run as a MEDS-DEV model: the stages of its model.yaml",
+        description=(
+            "The commands of nextvisit's MEDS-DEV model.yaml (src/nextvisit/medsdev/model.yaml), one per MEDS-DEV "
+            "stage, with MEDS-DEV's folders as options: unsupervised-train (tokenize, pretrain), supervised-train "
+            "(zero-shot: fits nothing, copies the pretrained run), predict (horizon query on the label rows of a "
+            "split, in meds-evaluation's schema); model-dir writes the folder to add to MEDS-DEV. An empty option "
+            "value means not given, so model.yaml can pass unset environment variables. docs/meds-dev.md."
+        ),
+    )
+    stages = p.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser, required=True)
+    device = {"type": _or_none(_device), "default": None, "help": "cpu, cuda or cuda:N (default: cuda when available)"}
+
+    q = stages.add_parser("unsupervised-train", help="tokenize the dataset and pretrain the next-visit model",
+                          description="OUT/store: the token store (vocabulary fit on train); OUT/run: the model "
+                                      "pretrained on train; OUT/nextvisit.json: what was done.")
+    q.add_argument("--dataset-dir", type=Path, required=True, help="MEDS dataset ({dataset_dir})")
+    q.add_argument("--output-dir", type=Path, required=True, help="this stage's folder ({output_dir})")
+    q.add_argument("--demo", type=_flag, default=False,
+                   help=f"True: preset tiny and a few steps (MEDS-DEV's {{demo}}; default False)")
+    q.add_argument("--preset", type=_or_none(str), default=None, help="tiny (default), small or paper")
+    q.add_argument("--pretrain-config", type=_or_none(Path), default=None,
+                   help="YAML overriding preset fields (docs/model.md)")
+    q.add_argument("--tokenizer-config", type=_or_none(Path), default=None,
+                   help="tokenizer YAML (docs/tokenizer.md; default: the defaults with max_time: null, as MEDS-DEV's "
+                        "datasets have shifted dates)")
+    q.add_argument("--max-steps", type=_or_none(_positive_int), default=None,
+                   help="optimizer steps (default: the preset's; a demo's: a few)")
+    q.add_argument("--max-minutes", type=_or_none(float), default=None, help="time limit of pretraining")
+    q.add_argument("--device", **device)
+    q.set_defaults(func=_handler("nextvisit.medsdev.stages:unsupervised_train_cli"))
+
+    q = stages.add_parser("supervised-train", help="zero-shot: fit nothing, copy the pretrained run",
+                          description="Reads no label. Copies MODEL_INITIALIZATION_DIR/run (without checkpoint/) to "
+                                      "OUT/run, where the predict stage finds it, and writes OUT/nextvisit.json.")
+    q.add_argument("--model-initialization-dir", type=Path, required=True,
+                   help="the unsupervised train stage's folder ({model_initialization_dir})")
+    q.add_argument("--output-dir", type=Path, required=True, help="this stage's folder ({output_dir})")
+    q.set_defaults(func=_handler("nextvisit.medsdev.stages:supervised_train_cli"))
+
+    q = stages.add_parser("predict", help="score MEDS label rows of a split by the horizon query",
+                          description="Writes OUT/predictions.parquet (subject_id, prediction_time, boolean_value, "
+                                      "predicted_boolean_value (null), predicted_boolean_probability) for every "
+                                      "labelled row of the split, and OUT/nextvisit.json (every label row read, by "
+                                      "what became of it).")
+    q.add_argument("--dataset-dir", type=Path, required=True, help="MEDS dataset ({dataset_dir})")
+    q.add_argument("--labels-dir", type=Path, required=True,
+                   help="MEDS label files, *.parquet at any depth ({labels_dir})")
+    q.add_argument("--model-initialization-dir", type=Path, required=True,
+                   help="a train stage's folder holding run/, or a run folder ({model_initialization_dir})")
+    q.add_argument("--output-dir", type=Path, required=True, help="this stage's folder ({output_dir})")
+    q.add_argument("--split", default="held_out", help="split to predict ({split}; default held_out)")
+    q.add_argument("--task", type=_or_none(str), default=None,
+                   help="built-in task or task YAML whose condition is scored (NEXTVISIT_TASK)")
+    q.add_argument("--condition-codes", type=_or_none(str), default=None,
+                   help="comma-separated code prefixes of the condition, instead of --task (NEXTVISIT_CONDITION_CODES)")
+    q.add_argument("--horizon-days", type=_or_none(_positive_int), default=None,
+                   help="horizon of the query in days (NEXTVISIT_HORIZON_DAYS; default: the task's only horizon)")
+    q.add_argument("--device", **device)
+    q.set_defaults(func=_handler("nextvisit.medsdev.stages:predict_cli"))
+
+    q = stages.add_parser("model-dir", help="write the model folder to add to MEDS-DEV",
+                          description="OUT/model.yaml, OUT/README.md and OUT/requirements.txt: copy OUT to MEDS-DEV's "
+                                      "src/MEDS_DEV/models/nextvisit/ (docs/meds-dev.md).")
+    q.add_argument("out", type=Path, metavar="OUT", help="folder to write")
+    q.add_argument("--requirement", required=True,
+                   help="the pip requirement that installs nextvisit in MEDS-DEV's model environment, e.g. "
+                        "'nextvisit @ file:///path/to/nextvisit'")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.set_defaults(func=_handler("nextvisit.medsdev.stages:model_dir_cli"))
+
+
 def _add_demo(verbs) -> None:
     p = verbs.add_parser(
         "demo",
@@ -473,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_baseline(verbs)
     _add_evaluate(verbs)
     _add_export_meds_eval(verbs)
+    _add_medsdev(verbs)
     _add_demo(verbs)
     return parser
 

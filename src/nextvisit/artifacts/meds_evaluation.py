@@ -65,6 +65,10 @@ MEDS_EVALUATION_SCHEMA = {
     PREDICTED_VALUE: pl.Boolean,
     PROBABILITY: pl.Float32,
 }
+# MEDS-DEV scores a model's predictions with its own pinned meds-evaluation (0.0.3 in MEDS-DEV's pyproject.toml), whose
+# check wants the probability as float64; meds-evaluation 0.0.6 casts it on read (``PredictionSchema.align``), so
+# float64 is the dtype both accept (its strict ``PredictionSchema.validate`` alone wants float32).
+MEDS_DEV_PROBABILITY = pl.Float64
 NON_NULL = ("subject_id", "prediction_time")  # the schema forbids nulls; a null here is a broken file
 SKIP_REASONS = {
     # boolean_value is null (censored before the horizon, or never labelled); the schema forbids a null label.
@@ -119,7 +123,7 @@ def export(predictions: Path, out: Path, splits=DEFAULT_SPLITS, overwrite: bool 
             manifest["rows_not_exported"][split] = manifest["rows_not_exported"].get(split, 0) + count
         for split in splits:
             where = f"{group.task}, {group.horizon_days} days, split {split}"
-            rows, entry = _meds_evaluation_rows(file, frame.filter(pl.col("split") == split), where)
+            rows, entry = meds_evaluation_rows(file, frame.filter(pl.col("split") == split), where)
             for reason, count in entry["rows_skipped"].items():
                 manifest["rows_skipped"][reason] += count
             key = {"task": group.task, "horizon_days": group.horizon_days, "split": split}
@@ -178,8 +182,12 @@ def _typed(file: Path, frame: pl.DataFrame) -> pl.DataFrame:
     return frame
 
 
-def _meds_evaluation_rows(file: Path, part: pl.DataFrame, where: str) -> tuple[pl.DataFrame, dict]:
-    """The rows of one (task, horizon, split) in meds-evaluation's schema, and their manifest entry."""
+def meds_evaluation_rows(file: Path, part: pl.DataFrame, where: str,
+                         probability_dtype=MEDS_EVALUATION_SCHEMA[PROBABILITY]) -> tuple[pl.DataFrame, dict]:
+    """The rows of one (task, horizon, split) in meds-evaluation's schema, and their manifest entry; ``part``
+    holds the schema's columns but ``predicted_boolean_value``, in its dtypes (``_typed``). ``probability_dtype``:
+    float32 (the installed meds-evaluation's schema) or ``MEDS_DEV_PROBABILITY`` (what MEDS-DEV's pinned one
+    reads)."""
     for column in NON_NULL:
         nulls = part[column].null_count()
         if nulls:
@@ -199,9 +207,9 @@ def _meds_evaluation_rows(file: Path, part: pl.DataFrame, where: str) -> tuple[p
                         "model that writes probabilities")
     rows = kept.sort("subject_id", "prediction_time").select(
         pl.col("subject_id"), pl.col("prediction_time"), pl.col(LABEL),
-        pl.lit(None, dtype=pl.Boolean).alias(PREDICTED_VALUE), risk.cast(pl.Float32),
+        pl.lit(None, dtype=pl.Boolean).alias(PREDICTED_VALUE), risk.cast(probability_dtype),
     )
-    assert rows.schema == pl.Schema(MEDS_EVALUATION_SCHEMA), rows.schema
+    assert rows.schema == pl.Schema({**MEDS_EVALUATION_SCHEMA, PROBABILITY: probability_dtype}), rows.schema
     entry = {
         "rows": rows.height, "positives": int(rows[LABEL].sum()), "rows_skipped": skipped,
         "probability_ties_from_float32": kept[PROBABILITY].n_unique() - rows[PROBABILITY].n_unique(),

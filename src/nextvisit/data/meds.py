@@ -201,3 +201,45 @@ def read_code_descriptions(meds_dir: Path) -> pl.DataFrame:
         .filter(pl.col("code").is_not_null() & pl.col("description").is_not_null())
         .unique("code", keep="first", maintain_order=True)
     )
+
+
+# -- MEDS label files ----------------------------------------------------------------------------------------
+# The columns of the MEDS label schema (``meds.LabelSchema``) that a binary task uses; its other value columns
+# (integer_value, float_value, categorical_value) are not read.
+LABEL_COLUMNS = {"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+
+
+def read_label_files(labels_dir: Path) -> tuple[pl.DataFrame, list[dict]]:
+    """Label rows of every ``*.parquet`` under ``labels_dir`` (any depth, as ACES and MEDS-DEV write them,
+    e.g. ``train/0.parquet``), in the MEDS label schema: ``subject_id, prediction_time, boolean_value`` (null:
+    no binary label), file by file in path order; and per file ``{"path", "rows"}``. A missing file or column,
+    a column of another type, or a null ``subject_id`` or ``prediction_time`` is an error naming the file."""
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise UserError(f"{labels_dir}: no such folder; expected MEDS label files (*.parquet)")
+    files = sorted(labels_dir.rglob("*.parquet"))
+    if not files:
+        raise UserError(f"{labels_dir}: no *.parquet label files in it or its subfolders")
+    frames, read = [], []
+    for path in files:
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as exc:
+            raise UserError(f"{path}: unreadable ({type(exc).__name__}); MEDS label files are parquet") from None
+        missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
+        if missing:
+            raise UserError(f"{path}: column(s) {missing} missing; MEDS label files need "
+                            f"{', '.join(LABEL_COLUMNS)}")
+        try:
+            frame = frame.select(pl.col(c).cast(dtype, strict=True) for c, dtype in LABEL_COLUMNS.items())
+        except pl.exceptions.PolarsError:
+            found = {c: str(frame.schema[c]) for c in LABEL_COLUMNS}
+            raise UserError(f"{path}: columns have types {found}; the MEDS label schema wants int64, "
+                            "timestamp[us] and bool") from None
+        for column in ("subject_id", "prediction_time"):
+            nulls = frame[column].null_count()
+            if nulls:
+                raise UserError(f"{path}: {nulls} row(s) with a null {column}; every label row needs one")
+        frames.append(frame)
+        read.append({"path": str(path), "rows": frame.height})
+    return pl.concat(frames), read

@@ -227,12 +227,16 @@ class HorizonQueryModel(ComparedModel):
     def read(self, meds_dir: Path, labels: Labels):
         return Path(meds_dir), labels.task
 
+    def score(self, meds_dir: Path, labels: pl.DataFrame, task: Task, splits: Sequence[str]) -> Forecast:
+        """``forecast`` with this run: the labelled rows of ``splits`` of ``labels`` (label columns,
+        docs/interfaces.md §5; ``age_years`` and ``sex`` may be null)."""
+        return forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
+                        labels, task, replace(self.config, splits=tuple(splits)), self.name, progress=self.progress,
+                        summary_tokens=self.run_config.data.history_summary_tokens)
+
     def predict_proba(self, inputs, rows: pl.DataFrame) -> np.ndarray:
         meds_dir, task = inputs
-        result = forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
-                          rows.drop("row", "history_id"), task, replace(self.config, splits=SPLITS),
-                          self.name, progress=self.progress,
-                          summary_tokens=self.run_config.data.history_summary_tokens)
+        result = self.score(meds_dir, rows.drop("row", "history_id"), task, SPLITS)
         self.scored = {k: v for k, v in result.info.items() if k not in ("label_counts", "rows_not_scored")}
         self.scored["horizons_days"] = sorted(rows["horizon_days"].unique().to_list())
         return result.predictions[PROBABILITY].to_numpy()
