@@ -10,7 +10,7 @@ from nextvisit.cli import build_parser, main
 VERBS = [
     ["simulate"], ["tokenize"], ["inspect"], ["pretrain"], ["label"], ["forecast"], ["occurrence"], ["oracle"],
     ["baseline"], ["baseline", "masked"], ["baseline", "masked", "pretrain"], ["baseline", "masked", "finetune"],
-    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["demo"],
+    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["export-aces"], ["demo"],
 ]
 
 
