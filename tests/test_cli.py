@@ -10,8 +10,9 @@ from nextvisit.cli import build_parser, main
 VERBS = [
     ["simulate"], ["tokenize"], ["inspect"], ["pretrain"], ["label"], ["forecast"], ["occurrence"], ["oracle"],
     ["baseline"], ["baseline", "masked"], ["baseline", "masked", "pretrain"], ["baseline", "masked", "finetune"],
-    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["medsdev"], ["medsdev", "unsupervised-train"],
-    ["medsdev", "supervised-train"], ["medsdev", "predict"], ["medsdev", "model-dir"], ["demo"],
+    ["baseline", "counts"], ["evaluate"], ["export-meds-eval"], ["export-aces"], ["medsdev"],
+    ["medsdev", "unsupervised-train"], ["medsdev", "supervised-train"], ["medsdev", "predict"],
+    ["medsdev", "model-dir"], ["convert"], ["convert", "omop"], ["demo"],
 ]
 
 

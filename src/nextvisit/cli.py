@@ -243,15 +243,55 @@ def _add_label(verbs) -> None:
         help="build incidence labels for a task on a MEDS dataset",
         description=(
             "Apply a task (built-in name or YAML file) to a MEDS dataset: landmark prediction times, "
-            "prevalent cases excluded, censoring counted. Writes the MEDS label schema plus a reason column."
+            "prevalent cases excluded, censoring counted. Writes the MEDS label schema plus a reason column. "
+            "An ACES task config is labelled by es-aces instead (its rows, every excluded trigger counted); "
+            "docs/tasks.md, 'ACES task configs'."
         ),
     )
     p.add_argument("meds_dir", type=Path, metavar="MEDS_DIR", help="MEDS dataset folder")
     p.add_argument("task", metavar="TASK",
-                   help="built-in task (dementia, knee_oa, dementia_snomed, knee_oa_snomed; docs/tasks.md) or a task YAML file")
+                   help="built-in task (dementia, knee_oa, dementia_snomed, knee_oa_snomed; docs/tasks.md), a task YAML "
+                        "file, or an ACES task config (a YAML with predicates, trigger, windows), labelled by es-aces")
     p.add_argument("--out", type=Path, required=True, help="labels folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    aces = p.add_argument_group(
+        "ACES task configs", "ACES chooses the rows and labels them; these options give the horizon query that "
+        "forecast and sample ask of those rows (stored in LABELS/task.yaml)")
+    aces.add_argument("--condition-predicate", metavar="NAME", default=None,
+                      help="the predicate whose codes are the condition (default: the label window's predicate); a "
+                           "regex that is not a plain list of prefixes is resolved to the dataset's matching codes")
+    aces.add_argument("--codes", metavar="CODES", default=None,
+                      help="the condition's MEDS codes instead of a predicate, comma-separated; an entry ending in * is "
+                           "a prefix, e.g. 'ICD10CM//F03*,RXNORM//4637'")
+    aces.add_argument("--horizon-days", type=_positive_int, metavar="H", default=None,
+                      help="the horizon in days (default: the label window's length, where it is a whole number of days "
+                           "starting at the prediction time)")
+    aces.add_argument("--remove-from-inputs", metavar="CODES", default=None,
+                      help="codes no model may read, as for --codes (default none)")
+    aces.add_argument("--task-name", metavar="NAME", default=None,
+                      help="the labels' task name (default: the config file's name)")
     p.set_defaults(func=_handler("nextvisit.tasks:label_cli"))
+
+
+def _add_export_aces(verbs) -> None:
+    p = verbs.add_parser(
+        "export-aces",
+        help="write a task as an ACES task config (one horizon per config)",
+        description=(
+            "Write a built-in task or task YAML at one horizon as an ACES task config: a visit trigger, no condition "
+            "code and no death up to it, the task's minimum history and age, the label window (trigger, trigger + H], "
+            "and MEDS-DEV's censoring protection window (an event at or after the horizon's end). ACES cannot "
+            "express landmark sampling, the end-of-day prediction time, censored rows and their weights, the data's "
+            "end or remove_from_inputs: the file's header and docs/tasks.md list each. Label the file with "
+            "`nextvisit label MEDS_DIR FILE.yaml --out LABELS` or aces-cli."
+        ),
+    )
+    p.add_argument("task", metavar="TASK", help="built-in task (docs/tasks.md) or a task YAML file")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.yaml", help="ACES config file to write")
+    p.add_argument("--horizon-days", type=_positive_int, metavar="H", default=None,
+                   help="the horizon to export; needed when the task has several (the built-in tasks: 730 or 1825)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_handler("nextvisit.tasks.aces:export_cli"))
 
 
 def _add_forecast(verbs) -> None:
@@ -568,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_baseline(verbs)
     _add_evaluate(verbs)
     _add_export_meds_eval(verbs)
+    _add_export_aces(verbs)
     _add_medsdev(verbs)
     _add_demo(verbs)
     return parser

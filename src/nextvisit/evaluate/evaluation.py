@@ -204,8 +204,8 @@ def _prepare(pred: ModelPredictions, config: EvaluationConfig, warnings: list[st
 def _censoring_weights(held: pl.DataFrame) -> tuple[np.ndarray | None, str | None]:
     """The held-out rows' censoring weights, or (None, why not)."""
     if CENSORING_WEIGHT not in held.columns:
-        return None, ("the labels carry no censoring weights (write them again with `nextvisit label`, which fits "
-                      "the censoring model on train)")
+        return None, ("the labels carry no censoring weights (`nextvisit label` with a nextvisit task fits the "
+                      "censoring model on train; labels from an ACES config or another tool have none)")
     weights = held[CENSORING_WEIGHT].cast(pl.Float64).fill_null(np.nan).to_numpy()
     bad = int((~np.isfinite(weights) | (weights <= 0)).sum())
     if bad:

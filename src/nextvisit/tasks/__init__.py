@@ -518,25 +518,16 @@ def _counts(meds_dir, task, reasons, labels, per_horizon) -> dict:
     for reason, n in reasons.filter(pl.col("reason").is_not_null()).group_by("reason").len().iter_rows():
         excluded[reason] = n
     horizons = {}
+    death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
     for horizon in task.horizons_days:
         rows = labels.filter(pl.col("horizon_days") == horizon)
-        death_reason = NEGATIVE_DEATH if task.follow_up.death_is_competing else CENSORED_DEATH
-        by_reason = {r: 0 for r in (POSITIVE, NEGATIVE, death_reason, CENSORED)}
-        by_reason.update(dict(rows.group_by("reason").len().iter_rows()))
-        by_split = {}
-        for split, reason, n in rows.group_by("split", "reason").len().sort("split", "reason").iter_rows():
-            by_split.setdefault(split, {})[reason] = n
+        counts = row_counts(rows, (POSITIVE, NEGATIVE, death_reason, CENSORED))
         horizons[str(horizon)] = {
-            "subjects": rows["subject_id"].n_unique(),
+            "subjects": counts.pop("subjects"),
             # eligible subjects none of whose eligible visits has this horizon inside the data
             "subjects_past_end_of_data": per_horizon[horizon]["subjects_past_end_of_data"],
             "eligible_visits": per_horizon[horizon]["eligible_visits"],
-            "rows": rows.height,
-            "labelled": int(rows["boolean_value"].is_not_null().sum()),
-            "positive": int(rows["boolean_value"].fill_null(False).sum()),
-            "censored": int(rows["boolean_value"].is_null().sum()),
-            "by_reason": by_reason,
-            "by_split": by_split,
+            **counts,
         }
     return {
         "task": task.name,
@@ -549,6 +540,25 @@ def _counts(meds_dir, task, reasons, labels, per_horizon) -> dict:
         "landmarks": {"chosen": labels.select("subject_id", "prediction_time").n_unique(),
                       "max_per_subject_and_horizon": task.landmarks.max_per_subject},
         "horizons": horizons,
+    }
+
+
+def row_counts(rows: pl.DataFrame, reasons: tuple[str, ...]) -> dict:
+    """Label rows of one horizon: subjects, rows, labelled, positive, censored, and the rows by reason (every
+    one of ``reasons`` listed, 0 where absent) and by split and reason (counts.json's per-horizon block)."""
+    by_reason = {r: 0 for r in reasons}
+    by_reason.update(dict(rows.group_by("reason").len().iter_rows()))
+    by_split = {}
+    for split, reason, n in rows.group_by("split", "reason").len().sort("split", "reason").iter_rows():
+        by_split.setdefault(split, {})[reason] = n
+    return {
+        "subjects": rows["subject_id"].n_unique(),
+        "rows": rows.height,
+        "labelled": int(rows["boolean_value"].is_not_null().sum()),
+        "positive": int(rows["boolean_value"].fill_null(False).sum()),
+        "censored": int(rows["boolean_value"].is_null().sum()),
+        "by_reason": by_reason,
+        "by_split": by_split,
     }
 
 
@@ -576,11 +586,15 @@ def format_counts(counts: dict) -> str:
 # -- files -------------------------------------------------------------------------------------------------
 
 
-def write_labels(out: Path, result: LabelResult, task: Task, overwrite: bool = False) -> Path:
+def write_labels(out: Path, result: LabelResult, task: Task, overwrite: bool = False,
+                 also: dict[str, str] | None = None) -> Path:
+    """The labels folder: labels.parquet, task.yaml, counts.json, and ``also``'s text files (name: text)."""
     with atomic_folder(out, overwrite) as tmp:
         result.labels.write_parquet(tmp / "labels.parquet")
         (tmp / "task.yaml").write_text(yaml.safe_dump(task.to_dict(), sort_keys=False))
         (tmp / "counts.json").write_text(json.dumps(result.counts, indent=2))
+        for name, text in (also or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 
@@ -675,7 +689,19 @@ def read_labels_task(labels: Path) -> Task:
 # -- command line ------------------------------------------------------------------------------------------
 
 
+# `nextvisit label` options that only an ACES task config takes (nextvisit.tasks.aces)
+ACES_OPTIONS = ("condition_predicate", "codes", "horizon_days", "remove_from_inputs", "task_name")
+
+
 def label_cli(args) -> int:
+    from nextvisit.tasks.aces import is_aces_config, label_aces_cli
+
+    if is_aces_config(args.task):
+        return label_aces_cli(args)
+    given = [f"--{name.replace('_', '-')}" for name in ACES_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: only for ACES task configs; {args.task} is a nextvisit task, whose "
+                        "YAML holds its condition and horizons_days")
     task = load_task(args.task)
     check_out(args.out, args.overwrite)
     result = make_labels(args.meds_dir, task)
