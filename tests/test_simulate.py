@@ -361,8 +361,15 @@ def test_refuses_non_empty_out_and_leaves_it_untouched(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only a folder nextvisit wrote: the user's own files are never deleted
+    assert main(["simulate", "--subjects", "5", "--out", str(out), "--workers", "1", "--overwrite"]) == 2
+    assert "not a folder nextvisit wrote" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["simulate", "--subjects", "5", "--out", str(out), "--workers", "1"]) == 0
+    (out / "metadata" / "codes.parquet").unlink()
     assert main(["simulate", "--subjects", "5", "--out", str(out), "--workers", "1", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "metadata" / "codes.parquet").exists()
+    assert (out / "metadata" / "codes.parquet").exists()  # a new dataset in place of the one nextvisit wrote
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 

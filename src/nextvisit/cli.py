@@ -614,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _clear_progress_bars() -> None:
+    """Close the progress bars a failed command left open, wiping them from the terminal, so that its error is
+    the one line left (tqdm is only looked at when a stage has imported it)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -623,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as exc:
+        _clear_progress_bars()
         sys.stderr.write(f"nextvisit {args.verb}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:

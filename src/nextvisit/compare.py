@@ -39,7 +39,8 @@ from nextvisit.tasks import CodeSet, Task, label_counts, labels_path, read_label
 class Labels:
     """The labelled rows of a labels folder (censored rows excluded, and counted in ``counts``), each with its
     ``row`` index and ``history_id``; the distinct histories; the task (``task.yaml``), whose
-    ``remove_from_inputs`` codes no model may read."""
+    ``remove_from_inputs`` codes no model may read. ``load`` refuses unknown splits, null keys, a repeated
+    (task, subject_id, prediction_time, horizon_days) and a subject in two splits."""
 
     source: Path
     rows: pl.DataFrame
@@ -67,6 +68,14 @@ class Labels:
             nulls = labels.filter(pl.col(column).is_null()).height
             if nulls:
                 raise UserError(f"{path}: {nulls} row(s) with a null {column}; every label row needs one")
+        key = ["task", "subject_id", "prediction_time", "horizon_days"]
+        repeated = labels.group_by(key).len().filter(pl.col("len") > 1).sort(key)
+        if repeated.height:
+            row = repeated.row(0, named=True)
+            raise UserError(f"{path}: subject {row['subject_id']} at {row['prediction_time']} has {row['len']} rows for "
+                            f"horizon {row['horizon_days']} days ({int((repeated['len'] - 1).sum())} duplicated row(s) "
+                            "in all); each (subject_id, prediction_time, horizon_days) needs one row: drop the "
+                            "duplicates, or write the labels again with `nextvisit label`")
         mixed = labels.group_by("subject_id").agg(pl.col("split").n_unique().alias("n")).filter(pl.col("n") > 1)
         if mixed.height:
             raise UserError(f"{path}: subject {mixed['subject_id'].min()} has rows in more than one split "

@@ -9,6 +9,7 @@ values are marked there.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -186,10 +187,37 @@ def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)}); fix the syntax there") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of sections (model, data, loss, train)")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is, on one line.
+
+    >>> try:
+    ...     yaml.safe_load("a: [1, 2")
+    ... except yaml.YAMLError as exc:
+    ...     print(yaml_problem(exc))
+    line 1, column 9: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 1)
+    """
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    opened = f" ({exc.context} at line {context.line + 1})" if context is not None and exc.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{opened}"
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a misspelt ``name``, else nothing.
+
+    >>> did_you_mean("min_cout", ["min_count", "max_time"])
+    " (did you mean 'min_count'?)"
+    """
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _number(value, name: str, source: str, whole: bool):
@@ -217,7 +245,8 @@ def merge(base, overrides: dict | None, source: str, prefix: str = ""):
     for key, value in (overrides or {}).items():
         name = f"{prefix}{key}"
         if key not in known:
-            raise UserError(f"{source}: unknown field {name!r}; known: {', '.join(sorted(known))}")
+            raise UserError(f"{source}: unknown field {name!r}{did_you_mean(key, known)}; known: "
+                            f"{', '.join(sorted(known))}")
         current, declared = getattr(result, key), str(known[key].type)
         if is_dataclass(current):
             setattr(result, key, merge(current, value if value is not None else {}, source, prefix=f"{name}."))

@@ -8,8 +8,10 @@ prediction time reaches any model: the zero-shot forecast, the masked baseline a
 read their inputs through ``read_histories``.
 
 ``read_histories`` streams the MEDS shards once: for each shard, the label subjects' events, cut per
-history, in chunks of at most ``histories_per_chunk`` histories. A label subject that the data does not
-hold is an error before any work; every event not passed on is counted (``after_prediction_time``,
+history, in chunks of at most ``histories_per_chunk`` histories. Histories that do not fit the data are an
+error when it is called, before any work (``check_histories_in_data``): a label subject the data does not
+hold, a prediction time before the subject's ``MEDS_BIRTH``, or at or after its ``MEDS_DEATH`` (``nextvisit
+label`` never makes such a landmark). Every event not passed on is counted (``after_prediction_time``,
 ``removed_from_inputs``).
 """
 
@@ -21,7 +23,7 @@ from typing import Iterator
 
 import polars as pl
 
-from nextvisit.data.meds import data_files
+from nextvisit.data.meds import BIRTH_CODE, DEATH_CODE, data_files
 from nextvisit.errors import UserError
 
 HISTORY_COLUMNS = ("history_id", "subject_id", "prediction_time")
@@ -53,15 +55,32 @@ def cut(events: pl.DataFrame, histories: pl.DataFrame, remove_from_inputs=None) 
     return kept, {"after_prediction_time": int(after), "removed_from_inputs": int(dropped)}
 
 
-def check_subjects_in_data(meds_dir: Path, subject_ids: pl.Series) -> None:
-    """Fail before any work when the labels name subjects the data does not hold (reads one column)."""
-    wanted = set(subject_ids.to_list())
-    present = (pl.scan_parquet(data_files(meds_dir)).select("subject_id")
-               .filter(pl.col("subject_id").is_in(subject_ids.implode())).unique().collect())
-    missing = wanted - set(present["subject_id"].to_list())
+def check_histories_in_data(meds_dir: Path, histories: pl.DataFrame) -> None:
+    """Fail before any work when ``histories`` (``subject_id, prediction_time``) do not fit the data: a subject
+    it does not hold, a prediction time before the subject's birth, or at or after its death (reads three
+    columns of the label subjects' rows)."""
+    ids = histories["subject_id"].unique()
+    life = (
+        pl.scan_parquet(data_files(meds_dir)).select("subject_id", "time", "code")
+        .filter(pl.col("subject_id").is_in(ids.implode()))
+        .group_by("subject_id")
+        .agg(birth=pl.col("time").filter(pl.col("code") == BIRTH_CODE).min().cast(pl.Datetime("us")),
+             death=pl.col("time").filter(pl.col("code") == DEATH_CODE).min().cast(pl.Datetime("us")))
+        .collect()
+    )
+    missing = set(ids.to_list()) - set(life["subject_id"].to_list())
     if missing:
         raise UserError(f"{meds_dir}: subject {min(missing)} of the labels is not in the data "
                         f"({len(missing)} such subject(s)); give the MEDS dataset the labels were made from")
+    times = histories.select("subject_id", "prediction_time").join(life, on="subject_id").sort("subject_id", "prediction_time")
+    for wrong, column, relation in ((pl.col("prediction_time") < pl.col("birth"), "birth", "before its birth"),
+                                    (pl.col("prediction_time") >= pl.col("death"), "death", "at or after its death")):
+        bad = times.filter(wrong.fill_null(False))
+        if bad.height:
+            subject, time, event = bad.select("subject_id", "prediction_time", column).row(0)
+            raise UserError(f"{meds_dir}: subject {subject}'s prediction_time {time} is {relation} ({event}) "
+                            f"({bad.height} such prediction time(s)); check the labels' prediction_time, or give the "
+                            "MEDS dataset the labels were made from")
 
 
 @dataclass
@@ -74,9 +93,16 @@ class HistoryChunk:
 
 def read_histories(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs=None,
                    histories_per_chunk: int | None = None) -> Iterator[HistoryChunk]:
-    """The cut of every history of ``histories`` (``history_table``), shard by shard, in chunks."""
+    """The cut of every history of ``histories`` (``history_table``), shard by shard, in chunks; the histories
+    are checked against the data when it is called (``check_histories_in_data``), the shards read as it is
+    iterated."""
+    check_histories_in_data(meds_dir, histories)
+    return _chunks(meds_dir, histories, remove_from_inputs, histories_per_chunk)
+
+
+def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
+            histories_per_chunk: int | None) -> Iterator[HistoryChunk]:
     ids = histories["subject_id"].unique().sort()
-    check_subjects_in_data(meds_dir, ids)
     for path in data_files(meds_dir):
         events = (
             pl.scan_parquet(path).select(EVENT_COLUMNS).filter(pl.col("subject_id").is_in(ids.implode())).collect()

@@ -33,7 +33,8 @@ def read_splits(meds_dir: Path) -> pl.DataFrame:
     """``subject_id, split`` from ``metadata/subject_splits.parquet``."""
     path = Path(meds_dir) / "metadata" / "subject_splits.parquet"
     if not path.exists():
-        raise UserError(f"{path}: missing; a MEDS dataset needs subject splits (train/tuning/held_out)")
+        raise UserError(f"{path}: missing; a MEDS dataset needs subject splits: write it with columns subject_id, "
+                        "split (train, tuning or held_out)")
     return pl.read_parquet(path, columns=["subject_id", "split"])
 
 
@@ -91,6 +92,12 @@ def check_shard_schema(path: Path) -> int:
         if kind not in _ALLOWED_KINDS[column]:
             raise UserError(f"{path}: column {column!r} has type {schema.field(column).type}, expected "
                             f"{_EXPECTED[column]}; convert the column to that type")
+        zone = getattr(schema.field(column).type, "tz", None)
+        if column == "time" and zone:
+            # Visits are calendar days of the wall-clock times: converting to UTC would move events across days.
+            raise UserError(f"{path}: column 'time' has time zone {zone}; MEDS times carry no time zone: drop it and "
+                            "keep the wall-clock times (polars: .dt.replace_time_zone(None)), or convert them to the "
+                            "zone the records were made in first")
     return metadata.num_rows
 
 
@@ -179,7 +186,7 @@ def read_splits_checked(meds_dir: Path) -> pl.DataFrame:
     duplicated = splits.filter(pl.col("subject_id").is_duplicated())
     if duplicated.height:
         raise UserError(f"{path}: subject {duplicated['subject_id'][0]} is listed in more than one row; "
-                        "each subject belongs to exactly one split")
+                        "keep one row per subject (each subject belongs to exactly one split)")
     return splits
 
 

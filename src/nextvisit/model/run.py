@@ -83,13 +83,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable or corrupt checkpoint ({exc}); delete it or train again") from None
     expected = model.state_dict()
+    fix = "give the run folder these weights were trained in, or train again"
     if set(state) != set(expected):
-        raise UserError(f"{path}: weights do not match this model (different layers); was it written by another "
-                        f"config?")
+        lacking, foreign = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        detail = "; ".join(part for part in (
+            f"{len(lacking)} tensor(s) of this model missing, e.g. {lacking[0]!r}" if lacking else "",
+            f"{len(foreign)} tensor(s) it does not have, e.g. {foreign[0]!r}" if foreign else "") if part)
+        raise UserError(f"{path}: weights do not match this model's config ({detail}); {fix}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config expects "
-                            f"{tuple(expected[name].shape)} (a checkpoint from another vocabulary or size)")
+                            f"{tuple(expected[name].shape)} (a checkpoint from another vocabulary or size); {fix}")
     model.load_state_dict(state)
 
 
@@ -99,7 +103,7 @@ def load_next_visit_run(run_dir: Path, device="cpu") -> tuple[NextVisitModel, Vo
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE):
         if not (run_dir / name).exists():
-            raise UserError(f"{run_dir / name}: missing; is {run_dir} a run folder written by `nextvisit pretrain`?")
+            raise UserError(f"{run_dir / name}: missing; give a run folder written by `nextvisit pretrain`")
     config = RunConfig.load(run_dir / CONFIG_FILE)
     vocab = Vocabulary.load(run_dir / VOCAB_FILE)
     if config.model.vocab_size != len(vocab):

@@ -181,8 +181,8 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     risk_sum, risk_n = np.zeros(rows.height, np.float64), np.zeros(rows.height, np.int64)
     cut_counts: dict = {}
     n_queries = sum(len(q) for q in plan.values())
-    bar = tqdm(total=n_queries, desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
     chunks = read_histories(meds_dir, histories, task.remove_from_inputs, config.histories_per_chunk)
+    bar = tqdm(total=n_queries, desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
     for chunk, tokenized in tokenized_histories(chunks, tokenizer):
         add_counts(cut_counts, chunk.counts)
         subjects, horizons, targets = _chunk_queries(tokenized, plan)

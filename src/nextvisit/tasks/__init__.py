@@ -51,6 +51,7 @@ import polars as pl
 import yaml
 
 from nextvisit.artifacts.folders import atomic_folder, check_out
+from nextvisit.config import did_you_mean, yaml_problem
 from nextvisit.errors import UserError
 from nextvisit.units import DAYS_PER_YEAR, END_OF_DAY
 from nextvisit.data.meds import BIRTH_CODE, DEATH_CODE, check_shard_schema, data_files, read_splits_checked
@@ -248,11 +249,12 @@ class Task:
 
 def _check_mapping(data, cls, source: str, where: str) -> None:
     if not isinstance(data, dict):
-        raise UserError(f"{source}: {('field ' + repr(where.rstrip('.'))) if where else 'the task'} must be a mapping of fields, got {type(data).__name__}")
+        raise UserError(f"{source}: {('field ' + repr(where.rstrip('.'))) if where else 'the task'} must be a mapping of fields, got {type(data).__name__}; "
+                        f"write it as `field: value` lines ({', '.join(f.name for f in fields(cls))}; docs/tasks.md)")
     known = [f.name for f in fields(cls)]
     for key in data:
         if key not in known:
-            raise UserError(f"{source}: field '{where}{key}' is unknown; known fields here: {', '.join(known)}")
+            raise UserError(f"{source}: field '{where}{key}' is unknown{did_you_mean(key, known)}; known fields here: {', '.join(known)}")
 
 
 def _code_set(data, source: str, where: str, allow_empty: bool) -> CodeSet:
@@ -298,7 +300,7 @@ def load_task(name_or_path) -> Task:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)}); fix the syntax there") from None
     return Task.from_dict(data, source=str(path))
 
 
@@ -473,7 +475,8 @@ def make_labels(meds_dir: Path, task: Task, progress: bool = True) -> LabelResul
     meds_dir = Path(meds_dir)
     files = data_files(meds_dir)
     if sum(check_shard_schema(path) for path in files) == 0:
-        raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows)")
+        raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows); give a MEDS "
+                        "dataset with events (check that its export finished)")
     splits = read_splits_checked(meds_dir)
     end_of_data = task.follow_up.end_of_data_value()
     if task.follow_up.end_of_data == "auto":

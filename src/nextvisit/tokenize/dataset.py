@@ -323,7 +323,8 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
     files = meds.data_files(meds_dir)
     total_rows = sum(meds.check_shard_schema(path) for path in files)
     if total_rows == 0:
-        raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows)")
+        raise UserError(f"{meds_dir}: the dataset is empty (its {len(files)} data shard(s) hold no rows); give a MEDS "
+                        "dataset with events (check that its export finished)")
     splits = meds.read_splits_checked(meds_dir)
     workers = workers or max(1, min(_default_workers(), total_rows // ROWS_PER_WORKER))
 

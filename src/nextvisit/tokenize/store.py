@@ -174,9 +174,11 @@ class TokenStore:
         except json.JSONDecodeError as exc:
             raise UserError(f"{info_path}: unreadable ({exc}); re-run `nextvisit tokenize`") from None
         if self.info.get("format") != STORE_FORMAT:
-            raise UserError(f"{info_path}: format is {self.info.get('format')!r}, expected {STORE_FORMAT!r}")
+            raise UserError(f"{info_path}: format is {self.info.get('format')!r}, expected {STORE_FORMAT!r}; give a "
+                            "token store written by `nextvisit tokenize`")
         if self.info.get("version") != STORE_VERSION:
-            raise UserError(f"{info_path}: store version {self.info.get('version')}, this nextvisit reads {STORE_VERSION}")
+            raise UserError(f"{info_path}: store version {self.info.get('version')}, this nextvisit reads {STORE_VERSION}; "
+                            "tokenize the MEDS dataset again with this nextvisit (`nextvisit tokenize`)")
         self.vocab = Vocabulary.load(self.path / "vocab.json")
         manifest_path = self.path / "manifest.json"
         self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
