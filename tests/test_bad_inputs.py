@@ -538,9 +538,9 @@ CASES = [
          "nothing: such events are dropped, and counted (manifest.json: dropped.before_birth)", outcome="counted"),
     Case("meds-future-events", "tokenize", "an event is dated after the tokenizer's max_time (now)", future_events,
          "{tmp}/meds/data/0.parquet: row {row} (subject 1) has time 2999-01-01 00:00:00, after max_time …; if the "
-         "dates are shifted (as in MIMIC), set max_time in the tokenizer config to the data's end or null, or set "
-         "future_events: drop to count and drop them",
-         "set max_time in the tokenizer config to the data's end or null, or set future_events: drop"),
+         "dates are shifted (as in MIMIC), tokenize with `--max-time none` or `--max-time <a date after the data's "
+         "end>` (or set max_time in the tokenizer config), or set future_events: drop to count and drop them",
+         "tokenize with `--max-time none` or `--max-time <a date after the data's end>`"),
     Case("splits-duplicate-subject", "tokenize", "a subject is listed in two splits", subject_in_two_splits,
          "{tmp}/meds/metadata/subject_splits.parquet: subject {subject} is listed in more than one row; keep one row "
          "per subject (each subject belongs to exactly one split)", "keep one row per subject"),
