@@ -467,6 +467,7 @@ def _add_evaluate(verbs) -> None:
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0,
                    help="bootstrap seed (default 0); the same seed gives the same numbers")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
     p.set_defaults(func=_handler("nextvisit.evaluate.evaluation:run_cli"))
 
 
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:
         parser.print_help()
         return 2
+    from nextvisit.artifacts.folders import release_all
+
     try:
         result = args.func(args)
     except UserError as exc:
@@ -638,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        release_all()  # the output-folder locks a failed stage still holds (a finished one has released its own)
     return int(result or 0)
 
 

@@ -2,7 +2,8 @@
 
 Contract: `evaluate` reads prediction folders/files through `nextvisit.artifacts.predictions`, evaluates
 every model per (task, horizon) and writes ``metrics.json`` (returned as a dict) and, through
-`nextvisit.evaluate.report`, ``report.html`` with its plots; `run_cli` is ``nextvisit evaluate``. This module
+`nextvisit.evaluate.report`, ``report.html`` with its plots, all of them or none (``nextvisit.artifacts.folders``);
+`run_cli` is ``nextvisit evaluate``. This module
 decides which rows are scored and which metric goes where (the driver); the numbers come from
 `nextvisit.evaluate.metrics` and `nextvisit.evaluate.bootstrap`, their text from `nextvisit.evaluate.tables`.
 Bad input raises `UserError` naming the path; a metric that cannot be computed is ``null`` with a
@@ -28,7 +29,6 @@ onsets"). The method is written down in docs/evaluation.md.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from nextvisit.artifacts.folders import atomic_folder, check_out
 from nextvisit.artifacts.predictions import (
     CENSORING_WEIGHT, DAYS_AFTER_HORIZON, LABEL, ORACLE, PROBABILITY, ModelPredictions, find_prediction_files,
     read_predictions,
@@ -601,13 +602,15 @@ def _disambiguate(entries: list[ModelPredictions], warnings: list[str]) -> None:
 
 
 def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
-             config: EvaluationConfig | None = None, progress: bool = True) -> dict:
-    """Evaluate prediction folders/files and write ``out_dir/metrics.json``, ``report.html`` and its plots.
-    Returns the metrics (the content of metrics.json)."""
+             config: EvaluationConfig | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Evaluate prediction folders/files and write ``out_dir/metrics.json``, ``report.html`` and its plots, all
+    or none (``nextvisit.artifacts.folders``; a non-empty ``out_dir`` only with ``overwrite``). Returns the
+    metrics (the content of metrics.json)."""
     from tqdm import tqdm
 
     from nextvisit import __version__
 
+    check_out(out_dir, overwrite)
     config = config or EvaluationConfig(n_bootstrap=n_bootstrap, seed=seed)
     warnings: list[str] = []
     entries, inputs = _load(prediction_paths, warnings)
@@ -637,10 +640,9 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
         "models": models,
     }
     metrics = _finite(metrics)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics["figures"] = write_report(metrics, plots, out_dir)
-    _write_json(out_dir / "metrics.json", metrics)
+    with atomic_folder(out_dir, overwrite) as staging:
+        metrics["figures"] = write_report(metrics, plots, staging)
+        _write_json(staging / "metrics.json", metrics)
     return metrics
 
 
@@ -725,9 +727,8 @@ def _censoring_by_year(task: str, horizon: int, label_counts: list[dict], split:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON (into the staging folder, which is published whole)."""
+    path.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
 
 
 def _finite(node):
@@ -752,7 +753,8 @@ def _json_default(value):
 
 
 def run_cli(args) -> int:
-    metrics = evaluate(args.predictions, args.out, n_bootstrap=args.bootstrap, seed=args.seed)
+    metrics = evaluate(args.predictions, args.out, n_bootstrap=args.bootstrap, seed=args.seed,
+                       overwrite=args.overwrite)
     for warning in metrics["warnings"]:
         sys.stderr.write(f"warning: {warning}\n")
     sys.stdout.write(headline_table(metrics))

@@ -1,5 +1,10 @@
 """The run's checkpoint (``RUN/checkpoint/``: weights, optimizer, RNG, step and data position) for an exact
-``--resume``, written atomically: a complete folder replaces the old one."""
+``--resume``, written atomically: a complete folder replaces the old one.
+
+A process killed at any moment of ``save_checkpoint`` leaves one complete checkpoint that ``load_checkpoint``
+finds: ``checkpoint/`` (the old or the new one), or, killed between its two renames, ``checkpoint.old/`` (the old
+one). The half-written ``checkpoint.tmp/`` is never read, and the next save replaces it. The files are flushed to
+disk (``fsync``) before the renames, so a power cut cannot leave a renamed folder of empty files either."""
 
 from __future__ import annotations
 
@@ -27,25 +32,48 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    for path in (tmp / WEIGHTS_FILE, tmp / "optimizer.pt", tmp / "state.json", tmp):
+        _fsync(path)
     final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(run_dir)
     if old.exists():
         shutil.rmtree(old)
     save_weights(model, run_dir / WEIGHTS_FILE)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_folder(run_dir: Path) -> Path | None:
+    """The complete checkpoint of a run: ``checkpoint/``, or ``checkpoint.old/`` when a save was killed between
+    its two renames; None when the run has none."""
+    for folder in (run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")):
+        if (folder / "state.json").exists():
+            return folder
+    return None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return _checkpoint_folder(Path(run_dir)) is not None
+
+
 def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
     """Restore weights, optimizer and RNG from the checkpoint; returns its state (step, epoch, index, tokens,
     elapsed_s)."""
-    folder = run_dir / CHECKPOINT
-    if not folder.exists() and (run_dir / (CHECKPOINT + ".old")).exists():
-        folder = run_dir / (CHECKPOINT + ".old")  # interrupted between the two renames
-    if not (folder / "state.json").exists():
-        raise UserError(f"{run_dir}: no checkpoint to resume from; start without --resume")
+    folder = _checkpoint_folder(run_dir)
+    if folder is None:
+        raise UserError(f"{run_dir}: no checkpoint to resume from; start a new run in another folder")
     load_weights(model, folder / WEIGHTS_FILE)
     try:
         extra = torch.load(folder / "optimizer.pt", weights_only=False)

@@ -23,12 +23,13 @@ class MetricsWriter:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after the checkpoint's step: a resumed run recomputes them."""
+    """Drop rows after the checkpoint's step: a resumed run recomputes them. A row cut short by a killed run (it
+    can only be the last, which is after the checkpoint) is dropped too, whatever its first digits say."""
     if not path.exists():
         return
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    kept = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= step]
     atomic_write(path, lambda p: p.write_text("".join(",".join(_csv_cell(c) for c in r) + "\n" for r in kept)))
 
 

@@ -1,10 +1,13 @@
 """The run folder at the start of ``nextvisit pretrain`` (the contract: ``nextvisit.model.run``): a new run gets
-the store's tokenizer files and its resolved config; a resumed run continues with the config in the folder."""
+the store's tokenizer files and its resolved config, written together (``nextvisit.artifacts.folders``: a run killed
+while they are written leaves no folder); a resumed run continues with the config in the folder."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from nextvisit.artifacts.folders import atomic_folder, remove_partial_files
 from nextvisit.config import RunConfig
 from nextvisit.errors import UserError
 from nextvisit.model.run import CONFIG_FILE, VOCAB_FILE, copy_tokenizer_files
@@ -23,13 +26,17 @@ def prepare_run_dir(run_dir: Path, store: TokenStore, config: RunConfig, resume:
         if not vocab_path.exists() or Vocabulary.load(vocab_path).tokens != store.vocab.tokens:
             raise UserError(f"{run_dir}: the run's vocabulary differs from the store {store.path}'s; resume with the "
                             f"store it was trained on, or start a new run folder")
+        removed = remove_partial_files(run_dir)
+        if removed:
+            print(f"nextvisit pretrain: removed {len(removed)} unfinished file(s) a killed run left in {run_dir}: "
+                  f"{', '.join(p.name for p in removed)}", file=sys.stderr)
         return config
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir}: folder is not empty; use --resume to continue that run or choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(store.path, run_dir)
     config.model.vocab_size = len(store.vocab)
-    config.save(run_dir / CONFIG_FILE)
+    with atomic_folder(run_dir, overwrite=False) as staging:
+        copy_tokenizer_files(store.path, staging)
+        config.save(staging / CONFIG_FILE)
     return config
 
 

@@ -13,20 +13,22 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nextvisit.artifacts.folders import holding
 from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
 from nextvisit.model.optim import make_optimizer
-from nextvisit.model.run import METRICS_FILE, autocast_for
+from nextvisit.model.run import CONFIG_FILE, METRICS_FILE, autocast_for
 from nextvisit.model.sequence import TrainingPlan, visit_cap
 from nextvisit.model.transformer import NextVisitModel
 from nextvisit.model.visit_time import constant_hazard_logits
 from nextvisit.tokenize.store import TokenStore
-from nextvisit.train.checkpoint import load_checkpoint
+from nextvisit.train.checkpoint import has_checkpoint, load_checkpoint
 from nextvisit.train.data import training_plan
 from nextvisit.train.distributed import init_distributed
 from nextvisit.train.loop import Limits, Trainee, finish, run_steps
@@ -52,57 +54,65 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         keep_large_buffers_in_the_heap()
     store = TokenStore(store_path)
     run_dir = Path(run_dir)
-    config = shared_run_config(run_dir, store, config, resume, dist)
-    tc = config.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    supervised_np = store.vocab.supervised_mask()
-    try:
-        train_split, plan = training_plan(store, config, supervised_np)
-    except UserError:
-        if dist.main and not resume:  # the folder was empty or absent: leave no half-made run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    # one process at a time writes the run folder (its lock, beside it, is held to the end of the run)
+    with holding(run_dir) if dist.main else nullcontext():
+        config = shared_run_config(run_dir, store, config, resume, dist)
+        tc = config.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        supervised_np = store.vocab.supervised_mask()
+        try:
+            train_split, plan = training_plan(store, config, supervised_np)
+        except UserError:
+            if dist.main and not resume:  # the folder was empty or absent: leave no half-made run behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
-    model, optimizer, state = _model_optimizer_state(config, train_split, len(store.vocab), run_dir, resume, device)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    supervised = torch.from_numpy(supervised_np).to(device)
-    autocast, precision = autocast_for(tc.precision, device)
-    trainee = Trainee(model, ddp_model, optimizer, plan, config, supervised, int(supervised_np.sum()), autocast,
-                      dist, device, run_dir)
+        model, optimizer, state = _model_optimizer_state(config, train_split, len(store.vocab), run_dir, resume, device)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
+        supervised = torch.from_numpy(supervised_np).to(device)
+        autocast, precision = autocast_for(tc.precision, device)
+        trainee = Trainee(model, ddp_model, optimizer, plan, config, supervised, int(supervised_np.sum()), autocast,
+                          dist, device, run_dir)
 
-    validation = Validation(store, config, supervised_np, device, autocast) if dist.main else None
-    timed = config.model.visit_time_head
-    fields = METRIC_FIELDS + (["visit_time_loss"] if timed else []) + \
-        validation_fields(config.loss.frequency_band_edges, visit_time=timed)
-    metrics = MetricsWriter(run_dir / METRICS_FILE, fields) if dist.main else None
-    if dist.main:
-        _announce(trainee, plan, len(store.vocab), precision)
-    limits = Limits(steps=tc.max_steps if max_steps is None else max_steps,
-                    seconds=max_minutes * 60 if max_minutes is not None else None,  # setup included
-                    start=start_time)
-    last = run_steps(trainee, state, limits, validation, metrics, progress)
-    return finish(trainee, state, last, validation, metrics)
+        validation = Validation(store, config, supervised_np, device, autocast) if dist.main else None
+        timed = config.model.visit_time_head
+        fields = METRIC_FIELDS + (["visit_time_loss"] if timed else []) + \
+            validation_fields(config.loss.frequency_band_edges, visit_time=timed)
+        metrics = MetricsWriter(run_dir / METRICS_FILE, fields) if dist.main else None
+        if dist.main:
+            _announce(trainee, plan, len(store.vocab), precision)
+        limits = Limits(steps=tc.max_steps if max_steps is None else max_steps,
+                        seconds=max_minutes * 60 if max_minutes is not None else None,  # setup included
+                        start=start_time)
+        last = run_steps(trainee, state, limits, validation, metrics, progress)
+        return finish(trainee, state, last, validation, metrics)
 
 
 def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_dir: Path, resume: bool,
                            device: torch.device):
     """(model on ``device``, optimizer, state): a new model with its output bias at the code-frequency baseline,
-    or, with ``resume``, everything from the checkpoint (metrics rows after it are dropped)."""
+    or, with ``resume``, everything from the checkpoint (metrics rows after it are dropped). A run stopped before
+    its first checkpoint resumes as a new model with the run's config: from step 0, as it started."""
     tc = config.train
+    restore = resume and has_checkpoint(run_dir)
+    if resume and not restore:
+        print(f"nextvisit pretrain: {run_dir} has no checkpoint yet (stopped before its first); starting it again "
+              f"at step 0 with its {CONFIG_FILE}", file=sys.stderr)
+        truncate_metrics(run_dir / METRICS_FILE, 0)
     torch.manual_seed(tc.seed)
     model = NextVisitModel(config.model).to(device)
-    if model.output_bias is not None and not resume:
+    if model.output_bias is not None and not restore:
         share = target_visit_share(train_split, vocab_size)
         with torch.no_grad():
             model.output_bias.copy_(torch.from_numpy(best_constant_logits(share, config.loss)).float())
-    if model.visit_time is not None and not resume:
+    if model.visit_time is not None and not restore:
         with torch.no_grad():
             model.visit_time.bias.copy_(torch.from_numpy(
                 constant_hazard_logits(train_gaps(train_split), config.model.visit_time_edges)).float())
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "elapsed_s": 0.0}
-    if resume:
+    if restore:
         state = load_checkpoint(run_dir, model, optimizer)
         truncate_metrics(run_dir / METRICS_FILE, state["step"])
     return model, optimizer, state
