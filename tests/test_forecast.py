@@ -233,6 +233,23 @@ def test_query_day_is_the_prediction_day_plus_h_when_that_day_left_no_visit(worl
     assert moved[PROBABILITY][0] != pytest.approx(same_day[PROBABILITY][0], rel=1e-9)
 
 
+def test_a_row_with_no_visit_before_its_prediction_time_is_kept_unscored_and_counted(world):
+    """Labels from elsewhere (an ACES task) may predict before a subject's first visit: such a row has no history
+    to forecast from, so it keeps its place with a null probability, counted in the info, and nothing else moves."""
+    labels = read_labels(world["labels"])
+    first = min(r[1] for r in world["rows"] if r[0] == 1 and r[2] == "VISIT//OUTPATIENT")
+    early = labels.filter(pl.col("boolean_value").is_not_null()).head(1).with_columns(
+        subject_id=pl.lit(1, dtype=pl.Int64), prediction_time=pl.lit(first - timedelta(days=30), dtype=pl.Datetime("us")))
+    result = forecast(world["model"], world["vocab"], world["tokenizer"], world["config"].data.query_max_tokens,
+                      world["meds"], pl.concat([labels, early]), TASK, ForecastConfig(), model_name="test", progress=False)
+    predictions = result.predictions
+    unscored = predictions.filter(pl.col(PROBABILITY).is_null())
+    assert unscored.select("subject_id", "prediction_time").rows() == early.select("subject_id", "prediction_time").rows()
+    assert result.info["rows_without_history"]["rows"] == 1 and result.info["rows_without_history"]["histories"] == 1
+    assert predictions.drop_nulls(PROBABILITY).sort("subject_id", "prediction_time", "horizon_days").equals(
+        run_forecast(world).sort("subject_id", "prediction_time", "horizon_days"))
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 

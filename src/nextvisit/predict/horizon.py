@@ -126,9 +126,13 @@ def query_plan(rows: pl.DataFrame, histories: pl.DataFrame, config: ForecastConf
     return plan
 
 
-def tokenized_histories(chunks: Iterator[HistoryChunk], tokenizer) -> Iterator[tuple[HistoryChunk, list]]:
+def tokenized_histories(chunks: Iterator[HistoryChunk], tokenizer,
+                        no_visit: list | None = None) -> Iterator[tuple[HistoryChunk, list]]:
     """Per chunk of cut histories, one ``(history_id, subject_id, prediction_time, Subject)`` per history
-    (``Subject.subject_id`` is the history id). A history with no known visit is an error naming the row."""
+    (``Subject.subject_id`` is the history id). A history with no visit known at its prediction time (labels
+    from elsewhere, e.g. an ACES task, may predict before a subject's first dated event) has nothing to forecast
+    from: with a ``no_visit`` list it is left out and its ``(history_id, subject_id, prediction_time)`` appended
+    there, for the caller to count; without one it is an error naming the row."""
     for chunk in chunks:
         events = chunk.events.select(pl.col("history_id").alias("subject_id"), "time", "code", "numeric_value")
         try:
@@ -142,6 +146,9 @@ def tokenized_histories(chunks: Iterator[HistoryChunk], tokenizer) -> Iterator[t
                 "history_id", "subject_id", "prediction_time").iter_rows():
             subject = tokenized.get(history_id)
             if subject is None or subject.n_visits == 0:
+                if no_visit is not None:
+                    no_visit.append((history_id, subject_id, prediction_time))
+                    continue
                 raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
                                 "time, so there is no history to forecast from; check the labels' prediction_time")
             out.append((history_id, subject_id, prediction_time, subject))
@@ -183,7 +190,8 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     n_queries = sum(len(q) for q in plan.values())
     chunks = read_histories(meds_dir, histories, task.remove_from_inputs, config.histories_per_chunk)
     bar = tqdm(total=n_queries, desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
-    for chunk, tokenized in tokenized_histories(chunks, tokenizer):
+    no_visit: list = []
+    for chunk, tokenized in tokenized_histories(chunks, tokenizer, no_visit):
         add_counts(cut_counts, chunk.counts)
         subjects, horizons, targets = _chunk_queries(tokenized, plan)
         risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
@@ -191,16 +199,35 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
         np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
         np.add.at(risk_n, np.asarray(targets, np.int64), 1)
     bar.close()
+    # A row whose history holds no visit keeps its place with a null probability: `evaluate` counts and excludes
+    # it (missing_score_rows_excluded), and it is counted here.
+    risk = np.where(risk_n > 0, risk_sum / np.maximum(risk_n, 1), np.nan)
+    unscored = no_visit_rows(rows, histories, no_visit)
     # In the rows' order (HorizonQueryModel.predict_proba reads the column as is), with the label columns the
     # driver carries.
     carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns]
     predictions = rows.select(*PREDICTION_COLUMNS).with_columns(
-        pl.Series(PROBABILITY, risk_sum / np.maximum(risk_n, 1), dtype=pl.Float64),
+        pl.Series(PROBABILITY, risk, dtype=pl.Float64).fill_nan(None),
         pl.lit(model_name).alias("model"),
     ).with_columns(rows.select(carried))
     info = {"label_counts": label_counts(labels), "rows_not_scored": skipped, "queries": n_queries,
-            "events_not_seen": cut_counts, "precision": precision}
+            "events_not_seen": cut_counts, "precision": precision, **unscored}
     return Forecast(predictions=predictions, info=info)
+
+
+def no_visit_rows(rows: pl.DataFrame, histories: pl.DataFrame, no_visit: list) -> dict:
+    """What ``info.json`` records of the label rows left unscored because no visit was known at their prediction
+    time (``tokenized_histories``), with a warning on stderr naming the first; {} when there are none."""
+    if not no_visit:
+        return {}
+    ids = [h for h, _, _ in no_visit]
+    n_rows = rows.join(histories.filter(pl.col("history_id").is_in(ids)), on=["subject_id", "prediction_time"]).height
+    _, subject_id, prediction_time = no_visit[0]
+    print(f"nextvisit: warning: {n_rows:,} label row(s) of {len(no_visit):,} (subject, prediction time) pair(s) have "
+          f"no visit known at the prediction time (first: subject {subject_id} at {prediction_time}), so nothing to "
+          "forecast from: their probability is null and `evaluate` excludes and counts them", file=sys.stderr)
+    return {"rows_without_history": {"rows": n_rows, "histories": len(no_visit),
+                                     "first": {"subject_id": int(subject_id), "prediction_time": str(prediction_time)}}}
 
 
 def model_name(run: Path, config: ForecastConfig) -> str:

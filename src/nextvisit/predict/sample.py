@@ -65,7 +65,7 @@ from nextvisit.model.losses import implied_probability, repeat_weight
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
 from nextvisit.model.sequence import HistorySummary, recent_start, visit_cap, window_arrays
 from nextvisit.model.visit_time import edges_tensor, open_bin_probability, sample_gaps
-from nextvisit.predict.horizon import rows_to_score, tokenized_histories
+from nextvisit.predict.horizon import no_visit_rows, rows_to_score, tokenized_histories
 from nextvisit.predict.scoring import SCORED_SPLITS, condition_token_ids, parse_splits
 from nextvisit.tokenize.store import NO_DAY, SEP, Subject
 
@@ -574,7 +574,8 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
         if config.write_trajectories:
             (staging / TRAJECTORIES).mkdir()
         chunks = read_histories(meds_dir, table, task.remove_from_inputs, config.histories_per_chunk)
-        for chunk, tokenized in tokenized_histories(chunks, tokenizer):
+        no_visit: list = []
+        for chunk, tokenized in tokenized_histories(chunks, tokenizer, no_visit):
             add_counts(cut_counts, chunk.counts)
             group = [History(subject, subject_id, prediction_time, list(horizons_of[(subject_id, prediction_time)]))
                      for _, subject_id, prediction_time, subject in tokenized]
@@ -615,14 +616,15 @@ def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: Sampl
             "empty_visits_kept": counts.empty_visits, "visits_truncated_for_the_model": counts.truncated_visits,
             "seconds": round(seconds, 1), "trajectories_per_s": round(counts.trajectories / max(seconds, 1e-9), 2),
             "generated_tokens_per_s": round(counts.generated_tokens / max(seconds, 1e-9), 1),
-            "precision": sampler.precision, "events_not_seen": cut_counts,
+            "precision": sampler.precision, "events_not_seen": cut_counts, **no_visit_rows(rows, table, no_visit),
             "config": {"run": str(run), "sample": asdict(config), "window_tokens": sampler.limit,
                        "keep_tokens_on_slide": sampler.keep, "run_config": run_config.to_dict()},
         }
         calibration_file = Path(run) / VISIT_TIME_CALIBRATION
         calibration = json.loads(calibration_file.read_text()) if calibration_file.exists() else None
         for n, results in [(config.samples, per_row)] + [(k, per_row_k[k]) for k in subsets]:
-            values = np.asarray([results[key] for key in keys], np.float64).reshape(-1, 3)
+            # a row whose history has no visit was not rolled: null risks, 0 undecided (counted as rows_without_history)
+            values = np.asarray([results.get(key, (np.nan, np.nan, 0)) for key in keys], np.float64).reshape(-1, 3)
             for e, estimator in enumerate(ESTIMATORS):
                 name = f"{summary['model']}[{estimator}x{n}]"
                 frame = prediction_frame(rows.with_columns(pl.Series("undecided", values[:, 2].astype(np.int64)),
