@@ -225,6 +225,39 @@ def test_pretrain_killed_after_a_checkpoint_resumes_to_the_same_loss_curve(store
     assert siblings(run) == []
 
 
+def test_pretrain_on_a_full_disk_stops_with_one_line_and_resumes_once_there_is_room(store, pretrain_yaml,
+                                                                                    uninterrupted, tmp_path, capsys):
+    """The run's disk fills while its first checkpoint is written: one error line naming the run, the step and
+    --resume, the half-written checkpoint removed (it would hold space); given room, --resume ends where the run
+    never interrupted ends."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a full disk) needs root")
+    disk, size = tmp_path / "disk", 64 * 1024
+    disk.mkdir()
+    checkpoint_bytes = sum(p.stat().st_size for p in (uninterrupted / "checkpoint").iterdir())
+    assert checkpoint_bytes > size  # the folder's first files fit, its checkpoint cannot
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        run = disk / "run"
+        assert cli_main(["pretrain", str(store), "--out", str(run), "--config", str(pretrain_yaml),
+                         "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"nextvisit pretrain: error: {run}: no space left on the device while writing the run at step "
+            f"{CURVE['checkpoint_every']}; free some space there and continue it with --resume (the run keeps its "
+            "last complete checkpoint)")
+        assert not any(p.name.startswith("checkpoint") for p in run.iterdir())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert cli_main(["pretrain", str(store), "--out", str(run), "--resume", "--device", "cpu"]) == 0
+        assert_same_run(run, uninterrupted)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.parametrize("moment", ["between-renames-of:checkpoint.old", "checkpoint-half-written"])
 def test_pretrain_killed_while_writing_a_checkpoint_resumes_from_a_complete_one(store, pretrain_yaml, uninterrupted,
                                                                                 tmp_path, moment):

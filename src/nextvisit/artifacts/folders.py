@@ -251,13 +251,13 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         publish(staging, out)
     except BaseException as exc:
         discard(staging, out)
-        if _disk_full(exc):
+        if disk_full(exc):
             raise UserError(f"{out}: no space left on the device while writing it; free some space there or choose "
                             "another --out") from None
         raise
 
 
-def _disk_full(exc: BaseException) -> bool:
+def disk_full(exc: BaseException) -> bool:
     """An error of a full disk or quota, from the OS or from a library that words it (polars, pyarrow)."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return True

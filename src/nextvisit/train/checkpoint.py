@@ -26,14 +26,18 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for path in (tmp / WEIGHTS_FILE, tmp / "optimizer.pt", tmp / "state.json", tmp):
-        _fsync(path)
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for path in (tmp / WEIGHTS_FILE, tmp / "optimizer.pt", tmp / "state.json", tmp):
+            _fsync(path)
+    except Exception:  # e.g. a full disk: the half-written folder goes, so it holds no space; the old one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
     if final.exists():
         if old.exists():

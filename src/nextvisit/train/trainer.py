@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextvisit.artifacts.folders import holding
+from nextvisit.artifacts.folders import disk_full, holding
 from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
 from nextvisit.model.optim import make_optimizer
@@ -85,8 +85,15 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         limits = Limits(steps=tc.max_steps if max_steps is None else max_steps,
                         seconds=max_minutes * 60 if max_minutes is not None else None,  # setup included
                         start=start_time)
-        last = run_steps(trainee, state, limits, validation, metrics, progress)
-        return finish(trainee, state, last, validation, metrics)
+        try:
+            last = run_steps(trainee, state, limits, validation, metrics, progress)
+            return finish(trainee, state, last, validation, metrics)
+        except Exception as exc:  # a checkpoint (safetensors words it in its own error) found the disk full
+            if not disk_full(exc):
+                raise
+            raise UserError(f"{run_dir}: no space left on the device while writing the run at step {state['step']}; "
+                            "free some space there and continue it with --resume (the run keeps its last complete "
+                            "checkpoint)") from None
 
 
 def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_dir: Path, resume: bool,
