@@ -349,6 +349,9 @@ def _add_sample(verbs) -> None:
     p.add_argument("--splits", default="tuning,held_out",
                    help="comma-separated label splits to sample (default tuning,held_out), or 'all'")
     p.add_argument("--no-trajectories", action="store_true", help="write the risks only, not the trajectories")
+    p.add_argument("--keep-fraction", type=float, default=0.5,
+                   help="when a trajectory outgrows the window, re-encode its most recent visits filling this share "
+                        "of it (default 0.5; higher keeps more history per step and slides, and costs, more often)")
     p.add_argument("--sample-counts", type=_int_list, default=[],
                    help="also write the risks of the first k samples for each k (e.g. 1,4,16): OUT/monte_carlo_nK "
                         "and OUT/rao_blackwell_nK, the cost of N from one run")

@@ -90,7 +90,11 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 256  # trajectories advanced together (rows of the KV cache; bounds memory)
     max_visits: int = 500  # generated visits per trajectory; one still short of a horizon then is undecided
-    keep_fraction: float = 0.75  # a slide re-encodes the most recent visits filling this share of the context
+    # A slide re-encodes the most recent visits filling this share of the window. 0.5 rather than 0.75: tiny's
+    # KV-cached roll ran 6.7x the recompute instead of 3.8x (slides every ~5 visits instead of ~2.6, docs/sampling.md),
+    # and the windows a trajectory reads (64-128 tokens after a slide) stay within what training SEPs see (0 to
+    # the context length).
+    keep_fraction: float = 0.5
     max_redraws: int = 64  # redraws of an all-empty code draw; still empty after them: kept empty, counted
     splits: tuple[str, ...] = SCORED_SPLITS
     # float32 by default: under bfloat16 autocast a draw near its probability can flip with the batch's rounding
@@ -655,7 +659,7 @@ def run_cli(args) -> int:
     config = SampleConfig(samples=args.samples, temperature=args.temperature, seed=args.seed,
                           batch_size=args.batch_size, max_visits=args.max_visits, splits=parse_splits(args.splits),
                           precision=args.precision, write_trajectories=not args.no_trajectories,
-                          sample_counts=tuple(args.sample_counts)).validate()
+                          sample_counts=tuple(args.sample_counts), keep_fraction=args.keep_fraction).validate()
     summary = sample(args.run, args.meds_dir, args.labels, args.out, config, args.device, args.overwrite)
     ended = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in summary["ended"].items())
     print(f"sampled {summary['trajectories']:,} trajectories ({summary['samples']} per history, "
