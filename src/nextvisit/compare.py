@@ -9,7 +9,8 @@ the same verbs, in the scikit-learn spirit:
     p = model.predict_proba(inputs, rows)      one probability per row
     model.info()                               its config and what fitting found, for info.json
 
-``run`` is the driver: labels -> history cut -> read -> fit -> select -> predict -> write. The held_out rows
+``run`` is the driver: labels -> history cut -> read -> fit -> select -> predict -> write (``score`` is the same
+without the writing, for the Python API's labels and predictions held in memory). The held_out rows
 never reach ``fit`` (it is handed the train and tuning rows only), and every history reaches a model only
 through the one cut (``nextvisit.data.histories``). Zero-shot models and the oracle take no task labels:
 their ``fit`` learns nothing, and they need no train rows (``needs_train_labels = False``).
@@ -32,7 +33,9 @@ from nextvisit.artifacts.predictions import PREDICTION_SPLITS, prediction_frame,
 from nextvisit.data.histories import history_table
 from nextvisit.data.meds import SPLITS
 from nextvisit.errors import UserError
-from nextvisit.tasks import CodeSet, Task, label_counts, labels_path, read_labels, read_labels_task
+from nextvisit.tasks import (
+    CodeSet, Task, check_label_schema, label_counts, labels_path, read_labels, read_labels_task,
+)
 
 
 @dataclass
@@ -57,8 +60,20 @@ class Labels:
 
     @classmethod
     def load(cls, labels_dir: Path, require_train: bool = True, require_task: bool = True) -> "Labels":
-        labels = read_labels(labels_dir)
+        """The labels folder ``labels_dir`` (or its parquet file), with its task.yaml."""
         path = labels_path(labels_dir)
+        labels = cls.from_frame(read_labels(labels_dir), path, None, require_train=require_train)
+        if require_task or (path.parent / "task.yaml").exists():
+            labels.task = read_labels_task(labels_dir)
+        return labels
+
+    @classmethod
+    def from_frame(cls, labels: pl.DataFrame, source: Path | str, task: Task | None,
+                   require_train: bool = True) -> "Labels":
+        """Label rows held in memory (``LABEL_SCHEMA``, checked as a file's are), made with ``task``; ``source``
+        names them in messages."""
+        path = source
+        labels = check_label_schema(labels, path)
         bad = labels.filter(~pl.col("split").is_in(list(SPLITS)))
         if bad.height:
             row = bad.row(0, named=True)
@@ -86,8 +101,12 @@ class Labels:
             raise UserError(f"{path}: no labelled train-split rows; a baseline needs train labels to fit")
         histories = history_table(labelled)
         rows = labelled.join(histories, on=["subject_id", "prediction_time"]).sort("row")
-        task = read_labels_task(labels_dir) if require_task or (path.parent / "task.yaml").exists() else None
-        return cls(source=path, rows=rows, histories=histories, counts=label_counts(labels), task=task)
+        return cls(source=Path(path), rows=rows, histories=histories, counts=label_counts(labels), task=task)
+
+    @classmethod
+    def of(cls, labels: "Path | Labels", require_train: bool = True, require_task: bool = True) -> "Labels":
+        """``labels`` itself when loaded already, else the labels folder it names (``load``)."""
+        return labels if isinstance(labels, cls) else cls.load(labels, require_train, require_task)
 
 
 class ComparedModel(ABC):
@@ -117,12 +136,11 @@ class ComparedModel(ABC):
         """Write what the model wants kept beside its predictions (e.g. fine-tuned weights); default nothing."""
 
 
-def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overwrite: bool = False,
-        splits=PREDICTION_SPLITS) -> Path:
-    """The driver: score the labelled rows of ``splits`` with ``model`` and write its predictions folder."""
-    started = time.monotonic()
-    check_out(out, overwrite)
-    labels = Labels.load(labels_dir, require_train=model.needs_train_labels, require_task=model.needs_task)
+def score(model: ComparedModel, meds_dir: Path, labels: Labels, splits=PREDICTION_SPLITS,
+          labels_from: str | None = None) -> tuple[pl.DataFrame, dict]:
+    """The driver's work without the writing: fit on the train and tuning rows of ``labels``, score the labelled
+    rows of ``splits``; (predictions in the schema, info.json's content but its ``seconds``). ``labels_from``:
+    where the labels were read, for info.json (default ``labels.source``)."""
     inputs = model.read(Path(meds_dir), labels)
     model.fit(inputs, labels.split(meds.train_split), labels.split(meds.tuning_split))
     scored = labels.rows.filter(pl.col("split").is_in(list(splits)))
@@ -130,11 +148,23 @@ def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overw
     if probability.shape != (scored.height,):
         raise RuntimeError(f"{model.name}: {probability.shape} probabilities for {scored.height} rows")
     info = {"model": model.name, "kind": model.kind, **model.info(), "label_counts": labels.counts,
-            "inputs_from": {"meds_dir": str(meds_dir), "labels": str(labels_dir)},
+            "inputs_from": {"meds_dir": str(meds_dir), "labels": labels_from or str(labels.source)},
             "removed_from_inputs": {"code_prefixes": list(labels.remove_from_inputs.code_prefixes),
                                     "codes": list(labels.remove_from_inputs.codes)},
-            "rows": {"labelled": labels.rows.height, "scored": scored.height, "splits": list(splits)},
-            "seconds": round(time.monotonic() - started, 1)}
-    path = write_predictions(out, prediction_frame(scored, probability, model.name), info, overwrite, also=model.save)
-    sys.stderr.write(f"{model.name}: wrote {scored.height:,} predictions to {path} in {info['seconds']} s\n")
+            "rows": {"labelled": labels.rows.height, "scored": scored.height, "splits": list(splits)}}
+    return prediction_frame(scored, probability, model.name), info
+
+
+def run(model: ComparedModel, meds_dir: Path, labels_dir: Path | Labels, out: Path, overwrite: bool = False,
+        splits=PREDICTION_SPLITS) -> Path:
+    """The driver: score the labelled rows of ``splits`` with ``model`` and write its predictions folder.
+    ``labels_dir``: a labels folder, or labels loaded already."""
+    started = time.monotonic()
+    check_out(out, overwrite)
+    labels = Labels.of(labels_dir, require_train=model.needs_train_labels, require_task=model.needs_task)
+    labels_from = None if isinstance(labels_dir, Labels) else str(labels_dir)
+    predictions, info = score(model, meds_dir, labels, splits, labels_from=labels_from)
+    info["seconds"] = round(time.monotonic() - started, 1)
+    path = write_predictions(out, predictions, info, overwrite, also=model.save)
+    sys.stderr.write(f"{model.name}: wrote {predictions.height:,} predictions to {path} in {info['seconds']} s\n")
     return path

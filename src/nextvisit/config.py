@@ -306,9 +306,11 @@ def preset(name: str) -> RunConfig:
     return RunConfig.from_dict(PRESETS[name], source=f"preset {name}")
 
 
-def resolve(preset_name: str = "tiny", config_path: Path | None = None) -> RunConfig:
-    """Preset, then the YAML file's overrides."""
+def resolve(preset_name: str = "tiny", config_path: Path | dict | None = None) -> RunConfig:
+    """Preset, then the overrides of a YAML file (or of a mapping of the same sections, e.g. from Python)."""
     config = preset(preset_name)
-    if config_path is not None:
+    if isinstance(config_path, dict):
+        config = merge(config, config_path, "config").validate()
+    elif config_path is not None:
         config = merge(config, read_yaml(config_path), str(config_path)).validate()
     return config

@@ -12,7 +12,8 @@ On disk (docs/interfaces.md §6), one folder per model:
 
 Both are written together into a staging folder that replaces ``--out`` only when complete
 (``nextvisit.artifacts.folders.atomic_folder``). ``read_predictions`` validates a folder at the boundary
-of ``evaluate`` and returns one ``ModelPredictions`` per (task, horizon).
+of ``evaluate`` and returns one ``ModelPredictions`` per (task, horizon); ``split_predictions`` does the same for
+rows held in memory (the Python API's, ``nextvisit.api``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,22 @@ class ModelPredictions:
     info: dict = field(default_factory=dict)  # the whole info.json
 
 
+@dataclass
+class HeldPredictions:
+    """A predictions folder's content held in memory (the Python API's, ``nextvisit.api``): the rows (the
+    schema above), info.json's content, ``where`` they are named in messages and the ``source`` recorded."""
+
+    frame: pl.DataFrame
+    info: dict
+    where: str
+    source: str
+
+    def split(self, warnings: list[str]) -> list[ModelPredictions]:
+        """``read_predictions`` of rows held in memory: one ``ModelPredictions`` per (task, horizon)."""
+        check_prediction_columns(self.frame, self.where)
+        return split_predictions(self.frame, self.info, self.where, self.source, warnings)
+
+
 def find_prediction_files(path: Path) -> list[Path]:
     """``path`` itself (a parquet file), its predictions.parquet, or every predictions.parquet below it."""
     path = Path(path)
@@ -135,23 +152,42 @@ def read_predictions(file: Path, warnings: list[str]) -> list[ModelPredictions]:
     """One ``ModelPredictions`` per (task, horizon) in the file; problems that leave metrics computable are
     appended to ``warnings``, structural ones raise ``UserError``."""
     file = Path(file)
+    frame = read_prediction_file(file)
+    source = str(file.parent if file.name == PREDICTIONS_FILE else file)
+    return split_predictions(frame, read_info(file, warnings), file, source, warnings, fallback_name=file.parent.name)
+
+
+def read_prediction_file(file: Path) -> pl.DataFrame:
+    """The rows of one predictions parquet, with the columns every predictions file needs (else a ``UserError``)."""
     try:
         frame = pl.read_parquet(file)
     except Exception as exc:  # polars raises several types for a file that is not parquet
         raise UserError(f"{file}: cannot be read as parquet ({type(exc).__name__}: {exc}); "
                         "pass a predictions folder (docs/interfaces.md §6)") from None
+    check_prediction_columns(frame, file)
+    return frame
+
+
+def check_prediction_columns(frame: pl.DataFrame, where) -> None:
+    """A ``UserError`` naming ``where`` when ``frame`` lacks a column every predictions file needs."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise UserError(f"{file}: missing column(s) {missing}; predictions need {list(REQUIRED_COLUMNS)} "
+        raise UserError(f"{where}: missing column(s) {missing}; predictions need {list(REQUIRED_COLUMNS)} "
                         "plus boolean_value (docs/interfaces.md §6)")
-    info = read_info(file, warnings)
+
+
+def split_predictions(frame: pl.DataFrame, info: dict, where, source: str, warnings: list[str],
+                      fallback_name: str = "model") -> list[ModelPredictions]:
+    """The rows of one predictions file (or frame held in memory, ``check_prediction_columns`` passed) with its
+    info.json content, one ``ModelPredictions`` per (task, horizon); ``where`` names them in warnings,
+    ``source`` is what the entries record."""
     row_models = frame["model"].drop_nulls().unique().sort().to_list() if "model" in frame.columns else []
-    name = info.get("model") or (row_models[0] if len(row_models) == 1 else None) or file.parent.name
+    name = info.get("model") or (row_models[0] if len(row_models) == 1 else None) or fallback_name
     if row_models and row_models != [name]:
-        warnings.append(f"{file}: 'model' column holds {row_models} but {INFO_FILE} says {name!r}; using {name!r}")
+        warnings.append(f"{where}: 'model' column holds {row_models} but {INFO_FILE} says {name!r}; using {name!r}")
     kind = str(info.get("kind") or "unknown")
     if kind not in KINDS:
-        warnings.append(f"{file}: model kind {kind!r} is not one of {list(KINDS)}")
+        warnings.append(f"{where}: model kind {kind!r} is not one of {list(KINDS)}")
 
     frame = frame.with_columns(pl.col("task").cast(pl.Utf8), pl.col("horizon_days").cast(pl.Int64),
                                pl.col("split").cast(pl.Utf8))
@@ -159,20 +195,19 @@ def read_predictions(file: Path, warnings: list[str]) -> list[ModelPredictions]:
     info_tasks = info.get("task")
     info_tasks = sorted([info_tasks] if isinstance(info_tasks, str) else (info_tasks or []))
     if info_tasks and info_tasks != row_tasks:
-        warnings.append(f"{file}: rows hold task(s) {row_tasks} but {INFO_FILE} says {info_tasks}; "
+        warnings.append(f"{where}: rows hold task(s) {row_tasks} but {INFO_FILE} says {info_tasks}; "
                         "evaluating the rows' tasks")
     null_keys = frame.filter(pl.col("task").is_null() | pl.col("horizon_days").is_null()).height
     if null_keys:
-        warnings.append(f"{file}: {null_keys} row(s) with null task or horizon_days excluded")
+        warnings.append(f"{where}: {null_keys} row(s) with null task or horizon_days excluded")
         frame = frame.filter(pl.col("task").is_not_null() & pl.col("horizon_days").is_not_null())
 
     out = []
     for (task, horizon), part in sorted(frame.group_by(["task", "horizon_days"]), key=lambda kv: kv[0]):
         out.append(ModelPredictions(
-            name=str(name), kind=kind, task=str(task), horizon_days=int(horizon), frame=part,
-            source=str(file.parent if file.name == PREDICTIONS_FILE else file),
+            name=str(name), kind=kind, task=str(task), horizon_days=int(horizon), frame=part, source=source,
             config=info.get("config") or {}, label_counts=info.get("label_counts") or {}, info=info,
         ))
     if not out:
-        warnings.append(f"{file}: no rows to evaluate")
+        warnings.append(f"{where}: no rows to evaluate")
     return out

@@ -39,8 +39,8 @@ import polars as pl
 
 from nextvisit.artifacts.folders import atomic_folder, check_out
 from nextvisit.artifacts.predictions import (
-    CENSORING_WEIGHT, DAYS_AFTER_HORIZON, LABEL, ORACLE, PROBABILITY, ModelPredictions, find_prediction_files,
-    read_predictions,
+    CENSORING_WEIGHT, DAYS_AFTER_HORIZON, LABEL, ORACLE, PROBABILITY, HeldPredictions, ModelPredictions,
+    find_prediction_files, read_predictions,
 )
 from nextvisit.errors import UserError
 from nextvisit.evaluate.bootstrap import METHOD, View, percentile_interval, rng_for, subject_bootstrap
@@ -581,7 +581,7 @@ def _inflation(task: str, horizon: int, rows: list[dict], config: EvaluationConf
     return {"task": task, "models": models}
 
 
-def _disambiguate(entries: list[ModelPredictions], warnings: list[str]) -> None:
+def disambiguate(entries: list[ModelPredictions], warnings: list[str]) -> None:
     """The same model name twice for one task and horizon: both are kept, renamed after their folders."""
     by_group: dict[tuple, list[ModelPredictions]] = {}
     for e in entries:
@@ -606,14 +606,24 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
     """Evaluate prediction folders/files and write ``out_dir/metrics.json``, ``report.html`` and its plots, all
     or none (``nextvisit.artifacts.folders``; a non-empty ``out_dir`` only with ``overwrite``). Returns the
     metrics (the content of metrics.json)."""
+    check_out(out_dir, overwrite)
+    warnings: list[str] = []
+    entries, inputs = load_predictions(prediction_paths, warnings)
+    return evaluate_predictions(entries, inputs, warnings, out_dir, config or EvaluationConfig(n_bootstrap=n_bootstrap,
+                                                                                              seed=seed),
+                                progress=progress, overwrite=overwrite)
+
+
+def evaluate_predictions(entries: list[ModelPredictions], inputs: list[dict], warnings: list[str],
+                         out_dir: Path | None, config: EvaluationConfig, progress: bool = True,
+                         overwrite: bool = False) -> dict:
+    """The metrics of ``entries`` (``load_predictions``'s, or rows held in memory: ``split_predictions``), each
+    model per (task, horizon); with ``out_dir``, written there with the report (``evaluate``), else only
+    returned (no ``figures``). ``warnings`` gathers what the loading found and the evaluation finds."""
     from tqdm import tqdm
 
     from nextvisit import __version__
 
-    check_out(out_dir, overwrite)
-    config = config or EvaluationConfig(n_bootstrap=n_bootstrap, seed=seed)
-    warnings: list[str] = []
-    entries, inputs = _load(prediction_paths, warnings)
     tasks, inflation, plots, models = [], [], [], {}
     bar = tqdm(total=len(entries), desc="evaluate", unit="model", file=sys.stderr, disable=not progress)
     for (task, horizon), group in sorted(_by_task_horizon(entries).items()):
@@ -640,34 +650,44 @@ def evaluate(prediction_paths, out_dir, n_bootstrap: int = 1000, seed: int = 0,
         "models": models,
     }
     metrics = _finite(metrics)
-    with atomic_folder(out_dir, overwrite) as staging:
-        metrics["figures"] = write_report(metrics, plots, staging)
-        _write_json(staging / "metrics.json", metrics)
+    if out_dir is not None:
+        with atomic_folder(out_dir, overwrite) as staging:
+            metrics["figures"] = write_report(metrics, plots, staging)
+            _write_json(staging / "metrics.json", metrics)
     return metrics
 
 
-def _load(prediction_paths, warnings: list[str]) -> tuple[list[ModelPredictions], list[dict]]:
-    """Every (file, task, horizon) of the given folders/files, each file once, with same-named models
-    renamed apart; and the ``inputs`` entry of metrics.json per file."""
-    if isinstance(prediction_paths, (str, Path)):
+def load_predictions(prediction_paths, warnings: list[str]) -> tuple[list[ModelPredictions], list[dict]]:
+    """Every (file, task, horizon) of the given folders/files (or predictions held in memory,
+    ``HeldPredictions``), each file once, with same-named models renamed apart (``disambiguate``); and the
+    ``inputs`` entry of metrics.json per file."""
+    if isinstance(prediction_paths, (str, Path, HeldPredictions)):
         prediction_paths = [prediction_paths]
     if not prediction_paths:
         raise UserError("no predictions given; pass one or more prediction folders")
-    files: list[Path] = []
+    sources: list[Path | HeldPredictions] = []
     for path in prediction_paths:
+        if isinstance(path, HeldPredictions):
+            sources.append(path)
+            continue
         for file in find_prediction_files(Path(path)):
-            if file.resolve() not in {f.resolve() for f in files}:
-                files.append(file)
+            if file.resolve() not in {f.resolve() for f in sources if isinstance(f, Path)}:
+                sources.append(file)
     entries: list[ModelPredictions] = []
     inputs = []
-    for file in files:
-        loaded = read_predictions(file, warnings)
+    for source in sources:
+        held = isinstance(source, HeldPredictions)
+        loaded = source.split(warnings) if held else read_predictions(source, warnings)
         entries += loaded
-        inputs.append({"file": str(file), "model": loaded[0].name if loaded else None,
-                       "kind": loaded[0].kind if loaded else None,
-                       "task_horizons": [[e.task, e.horizon_days] for e in loaded]})
-    _disambiguate(entries, warnings)
+        inputs.append(_input_entry(source.where if held else str(source), loaded))
+    disambiguate(entries, warnings)
     return entries, inputs
+
+
+def _input_entry(file: str, loaded: list[ModelPredictions]) -> dict:
+    """metrics.json's ``inputs`` entry of one predictions file (or frame held in memory)."""
+    return {"file": file, "model": loaded[0].name if loaded else None, "kind": loaded[0].kind if loaded else None,
+            "task_horizons": [[e.task, e.horizon_days] for e in loaded]}
 
 
 def _by_task_horizon(entries: list[ModelPredictions]) -> dict[tuple[str, int], list[ModelPredictions]]:

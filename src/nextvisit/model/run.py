@@ -11,14 +11,16 @@ write and every scorer reads (docs/interfaces.md §4).
       checkpoint/         weights, optimizer, RNG and data position for ``--resume`` (next-visit runs)
       metrics.csv         one row per logged step
 
-Here too: the device and precision rules every stage shares (``resolve_device``, ``autocast_for``).
+``NextVisitRun`` is a next-visit run folder loaded for scoring (model, vocabulary, config, tokenizer), what
+``forecast``, ``sample`` and the Python API (``nextvisit.api``) hold. Here too: the device and precision rules
+every stage shares (``resolve_device``, ``autocast_for``).
 """
 
 from __future__ import annotations
 
 import shutil
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -112,6 +114,29 @@ def load_next_visit_run(run_dir: Path, device="cpu") -> tuple[NextVisitModel, Vo
     model = NextVisitModel(config.model)
     load_weights(model, run_dir / WEIGHTS_FILE)
     return model.to(device).eval(), vocab, config
+
+
+@dataclass
+class NextVisitRun:
+    """A next-visit run folder loaded for scoring: the model (eval mode, on its device), its vocabulary, resolved
+    config and tokenizer (``read_tokenizer``: for histories). What every scorer of a run reads, loaded once."""
+
+    path: Path
+    model: NextVisitModel
+    vocab: Vocabulary
+    config: RunConfig
+    tokenizer: object  # nextvisit.tokenize.tokenizer.Tokenizer
+
+    @classmethod
+    def load(cls, run_dir: Path, device: str | None = None) -> "NextVisitRun":
+        """``run_dir`` on ``device`` (``resolve_device``: CUDA when available for None)."""
+        model, vocab, config = load_next_visit_run(run_dir, resolve_device(device))
+        return cls(Path(run_dir), model, vocab, config, read_tokenizer(run_dir, vocab=vocab))
+
+    @classmethod
+    def of(cls, run, device: str | None = None) -> "NextVisitRun":
+        """``run`` itself when it is loaded already, else the folder it names loaded on ``device``."""
+        return run if isinstance(run, cls) else cls.load(run, device)
 
 
 # -- device and precision ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from nextvisit.artifacts.predictions import CARRIED_LABEL_COLUMNS, PREDICTION_CO
 from nextvisit.data.histories import HistoryChunk, add_counts, history_table, read_histories
 from nextvisit.compare import ComparedModel, Labels
 from nextvisit.errors import UserError
-from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
+from nextvisit.model.run import NextVisitRun, autocast_for, check_precision
 from nextvisit.model.sequence import HistorySummary, query_batch
 from nextvisit.predict.scoring import (
     AGGREGATORS, SCORED_SPLITS, aggregate, condition_token_ids, model_device, parse_splits,
@@ -244,11 +244,14 @@ class HorizonQueryModel(ComparedModel):
     kind = ZERO_SHOT
     needs_train_labels = False
 
-    def __init__(self, run: Path, config: ForecastConfig, device: str | None = None, progress: bool = True):
-        self.run, self.config, self.progress = Path(run), config.validate(), progress
-        self.model, self.vocab, self.run_config = load_next_visit_run(run, resolve_device(device))
-        self.tokenizer = read_tokenizer(run, vocab=self.vocab)  # the run's own lab statistics and tokenizer.yaml
-        self.name = model_name(run, config)
+    def __init__(self, run: Path | NextVisitRun, config: ForecastConfig, device: str | None = None,
+                 progress: bool = True):
+        """``run``: a run folder (loaded on ``device``) or a run loaded already."""
+        loaded = NextVisitRun.of(run, device)
+        self.run, self.config, self.progress = loaded.path, config.validate(), progress
+        self.model, self.vocab, self.run_config = loaded.model, loaded.vocab, loaded.config
+        self.tokenizer = loaded.tokenizer  # the run's own lab statistics and tokenizer.yaml
+        self.name = model_name(loaded.path, config)
         self.scored: dict = {}
 
     def read(self, meds_dir: Path, labels: Labels):

@@ -62,7 +62,7 @@ from nextvisit.data import meds
 from nextvisit.data.histories import add_counts, read_histories
 from nextvisit.errors import UserError
 from nextvisit.model.losses import implied_probability, repeat_weight
-from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
+from nextvisit.model.run import NextVisitRun, autocast_for, check_precision
 from nextvisit.model.sequence import HistorySummary, recent_start, visit_cap, window_arrays
 from nextvisit.model.visit_time import edges_tensor, open_bin_probability, sample_gaps
 from nextvisit.predict.horizon import no_visit_rows, rows_to_score, tokenized_histories
@@ -543,17 +543,19 @@ def trajectory_events(trajectories: list[Trajectory], vocab) -> dict[int, pa.Tab
     return {s: pa.table(c, schema=TRAJECTORY_SCHEMA) for s, c in by_sample.items()}
 
 
-def sample(run: Path, meds_dir: Path, labels_dir: Path, out: Path, config: SampleConfig, device=None,
-           overwrite: bool = False, progress: bool = True) -> dict:
-    """Roll the trajectories of every labelled row of ``config.splits``; write TRAJ (docs/interfaces.md §6)."""
+def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, out: Path, config: SampleConfig,
+           device=None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Roll the trajectories of every labelled row of ``config.splits``; write TRAJ (docs/interfaces.md §6).
+    ``run``: a run folder (loaded on ``device``) or a run loaded already; ``labels_dir``: a labels folder or
+    labels loaded already (``compare.Labels``)."""
     from tqdm import tqdm
 
     config.validate()
     check_out(out, overwrite)
     started = time.monotonic()
-    model, vocab, run_config = load_next_visit_run(run, resolve_device(device))
-    tokenizer = read_tokenizer(run, vocab=vocab)
-    labels = Labels.load(labels_dir, require_train=False)
+    loaded = NextVisitRun.of(run, device)
+    model, vocab, run_config, tokenizer, run = loaded.model, loaded.vocab, loaded.config, loaded.tokenizer, loaded.path
+    labels = Labels.of(labels_dir, require_train=False)
     task = labels.task
     condition_ids = condition_token_ids(task, vocab, "the run's vocabulary")
     sampler = Sampler(model, vocab, tokenizer, run_config, config, condition_ids)

@@ -616,6 +616,12 @@ def read_labels(labels: Path) -> pl.DataFrame:
     except Exception as exc:  # polars raises several types for a damaged file
         raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__}); write the labels again with "
                         "`nextvisit label`") from None
+    return check_label_schema(frame, path)
+
+
+def check_label_schema(frame: pl.DataFrame, path) -> pl.DataFrame:
+    """``frame`` with its ``LABEL_SCHEMA`` (and any ``FOLLOW_UP_SCHEMA``) columns cast to their types; a missing
+    or uncastable column is an error naming ``path`` (the file, or where the rows came from)."""
     for name, dtype in LABEL_SCHEMA.items():
         if name not in frame.columns:
             raise UserError(f"{path}: column '{name}' is missing; labels need {', '.join(LABEL_SCHEMA)}")
@@ -696,25 +702,54 @@ def read_labels_task(labels: Path) -> Task:
 ACES_OPTIONS = ("condition_predicate", "codes", "horizon_days", "remove_from_inputs", "task_name")
 
 
-def label_cli(args) -> int:
-    from nextvisit.tasks.aces import is_aces_config, label_aces_cli
+def label(meds_dir: Path, task, out: Path | None = None, overwrite: bool = False, progress: bool = True, *,
+          condition_predicate: str | None = None, codes: str | None = None, horizon_days: int | None = None,
+          remove_from_inputs: str | None = None, task_name: str | None = None) -> tuple[LabelResult, Task]:
+    """``nextvisit label``: apply ``task`` (a built-in name, a task YAML, a ``Task``, or an ACES task config,
+    labelled by es-aces with the keyword options, ``ACES_OPTIONS``) to a MEDS dataset. With ``out``, write the
+    labels folder (checked before any work). Returns the labels and the task they were made with (an ACES
+    config's: its horizon query)."""
+    from nextvisit.tasks.aces import is_aces_config, label_aces
 
-    if is_aces_config(args.task):
-        return label_aces_cli(args)
-    given = [f"--{name.replace('_', '-')}" for name in ACES_OPTIONS if getattr(args, name) is not None]
+    options = {"condition_predicate": condition_predicate, "codes": codes, "horizon_days": horizon_days,
+               "remove_from_inputs": remove_from_inputs, "task_name": task_name}
+    if not isinstance(task, Task) and is_aces_config(task):
+        return label_aces(meds_dir, Path(task), out, overwrite, progress, **options)
+    given = [f"--{name.replace('_', '-')}" for name in ACES_OPTIONS if options[name] is not None]
     if given:
-        raise UserError(f"{', '.join(given)}: only for ACES task configs; {args.task} is a nextvisit task, whose "
+        raise UserError(f"{', '.join(given)}: only for ACES task configs; {task} is a nextvisit task, whose "
                         "YAML holds its condition and horizons_days")
-    task = load_task(args.task)
-    check_out(args.out, args.overwrite)
-    result = make_labels(args.meds_dir, task)
-    write_labels(args.out, result, task, overwrite=args.overwrite)
-    print(format_counts(result.counts))
-    print(f"wrote {result.labels.height:,} label rows to {labels_path(args.out)}")
+    task = task if isinstance(task, Task) else load_task(task)
+    if out is not None:
+        check_out(out, overwrite)
+    result = make_labels(meds_dir, task, progress)
+    if out is not None:
+        write_labels(out, result, task, overwrite=overwrite)
+    return result, task
+
+
+def condition_absent(result: LabelResult, task: Task) -> str | None:
+    """The warning for labels whose condition never occurs (0 prevalent, 0 positive): most likely a code set in
+    another coding than the dataset's; None otherwise, and for labels ACES made (it has no prevalence count)."""
     counts = result.counts
+    if "labelled_by" in counts:
+        return None
     if (result.labels.height and not counts["subjects"]["excluded"].get("prevalent")
             and not any(h["positive"] for h in counts["horizons"].values())):
-        sys.stderr.write(f"warning: task {task.name}'s condition codes never occur in the candidate subjects "
-                         "(0 prevalent, 0 positive); check that its code set matches the dataset's coding (built-in tasks: "
-                         f"{', '.join(builtin_tasks())})\n")
+        return (f"task {task.name}'s condition codes never occur in the candidate subjects (0 prevalent, 0 positive); "
+                "check that its code set matches the dataset's coding (built-in tasks: "
+                f"{', '.join(builtin_tasks())})")
+    return None
+
+
+def label_cli(args) -> int:
+    from nextvisit.tasks.aces import format_aces_counts, is_aces_config
+
+    result, task = label(args.meds_dir, args.task, args.out, args.overwrite,
+                         **{name: getattr(args, name) for name in ACES_OPTIONS})
+    print(format_aces_counts(result.counts) if is_aces_config(args.task) else format_counts(result.counts))
+    print(f"wrote {result.labels.height:,} label rows to {labels_path(args.out)}")
+    warning = condition_absent(result, task)
+    if warning:
+        sys.stderr.write(f"warning: {warning}\n")
     return 0

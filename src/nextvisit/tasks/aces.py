@@ -417,19 +417,21 @@ def format_aces_counts(counts: dict) -> str:
     ])
 
 
-def label_aces_cli(args) -> int:
-    config_path = Path(args.task)
+def label_aces(meds_dir: Path, config_path: Path, out: Path | None = None, overwrite: bool = False,
+               progress: bool = True, **query_options) -> tuple[LabelResult, Task]:
+    """Label a MEDS dataset with the ACES config ``config_path`` (``resolve_query``'s keyword options give the
+    horizon query); with ``out``, write the labels folder with the config beside them as aces.yaml. Returns the
+    labels and the query's task."""
+    config_path = Path(config_path)
     config, raw = load_config(config_path)
-    check_out(args.out, args.overwrite)
-    query = resolve_query(config_path, config, raw, args.meds_dir, condition_predicate=args.condition_predicate,
-                          codes=args.codes, horizon_days=args.horizon_days, remove_from_inputs=args.remove_from_inputs,
-                          task_name=args.task_name)
-    result = make_aces_labels(args.meds_dir, config_path, query)
-    write_labels(args.out, result, query.task(config_path), overwrite=args.overwrite,
-                 also={CONFIG_FILE: config_path.read_text()})
-    print(format_aces_counts(result.counts))
-    print(f"wrote {result.labels.height:,} label rows to {labels_path(args.out)}")
-    return 0
+    if out is not None:
+        check_out(out, overwrite)
+    query = resolve_query(config_path, config, raw, meds_dir, **query_options)
+    result = make_aces_labels(meds_dir, config_path, query, progress)
+    task = query.task(config_path)
+    if out is not None:
+        write_labels(out, result, task, overwrite=overwrite, also={CONFIG_FILE: config_path.read_text()})
+    return result, task
 
 
 # -- export ------------------------------------------------------------------------------------------------

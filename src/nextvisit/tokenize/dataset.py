@@ -353,18 +353,24 @@ def tokenize_dataset(meds_dir: Path, out: Path, config: TokenizerConfig | None =
     return manifest
 
 
-# -- command line ---------------------------------------------------------------------------------------------
-def _cli_config(args) -> TokenizerConfig | None:
-    """The config the options ask for: the reused store's (``--vocab-from``) or the defaults, overridden field by
-    field by ``--config``, then ``max_time`` by ``--max-time``; None when no option changes anything."""
-    if args.config is None and args.max_time is None:
+def tokenizer_config(config: Path | dict | None = None, max_time: str | None = None,
+                     vocab_from: Path | None = None) -> TokenizerConfig | None:
+    """The config the options ask for: the reused store's (``vocab_from``) or the defaults, overridden field by
+    field by ``config`` (a YAML file or a mapping of its fields), then ``max_time`` (``now``, ``none`` or an ISO
+    date); None when no option changes anything."""
+    if config is None and max_time is None:
         return None
-    base = Tokenizer.load(args.vocab_from).config if args.vocab_from is not None else None
-    config = TokenizerConfig.load(args.config, base=base) if args.config is not None else None
-    if args.max_time is not None:
-        config = replace(config or base or TokenizerConfig(),
-                         max_time=None if args.max_time == "none" else args.max_time).validate()
+    base = Tokenizer.load(vocab_from).config if vocab_from is not None else None
+    if isinstance(config, dict):
+        config = TokenizerConfig.from_dict(config, source="tokenizer config", base=base)
+    elif config is not None:
+        config = TokenizerConfig.load(config, base=base)
+    if max_time is not None:
+        config = replace(config or base or TokenizerConfig(), max_time=None if max_time == "none" else max_time).validate()
     return config
+
+
+# -- command line ---------------------------------------------------------------------------------------------
 
 
 def _max_time_rule(config: TokenizerConfig) -> str:
@@ -374,7 +380,7 @@ def _max_time_rule(config: TokenizerConfig) -> str:
 
 
 def run_cli(args) -> int:
-    config = _cli_config(args)
+    config = tokenizer_config(args.config, args.max_time, args.vocab_from)
     manifest = tokenize_dataset(args.meds_dir, args.out, config=config, vocab_from=args.vocab_from,
                                 workers=args.workers, overwrite=args.overwrite, progress=True)
     print(f"token store written to {args.out} ({manifest['vocab_size']} tokens in the vocabulary; "

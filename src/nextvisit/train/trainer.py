@@ -2,7 +2,8 @@
 
 ``train`` puts a run together from the parts in ``nextvisit.train``: the run folder (``run_folder``), the
 processes of a distributed run (``distributed``), the training data (``data``), the optimizer steps with
-their logging, validation and checkpoints (``loop``, ``validation``, ``metrics``, ``checkpoint``).
+their logging, validation and checkpoints (``loop``, ``validation``, ``metrics``, ``checkpoint``); ``pretrain``
+is the verb (the preset, its overrides, then ``train``), for the command line and the Python API alike.
 
 Run folder (docs/interfaces.md §4): config.yaml, vocab.json, tokenizer.yaml, lab_stats.parquet, model.safetensors
 (latest good weights), checkpoint/ (weights, optimizer, RNG, data position), metrics.csv.
@@ -151,16 +152,26 @@ def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: 
           file=sys.stderr)
 
 
+def pretrain(store_path: Path, run_dir: Path, preset: str = "tiny", config: Path | dict | None = None,
+             resume: bool = False, max_minutes: float | None = None, max_steps: int | None = None,
+             device_name: str | None = None, progress: bool = True) -> dict:
+    """``nextvisit pretrain``: the preset with ``config``'s overrides (a YAML file or a mapping of its sections,
+    docs/model.md), or with ``resume`` the run's own config.yaml, trained by ``train``. Returns the final
+    metrics row."""
+    if resume and config is not None:
+        raise UserError(f"--config does not apply to --resume: the run continues with {Path(run_dir) / 'config.yaml'} "
+                        f"(edit that file to change, e.g., train.max_steps)")
+    resolved = resolve(preset, config) if not resume else RunConfig()
+    final = train(store_path, run_dir, resolved, resume=resume, max_minutes=max_minutes, max_steps=max_steps,
+                  device_name=device_name, progress=progress)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return final
+
+
 def run_cli(args) -> int:
     """`nextvisit pretrain STORE --out RUN [--preset P] [--config YAML] [--resume] [--max-minutes M]
     [--max-steps N]`."""
-    if args.resume and args.config is not None:
-        raise UserError(f"--config does not apply to --resume: the run continues with {args.out / 'config.yaml'} "
-                        f"(edit that file to change, e.g., train.max_steps)")
-    config = resolve(args.preset, args.config) if not args.resume else RunConfig()
-    train(args.store, args.out, config, resume=args.resume, max_minutes=args.max_minutes, max_steps=args.max_steps,
-          device_name=args.device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    pretrain(args.store, args.out, args.preset, args.config, resume=args.resume, max_minutes=args.max_minutes,
+             max_steps=args.max_steps, device_name=args.device)
     return 0
-
