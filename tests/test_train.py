@@ -1,11 +1,11 @@
-"""The trainer: run folder contract, learning on a tiny store, exact resume, DDP equivalence, bad input."""
+"""The trainer: run folder contract, learning on a tiny store, exact resume, bad input (DDP:
+tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,44 +224,6 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "o.yaml").write_text("model:\n  n_layers: 4\nloss:\n  kind: bce\n")
     config = resolve("tiny", tmp_path / "o.yaml")
     assert config.model.n_layers == 4 and config.loss.kind == "bce"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-DDP_SCRIPT = """
-import sys, torch
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-from test_train import tiny_config
-from nextvisit.train.trainer import train
-config = tiny_config(max_steps=3, micro_batch={micro}, batch_contexts=8, eval_every=1000, checkpoint_every=1000)
-train(Path({store!r}), Path({run!r}), config, progress=False, device_name="cpu")
-torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
-"""
-
-
-def test_ddp_two_processes_match_one_process(store, tmp_path):
-    """2 gloo processes x 4 contexts equal 1 process x 2 micro-batches of 4 at the same global batch."""
-    from safetensors.torch import load_file
-
-    tests = str(Path(__file__).resolve().parent)
-    results = {}
-    for world, micro in ((1, 4), (2, 4)):
-        run = tmp_path / f"run{world}"
-        script = tmp_path / f"ddp{world}.py"
-        script.write_text(DDP_SCRIPT.format(tests=tests, micro=micro, store=str(store), run=str(run)))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                   f"--master_port={_free_port()}", str(script)] if world > 1 else [sys.executable, str(script)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[world] = load_file(str(run / "model.safetensors"))
-    for name, value in results[1].items():
-        torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ the same verbs, in the scikit-learn spirit:
     p = model.predict_proba(inputs, rows)      one probability per row
     model.info()                               its config and what fitting found, for info.json
 
-``run`` is the driver: labels -> history cut -> read -> fit -> select -> predict -> write. The held_out rows
+``run`` is the driver: labels -> history cut -> read -> fit -> select -> predict (``score``) -> write. The held_out rows
 never reach ``fit`` (it is handed the train and tuning rows only), and every history reaches a model only
 through the one cut (``nextvisit.data.histories``). Zero-shot models and the oracle take no task labels:
 their ``fit`` learns nothing, and they need no train rows (``needs_train_labels = False``).
@@ -117,11 +117,19 @@ class ComparedModel(ABC):
         """Write what the model wants kept beside its predictions (e.g. fine-tuned weights); default nothing."""
 
 
-def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overwrite: bool = False,
-        splits=PREDICTION_SPLITS) -> Path:
-    """The driver: score the labelled rows of ``splits`` with ``model`` and write its predictions folder."""
-    started = time.monotonic()
-    check_out(out, overwrite)
+@dataclass
+class Scored:
+    """What ``score`` returns: the labels, the scored rows (of the chosen splits), one probability per row."""
+
+    labels: Labels
+    rows: pl.DataFrame
+    probability: np.ndarray
+
+
+def score(model: ComparedModel, meds_dir: Path, labels_dir: Path, splits=PREDICTION_SPLITS) -> Scored:
+    """The driver's work without its output folder: labels -> history cut -> read -> fit -> select -> predict.
+    ``run`` writes what it returns; the other processes of a distributed forecast, which write nothing, call it
+    alone."""
     labels = Labels.load(labels_dir, require_train=model.needs_train_labels, require_task=model.needs_task)
     inputs = model.read(Path(meds_dir), labels)
     model.fit(inputs, labels.split(meds.train_split), labels.split(meds.tuning_split))
@@ -129,12 +137,23 @@ def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overw
     probability = np.asarray(model.predict_proba(inputs, scored), np.float64)
     if probability.shape != (scored.height,):
         raise RuntimeError(f"{model.name}: {probability.shape} probabilities for {scored.height} rows")
+    return Scored(labels, scored, probability)
+
+
+def run(model: ComparedModel, meds_dir: Path, labels_dir: Path, out: Path, overwrite: bool = False,
+        splits=PREDICTION_SPLITS) -> Path:
+    """The driver: score the labelled rows of ``splits`` with ``model`` and write its predictions folder."""
+    started = time.monotonic()
+    check_out(out, overwrite)
+    result = score(model, meds_dir, labels_dir, splits)
+    labels, scored = result.labels, result.rows
     info = {"model": model.name, "kind": model.kind, **model.info(), "label_counts": labels.counts,
             "inputs_from": {"meds_dir": str(meds_dir), "labels": str(labels_dir)},
             "removed_from_inputs": {"code_prefixes": list(labels.remove_from_inputs.code_prefixes),
                                     "codes": list(labels.remove_from_inputs.codes)},
             "rows": {"labelled": labels.rows.height, "scored": scored.height, "splits": list(splits)},
             "seconds": round(time.monotonic() - started, 1)}
-    path = write_predictions(out, prediction_frame(scored, probability, model.name), info, overwrite, also=model.save)
+    path = write_predictions(out, prediction_frame(scored, result.probability, model.name), info, overwrite,
+                             also=model.save)
     sys.stderr.write(f"{model.name}: wrote {scored.height:,} predictions to {path} in {info['seconds']} s\n")
     return path

@@ -31,6 +31,7 @@ from nextvisit.artifacts.predictions import CARRIED_LABEL_COLUMNS, PREDICTION_CO
 from nextvisit.data.histories import HistoryChunk, add_counts, history_table, read_histories
 from nextvisit.compare import ComparedModel, Labels
 from nextvisit.errors import UserError
+from nextvisit.model.distributed import Distributed, init_distributed, shutdown
 from nextvisit.model.run import autocast_for, check_precision, load_next_visit_run, read_tokenizer, resolve_device
 from nextvisit.model.sequence import HistorySummary, query_batch
 from nextvisit.predict.scoring import (
@@ -126,71 +127,120 @@ def query_plan(rows: pl.DataFrame, histories: pl.DataFrame, config: ForecastConf
     return plan
 
 
+def tokenize_histories(chunk: HistoryChunk, tokenizer, history_ids=None) -> list:
+    """One ``(history_id, subject_id, prediction_time, Subject)`` per history of ``chunk`` (of those in
+    ``history_ids`` when given), in the chunk's order (``Subject.subject_id`` is the history id). A history with no
+    known visit is an error naming the row."""
+    histories = chunk.histories.select("history_id", "subject_id", "prediction_time")
+    events = chunk.events
+    if history_ids is not None:
+        wanted = pl.Series(sorted(history_ids), dtype=pl.Int64).implode()
+        histories = histories.filter(pl.col("history_id").is_in(wanted))
+        events = events.filter(pl.col("history_id").is_in(wanted))
+    events = events.select(pl.col("history_id").alias("subject_id"), "time", "code", "numeric_value")
+    try:
+        tokenized = {s.subject_id: s for s in tokenizer.subjects(events)}
+    except UserError as exc:
+        raise UserError(f"{chunk.source}: tokenizing the histories of subjects {chunk.histories['subject_id'].min()}.."
+                        f"{chunk.histories['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
+                        "number)") from None
+    out = []
+    for history_id, subject_id, prediction_time in histories.iter_rows():
+        subject = tokenized.get(history_id)
+        if subject is None or subject.n_visits == 0:
+            raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
+                            "time, so there is no history to forecast from; check the labels' prediction_time")
+        out.append((history_id, subject_id, prediction_time, subject))
+    return out
+
+
 def tokenized_histories(chunks: Iterator[HistoryChunk], tokenizer) -> Iterator[tuple[HistoryChunk, list]]:
-    """Per chunk of cut histories, one ``(history_id, subject_id, prediction_time, Subject)`` per history
-    (``Subject.subject_id`` is the history id). A history with no known visit is an error naming the row."""
+    """Per chunk of cut histories, its histories tokenized (``tokenize_histories``)."""
     for chunk in chunks:
-        events = chunk.events.select(pl.col("history_id").alias("subject_id"), "time", "code", "numeric_value")
-        try:
-            tokenized = {s.subject_id: s for s in tokenizer.subjects(events)}
-        except UserError as exc:
-            raise UserError(f"{chunk.source}: tokenizing the histories of subjects {chunk.histories['subject_id'].min()}.."
-                            f"{chunk.histories['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
-                            "number)") from None
-        out = []
-        for history_id, subject_id, prediction_time in chunk.histories.select(
-                "history_id", "subject_id", "prediction_time").iter_rows():
-            subject = tokenized.get(history_id)
-            if subject is None or subject.n_visits == 0:
-                raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
-                                "time, so there is no history to forecast from; check the labels' prediction_time")
-            out.append((history_id, subject_id, prediction_time, subject))
-        yield chunk, out
+        yield chunk, tokenize_histories(chunk, tokenizer)
 
 
-def _chunk_queries(histories: list, plan: dict[int, list[tuple[int, int]]]) -> tuple[list[Subject], list[int], list[int]]:
-    """(subjects, query horizons, label rows) of one chunk's queries."""
-    subjects, horizons, targets = [], [], []
-    for history_id, _, prediction_time, subject in histories:
+def _chunk_queries(histories: pl.DataFrame, plan: dict[int, list[tuple[int, int]]]) -> tuple[np.ndarray, ...]:
+    """(history id, label row, horizon in days) of each query of a chunk's ``histories``, in the order they are
+    scored."""
+    queries = [(history_id, row, horizon) for history_id in histories["history_id"].to_list()
+               for row, horizon in plan.get(history_id, [])]
+    if not queries:
+        return (np.empty(0, np.int64),) * 3
+    return tuple(np.asarray(column, np.int64) for column in zip(*queries))
+
+
+def _query_inputs(tokenized: dict, history_ids: np.ndarray, horizons: np.ndarray) -> tuple[list[Subject], list[int]]:
+    """(subjects, query horizons from each history's last known visit) of a batch of queries."""
+    subjects, days = [], []
+    for history_id, horizon in zip(history_ids.tolist(), horizons.tolist()):
+        _, _, prediction_time, subject = tokenized[history_id]
         # The label counts onsets in (t, t + H]. When the last known visit is before the prediction day
         # (every event of that day was removed from the inputs or dropped), the query stays at t + H.
         prediction_day = (prediction_time.date() - _EPOCH).days
-        gap = prediction_day - int(subject.visit_days[-1])
-        for row, horizon in plan.get(history_id, []):
-            subjects.append(subject)
-            horizons.append(horizon + gap)
-            targets.append(row)
-    return subjects, horizons, targets
+        subjects.append(subject)
+        days.append(horizon + prediction_day - int(subject.visit_days[-1]))
+    return subjects, days
 
 
 def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Path, labels: pl.DataFrame,
              task: Task, config: ForecastConfig, model_name: str, progress: bool = True,
-             summary_tokens: int = 0) -> Forecast:
+             summary_tokens: int = 0, dist: Distributed | None = None) -> Forecast:
     """Score the labelled rows of ``labels`` (of ``config.splits``) with the horizon query; ``summary_tokens``
-    is the run's ``data.history_summary_tokens``."""
+    is the run's ``data.history_summary_tokens``.
+
+    Under torchrun (``dist``) the batches of queries are dealt out to the processes in turn: every process reads
+    and cuts every chunk of histories, tokenizes only the histories of its own batches and scores those batches,
+    the same batches one process scores, so the risks are the same bit for bit; each process returns them all."""
     summary = HistorySummary.of(vocab, summary_tokens)
     from tqdm import tqdm
 
     config.validate()
+    dist = dist or Distributed()
     token_ids = condition_token_ids(task, vocab, "the run's vocabulary")
     rows, skipped = rows_to_score(labels, config.splits)
     histories = history_table(rows)
     plan = query_plan(rows, histories, config)
     device = model_device(model)
     autocast, precision = autocast_for(config.precision, device)
-    risk_sum, risk_n = np.zeros(rows.height, np.float64), np.zeros(rows.height, np.int64)
     cut_counts: dict = {}
     n_queries = sum(len(q) for q in plan.values())
     chunks = read_histories(meds_dir, histories, task.remove_from_inputs, config.histories_per_chunk)
-    bar = tqdm(total=n_queries, desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
-    for chunk, tokenized in tokenized_histories(chunks, tokenizer):
-        add_counts(cut_counts, chunk.counts)
-        subjects, horizons, targets = _chunk_queries(tokenized, plan)
-        risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
-                              config.batch_size, device, progress=bar, autocast=autocast, summary=summary)
-        np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
-        np.add.at(risk_n, np.asarray(targets, np.int64), 1)
+    bar = tqdm(total=None if dist.active else n_queries, desc=f"forecast {task.name}", unit="query",
+               disable=not (progress and dist.main), file=sys.stderr)
+    query_rows, query_risks = [], []  # per chunk: the label row and the risk of each query (0 where not scored here)
+    batches_dealt, scored_here = 0, 0
+    with dist.together():  # a history that fails here stops every process, not only this one
+        for chunk in chunks:
+            add_counts(cut_counts, chunk.counts)
+            history_ids, targets, horizons = _chunk_queries(chunk.histories, plan)
+            risks = np.zeros(len(targets), np.float64)
+            starts = range(0, len(targets), config.batch_size)
+            mine = [begin for k, begin in enumerate(starts, batches_dealt) if k % dist.world == dist.rank]
+            batches_dealt += len(starts)
+            if mine:
+                wanted = set()
+                for begin in mine:
+                    wanted.update(history_ids[begin:begin + config.batch_size].tolist())
+                tokenized = {h[0]: h for h in tokenize_histories(chunk, tokenizer, wanted if dist.active else None)}
+                for begin in mine:
+                    batch = slice(begin, begin + config.batch_size)
+                    subjects, days = _query_inputs(tokenized, history_ids[batch], horizons[batch])
+                    risks[batch] = score_queries(model, subjects, days, token_ids, config.aggregator, max_tokens,
+                                                 len(subjects), device, progress=bar, autocast=autocast,
+                                                 summary=summary)
+                    scored_here += len(subjects)
+            query_rows.append(targets)
+            query_risks.append(risks)
     bar.close()
+    query_rows = np.concatenate(query_rows) if query_rows else np.empty(0, np.int64)
+    query_risks = dist.all_sum_array(np.concatenate(query_risks) if query_risks else np.empty(0, np.float64))
+    if dist.active:
+        sys.stderr.write(f"forecast {task.name}: process {dist.rank} of {dist.world} scored {scored_here:,} of "
+                         f"{n_queries:,} queries\n")
+    risk_sum, risk_n = np.zeros(rows.height, np.float64), np.zeros(rows.height, np.int64)
+    np.add.at(risk_sum, query_rows, query_risks)  # a row's horizons in the order they were asked
+    np.add.at(risk_n, query_rows, 1)
     # In the rows' order (HorizonQueryModel.predict_proba reads the column as is), with the label columns the
     # driver carries.
     carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns]
@@ -217,8 +267,9 @@ class HorizonQueryModel(ComparedModel):
     kind = ZERO_SHOT
     needs_train_labels = False
 
-    def __init__(self, run: Path, config: ForecastConfig, device: str | None = None, progress: bool = True):
-        self.run, self.config, self.progress = Path(run), config.validate(), progress
+    def __init__(self, run: Path, config: ForecastConfig, device: str | None = None, progress: bool = True,
+                 dist: Distributed | None = None):
+        self.run, self.config, self.progress, self.dist = Path(run), config.validate(), progress, dist
         self.model, self.vocab, self.run_config = load_next_visit_run(run, resolve_device(device))
         self.tokenizer = read_tokenizer(run, vocab=self.vocab)  # the run's own lab statistics and tokenizer.yaml
         self.name = model_name(run, config)
@@ -232,7 +283,7 @@ class HorizonQueryModel(ComparedModel):
         docs/interfaces.md §5; ``age_years`` and ``sex`` may be null)."""
         return forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
                         labels, task, replace(self.config, splits=tuple(splits)), self.name, progress=self.progress,
-                        summary_tokens=self.run_config.data.history_summary_tokens)
+                        summary_tokens=self.run_config.data.history_summary_tokens, dist=self.dist)
 
     def predict_proba(self, inputs, rows: pl.DataFrame) -> np.ndarray:
         meds_dir, task = inputs
@@ -250,14 +301,23 @@ class HorizonQueryModel(ComparedModel):
 
 
 def run_cli(args) -> int:
+    """`nextvisit forecast`; under torchrun every process scores its share of the queries and process 0 alone
+    writes ``--out`` (it holds the folder's lock from the check before any work to the publish)."""
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
         splits=parse_splits(args.splits), precision=args.precision,
     ).validate()
-    check_out(args.out, args.overwrite)
-    model = HorizonQueryModel(args.run, config, args.device)
-    compare.run(model, args.meds_dir, args.labels, args.out, args.overwrite, splits=config.splits)
-    print(f"scored {model.scored['queries']:,} queries of the label rows of splits {', '.join(config.splits)} "
-          f"with {model.name}")
-    print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    dist, device = init_distributed(args.device)
+    with dist.together():  # a refused --out stops every process
+        if dist.main:
+            check_out(args.out, args.overwrite)
+    model = HorizonQueryModel(args.run, config, str(device), dist=dist)
+    if dist.main:
+        compare.run(model, args.meds_dir, args.labels, args.out, args.overwrite, splits=config.splits)
+        print(f"scored {model.scored['queries']:,} queries of the label rows of splits {', '.join(config.splits)} "
+              f"with {model.name}" + (f" on {dist.world} processes" if dist.active else ""))
+        print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    else:
+        compare.score(model, args.meds_dir, args.labels, splits=config.splits)
+    shutdown()
     return 0
