@@ -1,5 +1,5 @@
-"""The trainer: run folder contract, learning on a tiny store, exact resume, bad input (DDP:
-tests/test_distributed.py)."""
+"""The trainer: run folder contract, learning on a tiny store, exact resume, the same run bit for bit at the same
+seed and thread count, bad input (DDP: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -224,6 +224,34 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "o.yaml").write_text("model:\n  n_layers: 4\nloss:\n  kind: bce\n")
     config = resolve("tiny", tmp_path / "o.yaml")
     assert config.model.n_layers == 4 and config.loss.kind == "bce"
+
+
+def test_same_seed_and_thread_count_give_the_same_run_bit_for_bit(store, tmp_path):
+    """Two runs of the command line, in fresh processes, at the same seed and CPU thread count: the same weights bit
+    for bit and the same metrics.csv digit for digit (all but the wall-clock columns), in the default precision. The
+    first takes its thread count from the environment and writes it to its config.yaml; the second sets it there,
+    in an environment that would give another."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, config_threads, environment_threads in (("first", 0, "2"), ("second", 2, "1")):
+        config = tiny_config(threads=config_threads, precision="auto", max_steps=6, eval_every=3, checkpoint_every=3)
+        config.save(tmp_path / f"{name}.yaml")
+        done = subprocess.run([sys.executable, "-m", "nextvisit.cli", "pretrain", str(store), "--out",
+                               str(tmp_path / name), "--config", str(tmp_path / f"{name}.yaml"), "--device", "cpu"],
+                              # (a passive wait: two spinning threads on a busy machine take minutes)
+                              env=dict(os.environ, OMP_NUM_THREADS=environment_threads, OMP_WAIT_POLICY="PASSIVE"),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "(2 threads)" in done.stderr
+        runs[name] = tmp_path / name
+    assert RunConfig.load(runs["first"] / "config.yaml").train.threads == 2
+    timing = {"tokens_per_s", "elapsed_s"}
+    curves = {name: [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run)]
+              for name, run in runs.items()}
+    assert len(curves["first"]) >= 6 and curves["first"] == curves["second"]
+    first, second = (load_file(str(runs[name] / "model.safetensors")) for name in ("first", "second"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):

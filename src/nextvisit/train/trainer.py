@@ -53,6 +53,10 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         keep_large_buffers_in_the_heap()
     store = TokenStore(store_path)
     run_dir = Path(run_dir)
+    if not resume and not config.train.threads:
+        # a CPU run is the same bit for bit only at the same thread count (docs/scale.md, "Reproducibility"):
+        # the count this environment gives is written to the run's config, so that --resume keeps it
+        config.train.threads = torch.get_num_threads()
     # one process at a time writes the run folder (its lock, beside it, is held to the end of the run)
     with ExitStack() as held:
         config = shared_run_config(run_dir, store, config, resume, dist, held)
@@ -144,7 +148,9 @@ def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: 
           + (f", history summary of up to {plan.summary.max_tokens} tokens" if plan.summary else "")
           + (f", visit-time head ({len(config.model.visit_time_edges)} gap bins, loss weight "
              f"{config.loss.visit_time_weight:g})" if config.model.visit_time_head else "")
-          + f", {precision}, {trainee.device}, {dist.world} process(es)",
+          + f", {precision}, {trainee.device}"
+          + (f" ({torch.get_num_threads()} threads)" if trainee.device.type == "cpu" else "")
+          + f", {dist.world} process(es)",
           file=sys.stderr)
 
 
