@@ -1,11 +1,11 @@
-"""The trainer: run folder contract, learning on a tiny store, exact resume, DDP equivalence, bad input."""
+"""The trainer: run folder contract, learning on a tiny store, exact resume, the same run bit for bit at the same
+seed and thread count, bad input (DDP: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -226,42 +226,32 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
     assert config.model.n_layers == 4 and config.loss.kind == "bce"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-DDP_SCRIPT = """
-import sys, torch
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-from test_train import tiny_config
-from nextvisit.train.trainer import train
-config = tiny_config(max_steps=3, micro_batch={micro}, batch_contexts=8, eval_every=1000, checkpoint_every=1000)
-train(Path({store!r}), Path({run!r}), config, progress=False, device_name="cpu")
-torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
-"""
-
-
-def test_ddp_two_processes_match_one_process(store, tmp_path):
-    """2 gloo processes x 4 contexts equal 1 process x 2 micro-batches of 4 at the same global batch."""
+def test_same_seed_and_thread_count_give_the_same_run_bit_for_bit(store, tmp_path):
+    """Two runs of the command line, in fresh processes, at the same seed and CPU thread count: the same weights bit
+    for bit and the same metrics.csv digit for digit (all but the wall-clock columns), in the default precision. The
+    first takes its thread count from the environment and writes it to its config.yaml; the second sets it there,
+    in an environment that would give another."""
     from safetensors.torch import load_file
 
-    tests = str(Path(__file__).resolve().parent)
-    results = {}
-    for world, micro in ((1, 4), (2, 4)):
-        run = tmp_path / f"run{world}"
-        script = tmp_path / f"ddp{world}.py"
-        script.write_text(DDP_SCRIPT.format(tests=tests, micro=micro, store=str(store), run=str(run)))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                   f"--master_port={_free_port()}", str(script)] if world > 1 else [sys.executable, str(script)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    runs = {}
+    for name, config_threads, environment_threads in (("first", 0, "2"), ("second", 2, "1")):
+        config = tiny_config(threads=config_threads, precision="auto", max_steps=6, eval_every=3, checkpoint_every=3)
+        config.save(tmp_path / f"{name}.yaml")
+        done = subprocess.run([sys.executable, "-m", "nextvisit.cli", "pretrain", str(store), "--out",
+                               str(tmp_path / name), "--config", str(tmp_path / f"{name}.yaml"), "--device", "cpu"],
+                              # (a passive wait: two spinning threads on a busy machine take minutes)
+                              env=dict(os.environ, OMP_NUM_THREADS=environment_threads, OMP_WAIT_POLICY="PASSIVE"),
+                              capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[world] = load_file(str(run / "model.safetensors"))
-    for name, value in results[1].items():
-        torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-5)
+        assert "(2 threads)" in done.stderr
+        runs[name] = tmp_path / name
+    assert RunConfig.load(runs["first"] / "config.yaml").train.threads == 2
+    timing = {"tokens_per_s", "elapsed_s"}
+    curves = {name: [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run)]
+              for name, run in runs.items()}
+    assert len(curves["first"]) >= 6 and curves["first"] == curves["second"]
+    first, second = (load_file(str(runs[name] / "model.safetensors")) for name in ("first", "second"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_out_of_memory_and_foreign_weights_are_user_errors(store, tmp_path, monkeypatch):

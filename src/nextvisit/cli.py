@@ -222,7 +222,8 @@ def _add_pretrain(verbs) -> None:
         help="pretrain the next-visit model on a token store",
         description=(
             "Train the next-visit transformer: at every visit boundary predict the set of codes of the next "
-            "visit, with sigmoid focal loss and repeat regularization. Multi-GPU: run under torchrun."
+            "visit, with sigmoid focal loss and repeat regularization. Many GPUs or machines: run under torchrun "
+            "(docs/scale.md)."
         ),
     )
     p.add_argument("store", type=Path, metavar="STORE", help="token store folder")
@@ -300,7 +301,8 @@ def _add_forecast(verbs) -> None:
         help="zero-shot risk by horizon query",
         description=(
             "Score labels with a pretrained next-visit model: history cut at the prediction time, one query "
-            "visit boundary at last visit day + horizon, risk aggregated over the condition's codes."
+            "visit boundary at last visit day + horizon, risk aggregated over the condition's codes. Under torchrun "
+            "the processes share the queries and process 0 writes the one predictions file (docs/scale.md)."
         ),
     )
     p.add_argument("run", type=Path, metavar="RUN", help="model run folder from `nextvisit pretrain`")

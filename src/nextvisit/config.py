@@ -131,7 +131,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (also at the end and at the time budget)
     log_every: int = 10
     seed: int = 0
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 0  # torch CPU threads; 0: torch's default, which a new run writes to its config.yaml
 
     def validate(self):
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -31,6 +31,10 @@ class DemoConfig:
     pretrain_steps: int = 600
     decay_steps: int = 550
     pretrain_minutes: float = 3.0  # a safety limit per model on a slow machine, not the planned length
+    # A fixed CPU thread count: a CPU run repeats bit for bit only at the same count (docs/scale.md,
+    # "Reproducibility"), so the same seed gives the same figures on any machine; 2, the cores the timings above
+    # were measured on (the tiny model gains little from more).
+    pretrain_threads: int = 2
     masked_pretrain_minutes: float = 0.75
     # per task, whole command: fold run + refit when tuning holds too few positive subjects (docs/baselines.md)
     masked_finetune_minutes: float = 1.0
@@ -68,6 +72,18 @@ class _Stages:
         print(f"   done in {elapsed:.1f} s", flush=True)
 
 
+def _warn_if_stopped_early(run: Path, config: DemoConfig) -> None:
+    """The safety limit stops a run at whatever step the machine reached: say so, since such figures do not
+    repeat."""
+    from nextvisit.train.checkpoint import checkpoint_step
+
+    step = checkpoint_step(run)
+    if step != config.pretrain_steps:
+        print(f"   warning: {run.name} stopped at step {step} of {config.pretrain_steps} (the safety limit of "
+              f"{config.pretrain_minutes:g} minutes): this machine is slower or busier than planned, and the "
+              "figures of a run cut by the clock differ from run to run", flush=True)
+
+
 def run_demo(out: Path, config: DemoConfig) -> Path:
     out = Path(out)
     marker = out / DEMO_MARKER
@@ -85,15 +101,18 @@ def run_demo(out: Path, config: DemoConfig) -> Path:
 
     stages.run(f"simulate {config.subjects:,} subjects", ["simulate", "--subjects", config.subjects, "--seed", config.seed, "--out", meds])
     stages.run("tokenize (vocabulary and lab statistics from train only)", ["tokenize", meds, "--out", store])
-    schedule = f"train:\n  max_steps: {config.pretrain_steps}\n  decay_steps: {config.decay_steps}\n"
+    schedule = (f"train:\n  max_steps: {config.pretrain_steps}\n  decay_steps: {config.decay_steps}\n"
+                f"  threads: {config.pretrain_threads}\n")
     (out / "pretrain.yaml").write_text(schedule)
     stages.run(f"pretrain next-visit model, preset tiny ({config.pretrain_steps} steps)",
                ["pretrain", store, "--out", run, "--preset", "tiny", "--config", out / "pretrain.yaml",
                 "--max-minutes", config.pretrain_minutes])
+    _warn_if_stopped_early(run, config)
     (out / "pretrain_no_repeat_reg.yaml").write_text(schedule + "loss:\n  repeat_decay: 1.0\n")
     stages.run(f"pretrain the same model without repeat regularization ({config.pretrain_steps} steps)",
                ["pretrain", store, "--out", run_plain, "--preset", "tiny", "--config", out / "pretrain_no_repeat_reg.yaml",
                 "--max-minutes", config.pretrain_minutes])
+    _warn_if_stopped_early(run_plain, config)
     stages.run(f"masked-transformer baseline: pretrain ({config.masked_pretrain_minutes} min)",
                ["baseline", "masked", "pretrain", store, "--out", out / "masked", "--preset", "tiny",
                 "--max-minutes", config.masked_pretrain_minutes])

@@ -54,7 +54,8 @@ def prediction_frame(rows: pl.DataFrame, probability, model: str, extra_columns=
     risk = pl.col(probability) if isinstance(probability, str) else pl.Series(PROBABILITY, probability)
     carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns and c not in extra_columns]
     return rows.select(
-        *PREDICTION_COLUMNS, risk.cast(pl.Float64).alias(PROBABILITY), pl.lit(model).alias("model"), *carried,
+        # NaN (a row a model could not score) is written as null, the schema's missing value
+        *PREDICTION_COLUMNS, risk.cast(pl.Float64).fill_nan(None).alias(PROBABILITY), pl.lit(model).alias("model"), *carried,
         *extra_columns,
     ).sort(*SORT_KEYS)
 

@@ -31,6 +31,7 @@ from nextvisit.artifacts.predictions import CARRIED_LABEL_COLUMNS, PREDICTION_CO
 from nextvisit.data.histories import HistoryChunk, add_counts, history_table, read_histories
 from nextvisit.compare import ComparedModel, Labels
 from nextvisit.errors import UserError
+from nextvisit.model.distributed import Distributed, init_distributed, shutdown
 from nextvisit.model.run import NextVisitRun, autocast_for, check_precision
 from nextvisit.model.sequence import HistorySummary, query_batch
 from nextvisit.predict.scoring import (
@@ -126,88 +127,148 @@ def query_plan(rows: pl.DataFrame, histories: pl.DataFrame, config: ForecastConf
     return plan
 
 
+def tokenize_histories(chunk: HistoryChunk, tokenizer, history_ids=None, no_visit: list | None = None) -> list:
+    """One ``(history_id, subject_id, prediction_time, Subject)`` per history of ``chunk`` (of those in
+    ``history_ids`` when given), in the chunk's order (``Subject.subject_id`` is the history id). A history with no
+    visit known at its prediction time (labels from elsewhere, e.g. an ACES task, may predict before a subject's
+    first dated event) has nothing to forecast from: with a ``no_visit`` list it is left out and its
+    ``(history_id, subject_id, prediction_time)`` appended there, for the caller to count; without one it is an
+    error naming the row."""
+    histories = chunk.histories.select("history_id", "subject_id", "prediction_time")
+    events = chunk.events
+    if history_ids is not None:
+        wanted = pl.Series(sorted(history_ids), dtype=pl.Int64).implode()
+        histories = histories.filter(pl.col("history_id").is_in(wanted))
+        events = events.filter(pl.col("history_id").is_in(wanted))
+    events = events.select(pl.col("history_id").alias("subject_id"), "time", "code", "numeric_value")
+    try:
+        tokenized = {s.subject_id: s for s in tokenizer.subjects(events)}
+    except UserError as exc:
+        raise UserError(f"{chunk.source}: tokenizing the histories of subjects {chunk.histories['subject_id'].min()}.."
+                        f"{chunk.histories['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
+                        "number)") from None
+    out = []
+    for history_id, subject_id, prediction_time in histories.iter_rows():
+        subject = tokenized.get(history_id)
+        if subject is None or subject.n_visits == 0:
+            if no_visit is not None:
+                no_visit.append((history_id, subject_id, prediction_time))
+                continue
+            raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
+                            "time, so there is no history to forecast from; check the labels' prediction_time")
+        out.append((history_id, subject_id, prediction_time, subject))
+    return out
+
+
 def tokenized_histories(chunks: Iterator[HistoryChunk], tokenizer,
                         no_visit: list | None = None) -> Iterator[tuple[HistoryChunk, list]]:
-    """Per chunk of cut histories, one ``(history_id, subject_id, prediction_time, Subject)`` per history
-    (``Subject.subject_id`` is the history id). A history with no visit known at its prediction time (labels
-    from elsewhere, e.g. an ACES task, may predict before a subject's first dated event) has nothing to forecast
-    from: with a ``no_visit`` list it is left out and its ``(history_id, subject_id, prediction_time)`` appended
-    there, for the caller to count; without one it is an error naming the row."""
+    """Per chunk of cut histories, its histories tokenized (``tokenize_histories``)."""
     for chunk in chunks:
-        events = chunk.events.select(pl.col("history_id").alias("subject_id"), "time", "code", "numeric_value")
-        try:
-            tokenized = {s.subject_id: s for s in tokenizer.subjects(events)}
-        except UserError as exc:
-            raise UserError(f"{chunk.source}: tokenizing the histories of subjects {chunk.histories['subject_id'].min()}.."
-                            f"{chunk.histories['subject_id'].max()} failed: {exc} (a 'subject' there is a history row "
-                            "number)") from None
-        out = []
-        for history_id, subject_id, prediction_time in chunk.histories.select(
-                "history_id", "subject_id", "prediction_time").iter_rows():
-            subject = tokenized.get(history_id)
-            if subject is None or subject.n_visits == 0:
-                if no_visit is not None:
-                    no_visit.append((history_id, subject_id, prediction_time))
-                    continue
-                raise UserError(f"subject {subject_id} at {prediction_time}: no visit is known at the prediction "
-                                "time, so there is no history to forecast from; check the labels' prediction_time")
-            out.append((history_id, subject_id, prediction_time, subject))
-        yield chunk, out
+        yield chunk, tokenize_histories(chunk, tokenizer, no_visit=no_visit)
 
 
-def _chunk_queries(histories: list, plan: dict[int, list[tuple[int, int]]]) -> tuple[list[Subject], list[int], list[int]]:
-    """(subjects, query horizons, label rows) of one chunk's queries."""
-    subjects, horizons, targets = [], [], []
-    for history_id, _, prediction_time, subject in histories:
+def _chunk_queries(histories: pl.DataFrame, plan: dict[int, list[tuple[int, int]]]) -> tuple[np.ndarray, ...]:
+    """(history id, label row, horizon in days) of each query of a chunk's ``histories``, in the order they are
+    scored."""
+    queries = [(history_id, row, horizon) for history_id in histories["history_id"].to_list()
+               for row, horizon in plan.get(history_id, [])]
+    if not queries:
+        return (np.empty(0, np.int64),) * 3
+    return tuple(np.asarray(column, np.int64) for column in zip(*queries))
+
+
+def _query_inputs(tokenized: dict, history_ids: np.ndarray, horizons: np.ndarray) -> tuple[list[Subject], list[int]]:
+    """(subjects, query horizons from each history's last known visit) of a batch of queries."""
+    subjects, days = [], []
+    for history_id, horizon in zip(history_ids.tolist(), horizons.tolist()):
+        _, _, prediction_time, subject = tokenized[history_id]
         # The label counts onsets in (t, t + H]. When the last known visit is before the prediction day
         # (every event of that day was removed from the inputs or dropped), the query stays at t + H.
         prediction_day = (prediction_time.date() - _EPOCH).days
-        gap = prediction_day - int(subject.visit_days[-1])
-        for row, horizon in plan.get(history_id, []):
-            subjects.append(subject)
-            horizons.append(horizon + gap)
-            targets.append(row)
-    return subjects, horizons, targets
+        subjects.append(subject)
+        days.append(horizon + prediction_day - int(subject.visit_days[-1]))
+    return subjects, days
 
 
 def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Path, labels: pl.DataFrame,
              task: Task, config: ForecastConfig, model_name: str, progress: bool = True,
-             summary_tokens: int = 0) -> Forecast:
+             summary_tokens: int = 0, dist: Distributed | None = None) -> Forecast:
     """Score the labelled rows of ``labels`` (of ``config.splits``) with the horizon query; ``summary_tokens``
-    is the run's ``data.history_summary_tokens``."""
+    is the run's ``data.history_summary_tokens``.
+
+    Under torchrun (``dist``) the batches of queries are dealt out to the processes in turn: every process reads
+    and cuts every chunk of histories, tokenizes only the histories of its own batches and scores those batches,
+    the same batches one process scores, so the risks are the same bit for bit; each process returns them all."""
     summary = HistorySummary.of(vocab, summary_tokens)
     from tqdm import tqdm
 
     config.validate()
+    dist = dist or Distributed()
     token_ids = condition_token_ids(task, vocab, "the run's vocabulary")
     rows, skipped = rows_to_score(labels, config.splits)
     histories = history_table(rows)
     plan = query_plan(rows, histories, config)
     device = model_device(model)
     autocast, precision = autocast_for(config.precision, device)
-    risk_sum, risk_n = np.zeros(rows.height, np.float64), np.zeros(rows.height, np.int64)
     cut_counts: dict = {}
     n_queries = sum(len(q) for q in plan.values())
     chunks = read_histories(meds_dir, histories, task.remove_from_inputs, config.histories_per_chunk)
-    bar = tqdm(total=n_queries, desc=f"forecast {task.name}", unit="query", disable=not progress, file=sys.stderr)
-    no_visit: list = []
-    for chunk, tokenized in tokenized_histories(chunks, tokenizer, no_visit):
-        add_counts(cut_counts, chunk.counts)
-        subjects, horizons, targets = _chunk_queries(tokenized, plan)
-        risks = score_queries(model, subjects, horizons, token_ids, config.aggregator, max_tokens,
-                              config.batch_size, device, progress=bar, autocast=autocast, summary=summary)
-        np.add.at(risk_sum, np.asarray(targets, np.int64), risks)
-        np.add.at(risk_n, np.asarray(targets, np.int64), 1)
+    bar = tqdm(total=None if dist.active else n_queries, desc=f"forecast {task.name}", unit="query",
+               disable=not (progress and dist.main), file=sys.stderr)
+    # per chunk: the label row, history and risk of each query (0 where another process scores it; NaN where its
+    # history has no visit, so the sum over processes stays NaN there)
+    query_rows, query_histories, query_risks = [], [], []
+    batches_dealt, scored_here = 0, 0
+    with dist.together():  # a history that fails here stops every process, not only this one
+        for chunk in chunks:
+            add_counts(cut_counts, chunk.counts)
+            history_ids, targets, horizons = _chunk_queries(chunk.histories, plan)
+            risks = np.zeros(len(targets), np.float64)
+            starts = range(0, len(targets), config.batch_size)
+            mine = [begin for k, begin in enumerate(starts, batches_dealt) if k % dist.world == dist.rank]
+            batches_dealt += len(starts)
+            if mine:
+                wanted = set()
+                for begin in mine:
+                    wanted.update(history_ids[begin:begin + config.batch_size].tolist())
+                tokenized = {h[0]: h for h in tokenize_histories(chunk, tokenizer, wanted if dist.active else None,
+                                                                  no_visit=[])}
+                for begin in mine:
+                    batch = slice(begin, begin + config.batch_size)
+                    ids = history_ids[batch]
+                    known = np.fromiter((h in tokenized for h in ids.tolist()), bool, len(ids))
+                    part = np.full(len(ids), np.nan)
+                    if known.any():
+                        subjects, days = _query_inputs(tokenized, ids[known], horizons[batch][known])
+                        part[known] = score_queries(model, subjects, days, token_ids, config.aggregator, max_tokens,
+                                                    len(subjects), device, progress=bar, autocast=autocast,
+                                                    summary=summary)
+                    if not known.all():
+                        bar.update(int((~known).sum()))
+                    risks[batch] = part
+                    scored_here += int(known.sum())
+            query_rows.append(targets)
+            query_histories.append(history_ids)
+            query_risks.append(risks)
     bar.close()
+    query_rows = np.concatenate(query_rows) if query_rows else np.empty(0, np.int64)
+    query_histories = np.concatenate(query_histories) if query_histories else np.empty(0, np.int64)
+    query_risks = dist.all_sum_array(np.concatenate(query_risks) if query_risks else np.empty(0, np.float64))
+    if dist.active:
+        sys.stderr.write(f"forecast {task.name}: process {dist.rank} of {dist.world} scored {scored_here:,} of "
+                         f"{n_queries:,} queries\n")
+    risk_sum, risk_n = np.zeros(rows.height, np.float64), np.zeros(rows.height, np.int64)
+    np.add.at(risk_sum, query_rows, query_risks)  # a row's horizons in the order they were asked
+    np.add.at(risk_n, query_rows, 1)
     # A row whose history holds no visit keeps its place with a null probability: `evaluate` counts and excludes
     # it (missing_score_rows_excluded), and it is counted here.
-    risk = np.where(risk_n > 0, risk_sum / np.maximum(risk_n, 1), np.nan)
-    unscored = no_visit_rows(rows, histories, no_visit)
+    unscored = no_visit_rows(rows, histories, np.unique(query_histories[np.isnan(query_risks)]).tolist(),
+                             warn=dist.main)
     # In the rows' order (HorizonQueryModel.predict_proba reads the column as is), with the label columns the
     # driver carries.
     carried = [c for c in CARRIED_LABEL_COLUMNS if c in rows.columns]
     predictions = rows.select(*PREDICTION_COLUMNS).with_columns(
-        pl.Series(PROBABILITY, risk, dtype=pl.Float64).fill_nan(None),
+        pl.Series(PROBABILITY, risk_sum / np.maximum(risk_n, 1), dtype=pl.Float64).fill_nan(None),
         pl.lit(model_name).alias("model"),
     ).with_columns(rows.select(carried))
     info = {"label_counts": label_counts(labels), "rows_not_scored": skipped, "queries": n_queries,
@@ -215,18 +276,22 @@ def forecast(model, vocab: Vocabulary, tokenizer, max_tokens: int, meds_dir: Pat
     return Forecast(predictions=predictions, info=info)
 
 
-def no_visit_rows(rows: pl.DataFrame, histories: pl.DataFrame, no_visit: list) -> dict:
-    """What ``info.json`` records of the label rows left unscored because no visit was known at their prediction
-    time (``tokenized_histories``), with a warning on stderr naming the first; {} when there are none."""
-    if not no_visit:
+def no_visit_rows(rows: pl.DataFrame, histories: pl.DataFrame, history_ids: list[int], warn: bool = True) -> dict:
+    """What ``info.json`` records of the label ``rows`` left unscored because no visit was known at their
+    prediction time (the ``history_ids`` of ``histories`` that ``tokenize_histories`` left out), with a warning
+    on stderr naming the first; {} when there are none."""
+    if not history_ids:
         return {}
-    ids = [h for h, _, _ in no_visit]
-    n_rows = rows.join(histories.filter(pl.col("history_id").is_in(ids)), on=["subject_id", "prediction_time"]).height
-    _, subject_id, prediction_time = no_visit[0]
-    print(f"nextvisit: warning: {n_rows:,} label row(s) of {len(no_visit):,} (subject, prediction time) pair(s) have "
-          f"no visit known at the prediction time (first: subject {subject_id} at {prediction_time}), so nothing to "
-          "forecast from: their probability is null and `evaluate` excludes and counts them", file=sys.stderr)
-    return {"rows_without_history": {"rows": n_rows, "histories": len(no_visit),
+    left_out = histories.filter(pl.col("history_id").is_in(history_ids)).sort("history_id")
+    n_rows = rows.join(left_out, on=["subject_id", "prediction_time"]).height
+    first = left_out.row(0, named=True)
+    subject_id, prediction_time = first["subject_id"], first["prediction_time"]
+    if warn:
+        print(f"nextvisit: warning: {n_rows:,} label row(s) of {left_out.height:,} (subject, prediction time) pair(s) "
+              f"have no visit known at the prediction time (first: subject {subject_id} at {prediction_time}), so "
+              "nothing to forecast from: their probability is null and `evaluate` excludes and counts them",
+              file=sys.stderr)
+    return {"rows_without_history": {"rows": n_rows, "histories": left_out.height,
                                      "first": {"subject_id": int(subject_id), "prediction_time": str(prediction_time)}}}
 
 
@@ -245,10 +310,10 @@ class HorizonQueryModel(ComparedModel):
     needs_train_labels = False
 
     def __init__(self, run: Path | NextVisitRun, config: ForecastConfig, device: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, dist: Distributed | None = None):
         """``run``: a run folder (loaded on ``device``) or a run loaded already."""
         loaded = NextVisitRun.of(run, device)
-        self.run, self.config, self.progress = loaded.path, config.validate(), progress
+        self.run, self.config, self.progress, self.dist = loaded.path, config.validate(), progress, dist
         self.model, self.vocab, self.run_config = loaded.model, loaded.vocab, loaded.config
         self.tokenizer = loaded.tokenizer  # the run's own lab statistics and tokenizer.yaml
         self.name = model_name(loaded.path, config)
@@ -262,7 +327,7 @@ class HorizonQueryModel(ComparedModel):
         docs/interfaces.md §5; ``age_years`` and ``sex`` may be null)."""
         return forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
                         labels, task, replace(self.config, splits=tuple(splits)), self.name, progress=self.progress,
-                        summary_tokens=self.run_config.data.history_summary_tokens)
+                        summary_tokens=self.run_config.data.history_summary_tokens, dist=self.dist)
 
     def predict_proba(self, inputs, rows: pl.DataFrame) -> np.ndarray:
         meds_dir, task = inputs
@@ -280,14 +345,24 @@ class HorizonQueryModel(ComparedModel):
 
 
 def run_cli(args) -> int:
+    """`nextvisit forecast`; under torchrun every process scores its share of the queries and process 0 alone
+    writes ``--out`` (it holds the folder's lock from the check before any work to the publish)."""
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
         splits=parse_splits(args.splits), precision=args.precision,
     ).validate()
-    check_out(args.out, args.overwrite)
-    model = HorizonQueryModel(args.run, config, args.device)
-    compare.run(model, args.meds_dir, args.labels, args.out, args.overwrite, splits=config.splits)
-    print(f"scored {model.scored['queries']:,} queries of the label rows of splits {', '.join(config.splits)} "
-          f"with {model.name}")
-    print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    dist, device = init_distributed(args.device)
+    with dist.together():  # a refused --out stops every process
+        if dist.main:
+            check_out(args.out, args.overwrite)
+    model = HorizonQueryModel(args.run, config, str(device), dist=dist)
+    if dist.main:
+        compare.run(model, args.meds_dir, args.labels, args.out, args.overwrite, splits=config.splits)
+        print(f"scored {model.scored['queries']:,} queries of the label rows of splits {', '.join(config.splits)} "
+              f"with {model.name}" + (f" on {dist.world} processes" if dist.active else ""))
+        print(f"wrote {Path(args.out) / 'predictions.parquet'}")
+    else:
+        compare.score(model, args.meds_dir, Labels.of(args.labels, require_train=model.needs_train_labels,
+                                                      require_task=model.needs_task), splits=config.splits)
+    shutdown()
     return 0

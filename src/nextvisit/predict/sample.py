@@ -622,7 +622,7 @@ def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, 
             "empty_visits_kept": counts.empty_visits, "visits_truncated_for_the_model": counts.truncated_visits,
             "seconds": round(seconds, 1), "trajectories_per_s": round(counts.trajectories / max(seconds, 1e-9), 2),
             "generated_tokens_per_s": round(counts.generated_tokens / max(seconds, 1e-9), 1),
-            "precision": sampler.precision, "events_not_seen": cut_counts, **no_visit_rows(rows, table, no_visit),
+            "precision": sampler.precision, "events_not_seen": cut_counts, **no_visit_rows(rows, table, [h for h, _, _ in no_visit]),
             "config": {"run": str(run), "sample": asdict(config), "window_tokens": sampler.limit,
                        "keep_tokens_on_slide": sampler.keep, "run_config": run_config.to_dict()},
         }

@@ -8,7 +8,7 @@ from nextvisit.data.meds import DEATH_CODE
 from nextvisit.errors import UserError
 from nextvisit.model.sequence import PAD_MULTIPLE, HistorySummary, HorizonQuerySampling, TrainingPlan
 from nextvisit.tokenize.store import TokenStore
-from nextvisit.train.distributed import Distributed
+from nextvisit.model.distributed import Distributed
 
 
 def pad_multiple(config: RunConfig) -> int:
@@ -42,7 +42,12 @@ def training_plan(store: TokenStore, config: RunConfig, supervised_np):
 
 
 def step_micro_batches(plan: TrainingPlan, state: dict, batch_contexts: int, micro_batch: int, dist: Distributed):
-    """This process's micro-batches of the next step; advances the data position (epoch, index)."""
+    """This process's micro-batches of the next step; advances the data position (epoch, index).
+
+    Process r of P takes the r-th contiguous share of the step's contexts (``Distributed.part``). When
+    ``batch_contexts / P`` is a multiple of ``micro_batch``, every micro-batch of a distributed step is one of the
+    micro-batches one process takes at the same global batch: the same contexts, padded alike, so each has the
+    same gradient bit for bit (only the order of their sum differs, docs/scale.md)."""
     chosen = []  # (epoch, context index)
     epoch, index = state["epoch"], state["index"]
     while len(chosen) < batch_contexts:
@@ -53,7 +58,7 @@ def step_micro_batches(plan: TrainingPlan, state: dict, batch_contexts: int, mic
         if index >= n:
             epoch, index = epoch + 1, 0
     state["epoch"], state["index"] = epoch, index
-    mine = chosen[dist.rank :: dist.world]
+    mine = chosen[dist.part(len(chosen))]
     batches = []
     for k in range(0, len(mine), micro_batch):
         part = mine[k : k + micro_batch]

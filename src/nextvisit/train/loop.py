@@ -29,7 +29,7 @@ from nextvisit.model.transformer import NextVisitModel
 from nextvisit.model.visit_time import edges_tensor, gap_nll
 from nextvisit.train.checkpoint import checkpoint_step, save_checkpoint
 from nextvisit.train.data import step_micro_batches
-from nextvisit.train.distributed import Distributed
+from nextvisit.model.distributed import Distributed
 from nextvisit.train.metrics import MetricsWriter
 from nextvisit.train.validation import Validation
 
@@ -76,7 +76,7 @@ class Limits:
         """Whether the time is up, on any process (then all stop together)."""
         stop = self.seconds is not None and time.monotonic() - self.start >= self.seconds
         if trainee.dist.active:
-            stop = trainee.dist.all_sum(float(stop), trainee.device) > 0
+            stop = trainee.dist.all_sum(float(stop)) > 0
         return stop
 
 
@@ -128,20 +128,20 @@ def optimizer_step(trainee: Trainee, state: dict) -> tuple[float, float, float, 
     """One optimizer step; advances ``state`` (step, data position, tokens; ``visit_time_loss``, the step's
     visit-time loss, for a model with that head). Returns (learning rate, next-visit loss, gradient norm before
     clipping, tokens of the step over all processes)."""
-    tc, dist, device = trainee.config.train, trainee.dist, trainee.device
+    tc, dist = trainee.config.train, trainee.dist
     step = state["step"]
     lr = learning_rate(step, tc)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     micro = step_micro_batches(trainee.plan, state, tc.batch_contexts, tc.micro_batch, dist)
-    n_seps = dist.all_sum(float(sum(len(b.positions) for b in micro)), device)
+    n_seps = dist.all_sum(float(sum(len(b.positions) for b in micro)))
     normalizer = n_seps * trainee.n_supervised / dist.world  # DDP averages gradients over processes
-    n_gaps = dist.all_sum(float(sum(len(b.time_gaps) for b in micro)), device) if trainee.model.visit_time is not None else 0.0
+    n_gaps = dist.all_sum(float(sum(len(b.time_gaps) for b in micro))) if trainee.model.visit_time is not None else 0.0
     trainee.ddp_model.train()
     loss_sum, time_sum, tokens = _accumulate_gradients(trainee, micro, normalizer, step, n_gaps / dist.world)
-    step_loss = dist.all_sum(loss_sum, device) / dist.world
+    step_loss = dist.all_sum(loss_sum) / dist.world
     if trainee.model.visit_time is not None:
-        state["visit_time_loss"] = dist.all_sum(time_sum, device) / dist.world
+        state["visit_time_loss"] = dist.all_sum(time_sum) / dist.world
     if not math.isfinite(step_loss):
         run_dir = trainee.run_dir
         raise UserError(f"loss is {step_loss} at step {step}; training stopped. The last good weights are in "
@@ -150,7 +150,7 @@ def optimizer_step(trainee: Trainee, state: dict) -> tuple[float, float, float, 
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), tc.grad_clip))
     trainee.optimizer.step()
     trainee.optimizer.zero_grad(set_to_none=True)
-    tokens = int(dist.all_sum(float(tokens), device))
+    tokens = int(dist.all_sum(float(tokens)))
     state["step"] = step + 1
     state["tokens"] += tokens
     return lr, step_loss, grad_norm, tokens

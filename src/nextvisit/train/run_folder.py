@@ -5,14 +5,15 @@ while they are written leaves no folder); a resumed run continues with the confi
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
-from nextvisit.artifacts.folders import atomic_folder, remove_partial_files
+from nextvisit.artifacts.folders import atomic_folder, holding, remove_partial_files
 from nextvisit.config import RunConfig
 from nextvisit.errors import UserError
 from nextvisit.model.run import CONFIG_FILE, VOCAB_FILE, copy_tokenizer_files
 from nextvisit.tokenize.store import TokenStore, Vocabulary
-from nextvisit.train.distributed import Distributed
+from nextvisit.model.distributed import Distributed
 
 
 def prepare_run_dir(run_dir: Path, store: TokenStore, config: RunConfig, resume: bool) -> RunConfig:
@@ -40,12 +41,15 @@ def prepare_run_dir(run_dir: Path, store: TokenStore, config: RunConfig, resume:
     return config
 
 
-def shared_run_config(run_dir: Path, store: TokenStore, config: RunConfig, resume: bool,
-                      dist: Distributed) -> RunConfig:
-    """Process 0 prepares the folder (``prepare_run_dir``); the others then read the config it wrote."""
-    if dist.main:
-        config = prepare_run_dir(run_dir, store, config, resume)
-    dist.barrier()
+def shared_run_config(run_dir: Path, store: TokenStore, config: RunConfig, resume: bool, dist: Distributed,
+                      held: ExitStack) -> RunConfig:
+    """Process 0 takes the run folder's lock (``holding``, until ``held`` closes: the end of the run) and prepares
+    the folder (``prepare_run_dir``); the others then read the config it wrote. A refusal on process 0 (the
+    folder locked by another run, not empty, nothing to resume) stops every process with its message."""
+    with dist.together():
+        if dist.main:
+            held.enter_context(holding(run_dir))
+            config = prepare_run_dir(run_dir, store, config, resume)
     if not dist.main:
         config = RunConfig.load(run_dir / CONFIG_FILE)
     return config

@@ -14,13 +14,13 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nextvisit.artifacts.folders import disk_full, holding
+from nextvisit.artifacts.folders import disk_full
 from nextvisit.config import RunConfig, resolve
 from nextvisit.errors import UserError
 from nextvisit.model.optim import make_optimizer
@@ -31,7 +31,7 @@ from nextvisit.model.visit_time import constant_hazard_logits
 from nextvisit.tokenize.store import TokenStore
 from nextvisit.train.checkpoint import has_checkpoint, load_checkpoint
 from nextvisit.train.data import training_plan
-from nextvisit.train.distributed import init_distributed
+from nextvisit.model.distributed import init_distributed, shutdown
 from nextvisit.train.loop import Limits, Trainee, finish, run_steps
 from nextvisit.train.memory import keep_large_buffers_in_the_heap
 from nextvisit.train.metrics import METRIC_FIELDS, MetricsWriter, truncate_metrics
@@ -55,16 +55,25 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         keep_large_buffers_in_the_heap()
     store = TokenStore(store_path)
     run_dir = Path(run_dir)
+    if not resume and not config.train.threads:
+        # a CPU run is the same bit for bit only at the same thread count (docs/scale.md, "Reproducibility"):
+        # the count this environment gives is written to the run's config, so that --resume keeps it
+        config.train.threads = torch.get_num_threads()
     # one process at a time writes the run folder (its lock, beside it, is held to the end of the run)
-    with holding(run_dir) if dist.main else nullcontext():
-        config = shared_run_config(run_dir, store, config, resume, dist)
+    with ExitStack() as held:
+        config = shared_run_config(run_dir, store, config, resume, dist, held)
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
         supervised_np = store.vocab.supervised_mask()
         try:
+            if dist.world > tc.batch_contexts:  # a process without a context would leave DDP's all-reduce waiting
+                raise UserError(f"train.batch_contexts {tc.batch_contexts} (contexts per step, over all processes) is "
+                                f"less than the {dist.world} processes of this run; raise it to at least "
+                                f"{dist.world} or start fewer processes")
             train_split, plan = training_plan(store, config, supervised_np)
         except UserError:
+            dist.barrier()  # every process fails here alike (the same config and store): all have read the folder
             if dist.main and not resume:  # the folder was empty or absent: leave no half-made run behind
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -148,7 +157,9 @@ def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: 
           + (f", history summary of up to {plan.summary.max_tokens} tokens" if plan.summary else "")
           + (f", visit-time head ({len(config.model.visit_time_edges)} gap bins, loss weight "
              f"{config.loss.visit_time_weight:g})" if config.model.visit_time_head else "")
-          + f", {precision}, {trainee.device}, {dist.world} process(es)",
+          + f", {precision}, {trainee.device}"
+          + (f" ({torch.get_num_threads()} threads)" if trainee.device.type == "cpu" else "")
+          + f", {dist.world} process(es)",
           file=sys.stderr)
 
 
@@ -164,8 +175,7 @@ def pretrain(store_path: Path, run_dir: Path, preset: str = "tiny", config: Path
     resolved = resolve(preset, config) if not resume else RunConfig()
     final = train(store_path, run_dir, resolved, resume=resume, max_minutes=max_minutes, max_steps=max_steps,
                   device_name=device_name, progress=progress)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()
     return final
 
 
