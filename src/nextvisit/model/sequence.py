@@ -675,14 +675,17 @@ class TrainingPlan:
                     stops.append(stop)
                     costs.append(cost)
         order = rng.permutation(len(subjects))
-        context_of = pack_windows(_int_array(costs, np.int64)[order], self.context) if self.pack else \
-            np.arange(len(order), dtype=np.int64)
+        # each list is let go once shuffled, so that the build holds little more than the epoch it makes
+        shuffled_costs, costs = _int_array(costs, np.int64)[order], None
+        context_of = pack_windows(shuffled_costs, self.context) if self.pack else np.arange(len(order), dtype=np.int64)
+        shuffled_costs = None
         n_contexts = int(context_of.max()) + 1 if len(context_of) else 0
-        plan = EpochPlan(
-            subject=_int_array(subjects, np.int32)[order], start=_int_array(starts, np.int32)[order],
-            stop=_int_array(stops, np.int32)[order],
-            context_offsets=np.concatenate([[0], np.cumsum(np.bincount(context_of, minlength=n_contexts))]),
-            context_windows=np.argsort(context_of, kind="stable").astype(np.int32))
+        subject, subjects = _int_array(subjects, np.int32)[order], None
+        start, starts = _int_array(starts, np.int32)[order], None
+        stop, stops = _int_array(stops, np.int32)[order], None
+        plan = EpochPlan(subject, start, stop,
+                         context_offsets=np.concatenate([[0], np.cumsum(np.bincount(context_of, minlength=n_contexts))]),
+                         context_windows=np.argsort(context_of, kind="stable").astype(np.int32))
         if has_query is not None:
             counts = _int_array(query_counts, np.int64)
             offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -737,7 +740,7 @@ class TrainingPlan:
 
 def _int_array(values: array, dtype) -> np.ndarray:
     """An ``array.array`` of integers as a numpy array of ``dtype``."""
-    return np.frombuffer(values, dtype=np.dtype(values.typecode)).astype(dtype) if len(values) else np.zeros(0, dtype)
+    return np.frombuffer(values, np.dtype(values.typecode)).astype(dtype, copy=False) if len(values) else np.zeros(0, dtype)
 
 
 def _observed_days(split, death_token: int | None) -> np.ndarray:
