@@ -155,8 +155,8 @@ def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run(
     plan = TrainingPlan(split, SUPERVISED, context=64, pack=True, max_window_fraction=0.5, seed=3,
                         horizon_queries=sampling)
     plain = TrainingPlan(split, SUPERVISED, context=64, pack=True, max_window_fraction=0.5, seed=3)
-    windows, _ = plan.epoch(0)
-    plain_windows, _ = plain.epoch(0)
+    windows = list(plan.epoch(0).windows())
+    plain_windows = list(plain.epoch(0).windows())
     assert [(w.subject, w.start, w.stop) for w in windows] == [(w.subject, w.start, w.stop) for w in plain_windows]
     asked = 0
     for w in windows:
@@ -172,7 +172,7 @@ def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run(
     # the same epoch twice is the same plan; a batch carries the queries
     again = TrainingPlan(split, SUPERVISED, context=64, pack=True, max_window_fraction=0.5, seed=3,
                          horizon_queries=sampling)
-    assert [(w.subject, w.start, None if w.queries is None else w.queries[1].tolist()) for w in again.epoch(0)[0]] == \
+    assert [(w.subject, w.start, None if w.queries is None else w.queries[1].tolist()) for w in again.epoch(0).windows()] == \
            [(w.subject, w.start, None if w.queries is None else w.queries[1].tolist()) for w in windows]
     batch = plan.batch(0, range(plan.n_contexts(0)))
     assert int(batch.is_query.sum()) == asked

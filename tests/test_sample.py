@@ -66,10 +66,10 @@ def test_gap_nll_is_the_hazard_likelihood():
 
 def test_the_head_starts_at_the_gaps_constant_law():
     """The starting bias: hazards whose bin probabilities are the observed bin shares (the open bin included)."""
-    from nextvisit.model.visit_time import constant_hazard_logits
+    from nextvisit.model.visit_time import constant_hazard_logits, gap_bin_counts
 
     gaps = np.random.default_rng(0).integers(1, 5000, 2000)
-    logits = torch.from_numpy(constant_hazard_logits(gaps, EDGES.tolist()))[None]
+    logits = torch.from_numpy(constant_hazard_logits(gap_bin_counts(gaps, EDGES.tolist())))[None]
     shares = np.bincount(np.searchsorted(EDGES.numpy(), gaps, side="left"), minlength=len(EDGES) + 1) / len(gaps)
     assert np.allclose(bin_probabilities(logits)[0].numpy(), shares, atol=2e-3)
 

@@ -36,6 +36,7 @@ last visit's); either sees the whole history and nothing after it.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from nextvisit.errors import UserError
-from nextvisit.tokenize.store import EOW, PAD, SEP, Subject, Vocabulary
+from nextvisit.tokenize.store import EOW, PAD, SEP, Subject, Vocabulary, concatenated_ranges, read_block, split_blocks
 
 # Padded lengths are rounded up to a multiple of this, so kernels see few distinct shapes.
 PAD_MULTIPLE = 8
@@ -492,31 +493,39 @@ def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], superv
 
 # -- training plan: windows of a split, shuffled and packed ----------------------------------------------------
 
-def pack_windows(costs: np.ndarray, context: int, open_bins: int = 16) -> list[list[int]]:
+def pack_windows(costs: np.ndarray, context: int, open_bins: int = 16) -> np.ndarray:
     """Greedy first-fit of windows (in the given order) into contexts of ``context`` tokens, keeping at
-    most ``open_bins`` partly filled contexts. Returns window indices per context.
+    most ``open_bins`` partly filled contexts. Returns the context of each window (int64; contexts numbered in
+    the order they open, each holding its windows in the given order).
 
-    >>> pack_windows(np.array([5, 5, 3, 8, 2]), context=10)
-    [[0, 1], [2, 4], [3]]
+    >>> pack_windows(np.array([5, 5, 3, 8, 2]), context=10).tolist()  # contexts [0, 1], [2, 4], [3]
+    [0, 0, 1, 2, 1]
     """
-    bins: list[list[int]] = []
-    room: list[int] = []
-    open_ids: list[int] = []
-    for i, cost in enumerate(costs):
-        cost = int(cost)
-        target = next((b for b in open_ids if room[b] >= cost), None)
-        if target is None:
-            bins.append([])
-            room.append(context)
-            target = len(bins) - 1
-            open_ids.append(target)
-            if len(open_ids) > open_bins:
-                open_ids.pop(0)
-        bins[target].append(i)
-        room[target] -= cost
-        if room[target] < 2:
-            open_ids.remove(target)
-    return bins
+    context_of = np.empty(len(costs), np.int64)
+    open_ids: list[int] = []  # the open contexts, oldest first, and the room left in each
+    open_room: list[int] = []
+    n_contexts = 0
+    for begin in range(0, len(costs), _PACK_CHUNK):
+        for i, cost in enumerate(np.asarray(costs[begin : begin + _PACK_CHUNK]).tolist(), start=begin):
+            k = next((k for k, room in enumerate(open_room) if room >= cost), None)
+            if k is None:
+                open_ids.append(n_contexts)
+                open_room.append(context)
+                n_contexts += 1
+                if len(open_ids) > open_bins:
+                    del open_ids[0], open_room[0]
+                k = len(open_ids) - 1
+            context_of[i] = open_ids[k]
+            open_room[k] -= cost
+            if open_room[k] < 2:
+                del open_ids[k], open_room[k]
+    return context_of
+
+
+# windows whose costs pack_windows turns into Python ints at a time (a bounded list, whatever the epoch's size),
+# and visits whose horizon-query draws are made at a time
+_PACK_CHUNK = 1 << 16
+_DRAW_CHUNK = 1 << 16
 
 
 @dataclass
@@ -535,12 +544,61 @@ class HorizonQuerySampling:
     death_token: int | None = None
 
 
+@dataclass
+class EpochPlan:
+    """One epoch of a ``TrainingPlan`` as arrays: its windows in training order and the contexts they pack into.
+
+    Held for the whole epoch, so kept small: 16 bytes per window (subject, start, stop, place in its context),
+    8 per context, and with horizon queries 8 per window and 8 per query.
+    """
+
+    subject: np.ndarray  # int32 [W], index of the window's subject in the split
+    start: np.ndarray  # int32 [W], first visit
+    stop: np.ndarray  # int32 [W], one past the last visit
+    context_offsets: np.ndarray  # int64 [C + 1], offsets into context_windows
+    context_windows: np.ndarray  # int32 [W], the windows of each context in order
+    query_offsets: np.ndarray | None = None  # int64 [W + 1], offsets into the queries (None: no horizon queries)
+    query_visit: np.ndarray | None = None  # int32 [Q], the query's visit within its window
+    query_gap: np.ndarray | None = None  # int32 [Q], days
+
+    def __len__(self) -> int:
+        return len(self.subject)
+
+    @property
+    def n_contexts(self) -> int:
+        return len(self.context_offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.subject, self.start, self.stop, self.context_offsets, self.context_windows,
+                                      self.query_offsets, self.query_visit, self.query_gap) if a is not None)
+
+    def context(self, c: int) -> np.ndarray:
+        """Indices of the windows packed into context ``c``."""
+        return self.context_windows[self.context_offsets[c] : self.context_offsets[c + 1]]
+
+    def window(self, j: int) -> Window:
+        queries = None
+        if self.query_offsets is not None and self.query_offsets[j + 1] > self.query_offsets[j]:
+            q = slice(int(self.query_offsets[j]), int(self.query_offsets[j + 1]))
+            queries = (self.query_visit[q].astype(np.int64), self.query_gap[q].astype(np.int64))
+        return Window(int(self.subject[j]), int(self.start[j]), int(self.stop[j]), queries)
+
+    def windows(self):
+        """Every window, in training order."""
+        return (self.window(j) for j in range(len(self)))
+
+
 class TrainingPlan:
     """The deterministic order of training contexts for one epoch of a split.
 
     Epoch ``e`` is a function of (seed, e) only: each subject's visits are cut into windows (``split_visits``
     with a random first cut), the windows shuffled, then packed. So (epoch, index) is a complete data position
     for resuming, and every process of a distributed run computes the same plan.
+
+    Memory: the plan holds the split's visit lengths (int32, 4 bytes per visit; with horizon queries also each
+    visit's observed days, 4 more) and one ``EpochPlan``; the split itself is read block by block
+    (``split_blocks``) and one subject at a time for batches.
     """
 
     def __init__(self, split, supervised: np.ndarray, context: int, pack: bool, max_window_fraction: float,
@@ -553,42 +611,39 @@ class TrainingPlan:
         self.pack = pack
         self.max_window = int(context * max_window_fraction) if pack else context
         self.seed = seed
-        subject_visits = np.asarray(split.subject_visits)
-        visit_tokens = np.asarray(split.visit_tokens)
-        self._visit_lengths = np.diff(visit_tokens)
-        self._subject_visits = subject_visits
-        self.n_subjects = len(split)
-        self.skipped_single_visit = int(np.sum(np.diff(subject_visits) < 2))
+        self._subject_visits = read_block(split.subject_visits, 0, len(split.subject_visits))  # int64 [S + 1]
+        self._visit_lengths = np.empty(len(split.visit_days), np.int32)  # tokens per visit
+        for block in split_blocks(split):
+            self._visit_lengths[block.first_visit : block.first_visit + len(block.visit_days)] = np.diff(block.visit_tokens)
+        self.n_subjects = len(self._subject_visits) - 1
+        self.skipped_single_visit = int(np.sum(np.diff(self._subject_visits) < 2))
         # visits longer than half a window keep their first visit_cap tokens (reported by the trainer)
         cap = visit_cap(self.max_window)
         self.truncated_visits = int(np.sum(self._visit_lengths > cap))
         self.truncated_tokens = int(np.sum(np.maximum(self._visit_lengths - cap, 0)))
-        self._epochs: dict[int, tuple[list[Window], list[list[int]]]] = {}
+        self._epochs: dict[int, EpochPlan] = {}
         self.horizon_queries = horizon_queries
         self.summary = summary
         self.queries_by_epoch: dict[int, int] = {}
         if horizon_queries is not None:
             self._observed_days = _observed_days(split, horizon_queries.death_token)
 
-    def epoch(self, epoch: int) -> tuple[list[Window], list[list[int]]]:
-        """(windows, contexts as lists of window indices) of one epoch."""
+    def epoch(self, epoch: int) -> EpochPlan:
+        """The windows and contexts of one epoch."""
         if epoch not in self._epochs:
-            self._epochs = {epoch: self._build(epoch)}  # keep one epoch in memory
+            self._epochs = {}  # keep one epoch in memory
+            self._epochs[epoch] = self._build(epoch)
         return self._epochs[epoch]
 
-    def _build(self, epoch: int):
+    def _build(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.seed, epoch])
-        windows: list[Window] = []
-        costs: list[int] = []
+        # the windows in subject order, appended to compact arrays (no Python object per window)
+        subjects, starts, stops, costs = array("i"), array("i"), array("i"), array("q")
+        query_counts, query_visits, query_gaps = array("i"), array("i"), array("i")
         cap = visit_cap(self.max_window)
         has_query = gaps = None
         if self.horizon_queries is not None:
-            # their own stream, so the windows of a run without queries are unchanged
-            hq, q_rng = self.horizon_queries, np.random.default_rng([self.seed, epoch, 1])
-            n_visits = len(self._observed_days)
-            has_query = q_rng.random(n_visits) < hq.rate
-            gaps = 1 + np.floor(q_rng.random(n_visits) * hq.max_days).astype(np.int64)
-            has_query &= gaps <= self._observed_days
+            has_query, gaps = self._query_draws(epoch)
         n_queries = 0
         for i in range(self.n_subjects):
             v0, v1 = int(self._subject_visits[i]), int(self._subject_visits[i + 1])
@@ -602,7 +657,7 @@ class TrainingPlan:
                 pieces = split_visits(lengths, self.max_window, first_stop=int(rng.integers(2, v1 - v0 + 1)))
             for start, stop in pieces:
                 if stop - start >= 2:
-                    cost, queries = int(clipped[start:stop].sum()), None
+                    cost = int(clipped[start:stop].sum())
                     if self.summary is not None and start > 0:
                         cost += self.summary.max_tokens  # at most; the packing stays within the context
                     if has_query is not None:
@@ -610,28 +665,60 @@ class TrainingPlan:
                         if start > 0:  # a visit shared with the previous window asks its query there
                             js = js[js > 0]
                         js = js[max(0, len(js) - (self.context - cost)):]  # the window still fits a context
-                        if len(js):
-                            queries = (js, gaps[v0 + start + js])
-                            cost += len(js)
-                            n_queries += len(js)
-                    windows.append(Window(i, start, stop, queries))
+                        query_counts.append(len(js))
+                        query_visits.extend(js.tolist())
+                        query_gaps.extend(gaps[v0 + start + js].tolist())
+                        cost += len(js)
+                        n_queries += len(js)
+                    subjects.append(i)
+                    starts.append(start)
+                    stops.append(stop)
                     costs.append(cost)
-        order = rng.permutation(len(windows))
-        windows = [windows[j] for j in order]
-        costs = np.asarray(costs, np.int64)[order] if len(costs) else np.zeros(0, np.int64)
-        if self.pack:
-            contexts = pack_windows(costs, self.context)
-        else:
-            contexts = [[j] for j in range(len(windows))]
+        order = rng.permutation(len(subjects))
+        # each list is let go once shuffled, so that the build holds little more than the epoch it makes
+        shuffled_costs, costs = _int_array(costs, np.int64)[order], None
+        context_of = pack_windows(shuffled_costs, self.context) if self.pack else np.arange(len(order), dtype=np.int64)
+        shuffled_costs = None
+        n_contexts = int(context_of.max()) + 1 if len(context_of) else 0
+        subject, subjects = _int_array(subjects, np.int32)[order], None
+        start, starts = _int_array(starts, np.int32)[order], None
+        stop, stops = _int_array(stops, np.int32)[order], None
+        plan = EpochPlan(subject, start, stop,
+                         context_offsets=np.concatenate([[0], np.cumsum(np.bincount(context_of, minlength=n_contexts))]),
+                         context_windows=np.argsort(context_of, kind="stable").astype(np.int32))
+        if has_query is not None:
+            counts = _int_array(query_counts, np.int64)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            plan.query_offsets = np.concatenate([[0], np.cumsum(counts[order])])
+            where = concatenated_ranges(offsets[:-1][order], offsets[1:][order])  # the queries in window order
+            plan.query_visit = _int_array(query_visits, np.int32)[where]
+            plan.query_gap = _int_array(query_gaps, np.int32)[where]
         self.queries_by_epoch[epoch] = n_queries
-        return windows, contexts
+        return plan
+
+    def _query_draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per visit of the split: whether it asks a horizon query in ``epoch`` (bool) and at what gap (int32).
+        Their own stream, so the windows of a run without queries are unchanged: ``random(n)`` for the asking,
+        then ``random(n)`` for the gaps, drawn in chunks (the second stream advanced past the first ``n``), which
+        gives the same numbers as two whole draws in 1 + 4 bytes per visit."""
+        hq, n_visits = self.horizon_queries, len(self._observed_days)
+        asking, gapping = (np.random.default_rng([self.seed, epoch, 1]) for _ in range(2))
+        gapping.bit_generator.advance(n_visits)  # one 64-bit step per double
+        has_query, gaps = np.empty(n_visits, bool), np.empty(n_visits, np.int32)
+        for begin in range(0, n_visits, _DRAW_CHUNK):
+            n = min(_DRAW_CHUNK, n_visits - begin)
+            gap = 1 + np.floor(gapping.random(n) * hq.max_days).astype(np.int64)
+            has_query[begin : begin + n] = (asking.random(n) < hq.rate) & (gap <= self._observed_days[begin : begin + n])
+            gaps[begin : begin + n] = gap
+        return has_query, gaps
 
     def n_contexts(self, epoch: int = 0) -> int:
-        return len(self.epoch(epoch)[1])
+        return self.epoch(epoch).n_contexts
 
     def batch(self, epoch: int, context_indices: Sequence[int]) -> Batch:
-        windows, contexts = self.epoch(epoch)
-        chosen = [contexts[c] for c in context_indices]
+        plan = self.epoch(epoch)
+        chosen = [plan.context(c).tolist() for c in context_indices]
+        windows = {j: plan.window(j) for group in chosen for j in group}
         subjects = {}
         for group in chosen:
             for j in group:
@@ -651,18 +738,28 @@ class TrainingPlan:
                              summary=self.summary)
 
 
+def _int_array(values: array, dtype) -> np.ndarray:
+    """An ``array.array`` of integers as a numpy array of ``dtype``."""
+    return np.frombuffer(values, np.dtype(values.typecode)).astype(dtype, copy=False) if len(values) else np.zeros(0, dtype)
+
+
 def _observed_days(split, death_token: int | None) -> np.ndarray:
-    """Per visit of ``split``: how many days after it the subject's record is observed, i.e. to the subject's
-    last visit, or without end (a large number) when the record holds ``death_token``."""
-    subject_visits = np.asarray(split.subject_visits, np.int64)
-    visit_days = np.asarray(split.visit_days, np.int64)
-    per_subject = np.diff(subject_visits)
-    subject_of_visit = np.repeat(np.arange(len(per_subject)), per_subject)
-    last_day = visit_days[np.maximum(subject_visits[1:] - 1, 0)] if len(visit_days) else np.zeros(len(per_subject), np.int64)
-    observed = last_day[subject_of_visit] - visit_days
-    if death_token is not None and len(visit_days):
-        visit_tokens = np.asarray(split.visit_tokens, np.int64)
-        deaths = np.concatenate([[0], np.cumsum(np.asarray(split.tokens) == death_token)])
-        died = deaths[visit_tokens[subject_visits[1:]]] - deaths[visit_tokens[subject_visits[:-1]]] > 0
-        observed = np.where(died[subject_of_visit], np.iinfo(np.int32).max, observed)
+    """Per visit of ``split`` (int32): how many days after it the subject's record is observed, i.e. to the
+    subject's last visit, or without end (int32's largest) when the record holds ``death_token``."""
+    observed = np.empty(len(split.visit_days), np.int32)
+    for block in split_blocks(split):
+        if len(block.visit_days) == 0:
+            continue
+        subject_visits, visit_days = block.subject_visits, block.visit_days.astype(np.int64)
+        per_subject = np.diff(subject_visits)
+        subject_of_visit = np.repeat(np.arange(len(per_subject)), per_subject)
+        last_day = visit_days[np.maximum(subject_visits[1:] - 1, 0)]
+        days = last_day[subject_of_visit] - visit_days
+        if death_token is not None:
+            subject_tokens = block.visit_tokens[subject_visits]  # [s + 1]: where each subject's tokens start
+            deaths = np.flatnonzero(block.tokens == death_token)
+            died = np.zeros(len(per_subject), bool)
+            died[np.searchsorted(subject_tokens, deaths, side="right") - 1] = True
+            days = np.where(died[subject_of_visit], np.iinfo(np.int32).max, days)
+        observed[block.first_visit : block.first_visit + len(days)] = days
     return observed

@@ -130,15 +130,21 @@ def observed_cdf(gaps: np.ndarray, days) -> np.ndarray:
     return np.searchsorted(gaps, np.asarray(days), side="right") / max(len(gaps), 1)
 
 
-def constant_hazard_logits(gaps: np.ndarray, edges) -> np.ndarray:
-    """Per bin, the logit of the hazard that fits the observed ``gaps`` (days) best with no covariates: the
+def gap_bin_counts(gaps: np.ndarray, edges) -> np.ndarray:
+    """How many of ``gaps`` (days) fall in each gap bin (int64 [len(edges) + 1], the open bin last); counts of
+    parts of the gaps add up to the counts of all of them."""
+    edges = np.asarray([int(e) for e in edges])
+    return np.bincount(np.searchsorted(edges, np.asarray(gaps), side="left"), minlength=len(edges) + 1)
+
+
+def constant_hazard_logits(bin_counts: np.ndarray) -> np.ndarray:
+    """Per bin, the logit of the hazard that fits gaps with these ``gap_bin_counts`` best with no covariates: the
     empirical bin shares turned into hazards, h_k = share_k / (share of gaps in bin k or later). A head starts
     here (as the next-visit head's bias starts at the code frequencies), so it need only learn what the visit
     adds. Bins no gap reaches get a hazard of 1e-4; the last finite bin keeps the open bin's mass."""
-    edges = np.asarray([int(e) for e in edges])
-    bins = np.searchsorted(edges, np.asarray(gaps), side="left")
-    counts = np.bincount(bins, minlength=len(edges) + 1).astype(np.float64)
-    at_or_after = np.cumsum(counts[::-1])[::-1][:len(edges)]
-    hazard = np.where(at_or_after > 0, counts[:len(edges)] / np.maximum(at_or_after, 1), 1e-4)
+    counts = np.asarray(bin_counts, np.float64)
+    n_edges = len(counts) - 1
+    at_or_after = np.cumsum(counts[::-1])[::-1][:n_edges]
+    hazard = np.where(at_or_after > 0, counts[:n_edges] / np.maximum(at_or_after, 1), 1e-4)
     hazard = np.clip(hazard, 1e-4, 1 - 1e-4)
     return np.log(hazard / (1 - hazard))

@@ -18,13 +18,22 @@ Layout of a store folder (all arrays are raw little-endian binaries read with ``
 
 A visit is one calendar day. SEP tokens are not stored: ``nextvisit.model.sequence`` places them between
 visits when it builds model inputs, so the store stays independent of any model's context layout.
+
+Reading: one subject at a time through the memory map (``SplitView.subject``); a scan of a whole split (training
+statistics, the training plan) goes block by block (``split_blocks``), each block read from the files into memory,
+so its memory stays one block's whatever the store's size.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -50,6 +59,10 @@ _ARRAYS = {
     "visit_tokens": np.int64,
     "tokens": np.int32,
 }
+
+# Tokens per block of a whole-split scan (``split_blocks``) on average: 4 MiB of int32 tokens (8 MiB more where
+# numpy widens them to int64, as bincount does), well under 1 MiB of visits.
+TOKENS_PER_BLOCK = 1 << 20
 
 
 @dataclass
@@ -122,10 +135,11 @@ class Subject:
 
 
 class SplitView:
-    """Read-only, memory-mapped access to one split of a store."""
+    """Read-only access to one split of a store: the arrays memory-mapped, a subject read from the files."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._files: dict[str, int] = {}
         for name, dtype in _ARRAYS.items():
             path = self.folder / f"{name}.bin"
             if not path.exists():
@@ -133,7 +147,9 @@ class SplitView:
             size = path.stat().st_size // np.dtype(dtype).itemsize
             array = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
             setattr(self, name, array)
-        self._position = {int(s): i for i, s in enumerate(self.subject_ids)}
+            self._files[name] = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, _close_all, list(self._files.values()))
+        self._position: dict[int, int] | None = None  # subject_id -> index, built on the first look-up
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -143,22 +159,98 @@ class SplitView:
         return len(self.tokens)
 
     def index_of(self, subject_id: int) -> int | None:
+        if self._position is None:
+            self._position = {int(s): i for i, s in enumerate(read_block(self.subject_ids, 0, len(self)))}
         return self._position.get(int(subject_id))
 
     def subject(self, i: int) -> Subject:
+        """Subject ``i``; its visits and tokens read from the files (``os.pread``; arrays read-only), not through
+        the maps: a read there maps in the page cache's pages around it (large ones on file systems that keep
+        large folios: about 200 KB per subject measured), and those stay in the resident set, so training's
+        random reads would hold more and more of the split. The per-subject arrays (20 bytes a subject) are read
+        through the maps."""
         v0, v1 = int(self.subject_visits[i]), int(self.subject_visits[i + 1])
-        t0, t1 = int(self.visit_tokens[v0]), int(self.visit_tokens[v1])
+        visit_tokens = self._read("visit_tokens", v0, v1 + 1)
+        t0, t1 = int(visit_tokens[0]), int(visit_tokens[-1])
         return Subject(
             subject_id=int(self.subject_ids[i]),
             birth_day=int(self.birth_days[i]),
-            visit_days=np.asarray(self.visit_days[v0:v1]),
-            visit_offsets=np.asarray(self.visit_tokens[v0 : v1 + 1]) - t0,
-            tokens=np.asarray(self.tokens[t0:t1]),
+            visit_days=self._read("visit_days", v0, v1),
+            visit_offsets=visit_tokens - t0,
+            tokens=self._read("tokens", t0, t1),
         )
+
+    def _read(self, name: str, begin: int, end: int) -> np.ndarray:
+        dtype = np.dtype(_ARRAYS[name])
+        return np.frombuffer(os.pread(self._files[name], (end - begin) * dtype.itemsize, begin * dtype.itemsize), dtype)
 
     def __iter__(self):
         for i in range(len(self)):
             yield self.subject(i)
+
+
+def _close_all(descriptors: list[int]) -> None:
+    for descriptor in descriptors:
+        os.close(descriptor)
+
+
+def read_block(array: np.ndarray, begin: int, end: int) -> np.ndarray:
+    """``array[begin:end]`` as an array in memory. A store array (a ``SplitView`` attribute, mapped whole) is read
+    from its file, not through the map: pages touched through a map stay in the process's resident set (and in its
+    peak, ``ru_maxrss``) until the map closes, so a scan of a whole split through it would hold the split."""
+    if end <= begin:
+        return np.zeros(0, array.dtype)
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+        return np.fromfile(array.filename, dtype=array.dtype, count=end - begin,
+                           offset=array.offset + begin * array.itemsize)
+    return np.array(array[begin:end])
+
+
+class SplitBlock:
+    """Consecutive whole subjects of a split, read into memory: the split's arrays for subjects
+    ``first_subject ..`` (visits ``first_visit ..``), the offsets counted from the block's own start. The tokens
+    are read on first use (a scan of visits alone never reads them)."""
+
+    def __init__(self, split, first_subject: int, stop_subject: int):
+        self.first_subject = first_subject
+        subject_visits = read_block(split.subject_visits, first_subject, stop_subject + 1)
+        self.first_visit, stop_visit = int(subject_visits[0]), int(subject_visits[-1])
+        self.subject_visits = subject_visits - self.first_visit  # int64 [s + 1], offsets into the block's visits
+        self.visit_days = read_block(split.visit_days, self.first_visit, stop_visit)  # int32 [v]
+        visit_tokens = read_block(split.visit_tokens, self.first_visit, stop_visit + 1)
+        self._token_range = int(visit_tokens[0]), int(visit_tokens[-1])
+        self.visit_tokens = visit_tokens - visit_tokens[0]  # int64 [v + 1], offsets into the block's tokens
+        self._split = split
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.subject_visits) - 1
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """int32 [n]"""
+        return read_block(self._split.tokens, *self._token_range)
+
+
+def split_blocks(split, tokens_per_block: int | None = None) -> Iterator[SplitBlock]:
+    """A split's subjects in order, in blocks of whole subjects of about ``tokens_per_block`` tokens on average
+    (default ``TOKENS_PER_BLOCK``; the split's mean tokens per subject sets the subjects per block). ``split``: a
+    ``SplitView``, or anything with its four offset and token arrays."""
+    tokens_per_block = TOKENS_PER_BLOCK if tokens_per_block is None else tokens_per_block
+    n_subjects = len(split.subject_visits) - 1
+    per_block = max(1, tokens_per_block * n_subjects // max(len(split.tokens), 1))
+    for first in range(0, n_subjects, per_block):
+        yield SplitBlock(split, first, min(n_subjects, first + per_block))
+
+
+def concatenated_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The indices of ranges ``starts[k]..ends[k]-1``, one range after another (int64).
+
+    >>> concatenated_ranges(np.array([0, 5, 9]), np.array([2, 5, 11])).tolist()
+    [0, 1, 9, 10]
+    """
+    lengths = np.asarray(ends, np.int64) - np.asarray(starts, np.int64)
+    return np.repeat(np.asarray(starts, np.int64) - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
 
 
 class TokenStore:

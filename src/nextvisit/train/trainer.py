@@ -27,8 +27,8 @@ from nextvisit.model.optim import make_optimizer
 from nextvisit.model.run import CONFIG_FILE, METRICS_FILE, autocast_for
 from nextvisit.model.sequence import TrainingPlan, visit_cap
 from nextvisit.model.transformer import NextVisitModel
-from nextvisit.model.visit_time import constant_hazard_logits
-from nextvisit.tokenize.store import TokenStore
+from nextvisit.model.visit_time import constant_hazard_logits, gap_bin_counts
+from nextvisit.tokenize.store import TokenStore, split_blocks
 from nextvisit.train.checkpoint import has_checkpoint, load_checkpoint
 from nextvisit.train.data import training_plan
 from nextvisit.model.distributed import init_distributed, shutdown
@@ -126,7 +126,7 @@ def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_
     if model.visit_time is not None and not restore:
         with torch.no_grad():
             model.visit_time.bias.copy_(torch.from_numpy(
-                constant_hazard_logits(train_gaps(train_split), config.model.visit_time_edges)).float())
+                constant_hazard_logits(train_gap_counts(train_split, config.model.visit_time_edges))).float())
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "elapsed_s": 0.0}
     if restore:
@@ -135,15 +135,17 @@ def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_
     return model, optimizer, state
 
 
-def train_gaps(split) -> np.ndarray:
-    """Days between consecutive visits of each subject of a store split (the visit-time head's targets)."""
-    days = np.asarray(split.visit_days, np.int64)
-    starts = np.asarray(split.subject_visits, np.int64)
-    gaps = np.diff(days)
-    same_subject = np.ones(len(gaps), bool)
-    crossing = starts[1:-1] - 1  # the step from one subject's last visit to the next subject's first
-    same_subject[crossing[(crossing >= 0) & (crossing < len(gaps))]] = False
-    return gaps[same_subject]
+def train_gap_counts(split, edges) -> np.ndarray:
+    """``gap_bin_counts`` of the days between consecutive visits of each subject of a store split (the visit-time
+    head's targets), read block by block (``split_blocks``)."""
+    counts = np.zeros(len(edges) + 1, np.int64)
+    for block in split_blocks(split):
+        gaps = np.diff(block.visit_days.astype(np.int64))
+        same_subject = np.ones(len(gaps), bool)
+        crossing = block.subject_visits[1:-1] - 1  # the step from one subject's last visit to the next subject's first
+        same_subject[crossing[(crossing >= 0) & (crossing < len(gaps))]] = False
+        counts += gap_bin_counts(gaps[same_subject], edges)
+    return counts
 
 
 def _announce(trainee: Trainee, plan: TrainingPlan, vocab_size: int, precision: str) -> None:

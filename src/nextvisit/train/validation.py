@@ -16,6 +16,7 @@ from nextvisit.config import LossConfig, RunConfig
 from nextvisit.model.losses import negative_term, positive_term
 from nextvisit.model.sequence import HistorySummary, TrainingPlan
 from nextvisit.model.visit_time import cdf_at, edges_tensor, gap_nll, observed_cdf
+from nextvisit.tokenize.store import concatenated_ranges, split_blocks
 from nextvisit.train.data import pad_multiple
 
 VALIDATION_FIELDS = ["val_loss", "val_loss_frequency_baseline", "val_new_onset_auroc",
@@ -37,19 +38,19 @@ def validation_fields(edges, visit_time: bool = False) -> list[str]:
 # -- token statistics and the code-frequency baseline -------------------------------------------------------------
 
 def target_visit_share(split, vocab_size: int) -> np.ndarray:
-    """Share of train visits after a subject's first (those that are targets) holding each token."""
-    visit_tokens = np.asarray(split.visit_tokens)
-    subject_visits = np.asarray(split.subject_visits)
-    tokens = np.asarray(split.tokens)
-    first_visits = subject_visits[:-1][np.diff(subject_visits) > 0]
-    # the first visit of each subject is never a target: mark its token range (+1 at start, -1 at end)
-    edges = np.zeros(len(tokens) + 1, np.int64)
-    np.add.at(edges, visit_tokens[first_visits], 1)
-    np.add.at(edges, visit_tokens[first_visits + 1], -1)
-    in_first_visit = np.cumsum(edges[:-1]) > 0
-    counts = np.bincount(tokens[~in_first_visit], minlength=vocab_size).astype(np.float64)
-    n_target_visits = len(visit_tokens) - 1 - len(first_visits)
-    return counts / max(n_target_visits, 1)
+    """Share of train visits after a subject's first (those that are targets) holding each token. Read block by
+    block (``split_blocks``): memory of one block and the [V] counts."""
+    counts = np.zeros(vocab_size, np.int64)
+    n_target_visits = 0
+    for block in split_blocks(split):
+        # the first visit of each subject is never a target: count all tokens, then take its tokens back out
+        first_visits = block.subject_visits[:-1][np.diff(block.subject_visits) > 0]
+        in_first_visit = concatenated_ranges(block.visit_tokens[first_visits], block.visit_tokens[first_visits + 1])
+        block_counts = np.bincount(block.tokens, minlength=len(counts))
+        block_counts -= np.bincount(block.tokens[in_first_visit], minlength=len(block_counts))
+        counts = np.pad(counts, (0, len(block_counts) - len(counts))) + block_counts  # a token past vocab_size widens it
+        n_target_visits += len(block.visit_days) - len(first_visits)
+    return counts.astype(np.float64) / max(n_target_visits, 1)
 
 
 def best_constant_logits(rate: np.ndarray, config: LossConfig, iterations: int = 80) -> np.ndarray:
