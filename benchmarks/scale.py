@@ -118,6 +118,40 @@ def run_stage(size: int, stage: str, work: Path, redo: bool) -> dict | None:
     return result
 
 
+# The paper's system ("Foundation Models for Clinical Records at Health System Scale", arXiv 2507.00574):
+# 1.29M patients, about 611M tokens.
+PAPER_SUBJECTS, PAPER_TOKENS = 1_290_000, 611_000_000
+
+
+def _tokens(work: Path, size: int) -> int | None:
+    store = work / str(size) / "store" / "store.json"
+    if not store.exists():
+        return None
+    return sum(split["tokens"] for split in json.loads(store.read_text())["splits"].values())
+
+
+def projection(results: dict, work: Path) -> list[str]:
+    """Each stage at the paper's scale from the 1M measurement and the 100k->1M exponents, N taken as tokens
+    (the paper's 611M against the 1M store's): CPU seconds (steadier than wall time on a shared machine) and peak
+    memory. forecast, counts and evaluate score a fixed 100,000 rows at every size; so does the projection."""
+    tokens = _tokens(work, 1_000_000)
+    if not tokens:
+        return []
+    ratio = PAPER_TOKENS / tokens
+    lines = ["", f"Projected to the paper's scale ({PAPER_SUBJECTS / 1e6:.2f}M subjects, {PAPER_TOKENS / 1e6:.0f}M tokens: "
+             f"{ratio:.2f}x the 1M store's {tokens / 1e6:.1f}M tokens), t_1M x ratio^exponent:",
+             "| stage | CPU s | peak MiB |", "|---|---|---|"]
+    for stage in STAGES:
+        a, b = results.get((100_000, stage)), results.get((1_000_000, stage))
+        if not (a and b) or min(a["cpu_seconds"], b["cpu_seconds"]) <= 0:
+            continue
+        cpu_exponent = math.log(b["cpu_seconds"] / a["cpu_seconds"]) / math.log(10)
+        memory_exponent = math.log(b["peak_mib"] / a["peak_mib"]) / math.log(10)
+        lines.append(f"| {stage} | {b['cpu_seconds'] * ratio ** cpu_exponent:,.0f} | "
+                     f"{b['peak_mib'] * ratio ** memory_exponent:,.0f} |")
+    return lines
+
+
 def _events(work: Path, size: int) -> int | None:
     manifest = work / str(size) / "store" / "manifest.json"
     return json.loads(manifest.read_text())["events_in"] if manifest.exists() else None
@@ -151,7 +185,7 @@ def table(sizes: list[int], work: Path) -> str:
         if (size, "tokenize") in results and events:
             rate = f", tokenize {events / results[size, 'tokenize']['seconds'] / 1e6:.2f}M events/s ({events:,} events)"
         totals.append(f"{size:,}: {len(done)}/{len(STAGES)} stages, {sum(done) / 60:.1f} min{rate}")
-    return "\n".join(lines + ["", "; ".join(totals)])
+    return "\n".join(lines + ["", "; ".join(totals)] + projection(results, work))
 
 
 def main() -> None:
