@@ -471,6 +471,35 @@ def test_finetuning_learns_signal_with_the_stopping_step_chosen_within_train(mas
     assert sum(run["evaluated_histories"] for run in info["fit"]["fold_runs"]) == info["fit"]["train_histories"]
 
 
+def test_max_steps_replace_the_presets_time_budgets_and_repeat_exactly(masked_runs, tmp_path):
+    """--max-steps on both masked stages (the tiny preset budgets them in minutes): runs of that many steps, no time
+    budget left in their configs, and the same seed gives the same weights and predictions twice (the demo relies
+    on it for figures that do not depend on the machine's speed)."""
+    from safetensors.torch import load_file
+
+    from nextvisit.cli import main
+
+    store = masked_runs["root"] / "store"
+    runs = []
+    for k in range(2):
+        run, tuned = tmp_path / f"run{k}", tmp_path / f"tuned{k}"
+        assert main(["baseline", "masked", "pretrain", str(store), "--out", str(run), "--preset", "tiny",
+                     "--max-steps", "6", "--device", "cpu"]) == 0
+        assert main(["baseline", "masked", "finetune", str(run), str(masked_runs["meds"]), str(masked_runs["labels"]),
+                     "--out", str(tuned), "--max-steps", "8", "--device", "cpu"]) == 0
+        runs.append((run, tuned))
+    pretrained = yaml.safe_load((runs[0][0] / "config.yaml").read_text())["pretrain"]
+    assert pretrained["max_steps"] == 6 and pretrained["max_minutes"] is None
+    assert pl.read_csv(runs[0][0] / "metrics.csv")["step"].to_list()[-1] == 6
+    info = json.loads((runs[0][1] / "info.json").read_text())
+    assert info["config"]["finetune"]["max_steps"] == 8 and info["config"]["finetune"]["max_minutes"] is None
+    fold_runs = info["fit"].get("fold_runs", [])
+    assert all(r["steps"] <= 8 for r in [info["fit"], *fold_runs]) and any(r["steps"] == 8 for r in [info["fit"], *fold_runs])
+    first, second = (load_file(str(tuned / "model.safetensors")) for _, tuned in runs)
+    assert all(np.array_equal(first[name].numpy(), second[name].numpy()) for name in first)
+    assert pl.read_parquet(runs[0][1] / "predictions.parquet").equals(pl.read_parquet(runs[1][1] / "predictions.parquet"))
+
+
 def test_finetuning_stops_on_tuning_when_it_holds_30_positive_subjects(masked_runs, tmp_path):
     from nextvisit.baselines import masked
 

@@ -28,6 +28,18 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     images = re.findall(r'<img[^>]+src="([^"]+)"', html)
     assert images and all((report / src).is_file() for src in images)
 
+    # the same seed gives the same figures: every number of a second demo's metrics.json (its own paths aside)
+    again = tmp_path / "again"
+    assert main(["demo", "--quick", "--subjects", "1000", "--out", str(again)]) == 0
+    capsys.readouterr()
+
+    def figures(folder):
+        document = json.loads((folder / "report" / "metrics.json").read_text().replace(str(folder), "DEMO"))
+        document.pop("created")
+        return document
+
+    assert figures(again) == figures(out)
+
     # a rerun replaces the demo's own folder, but a folder the demo did not make is refused
     foreign = tmp_path / "foreign"
     foreign.mkdir()

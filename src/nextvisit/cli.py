@@ -429,6 +429,9 @@ def _add_baseline(verbs) -> None:
     q.add_argument("--preset", default="tiny", help="tiny, small or paper (12 x 768)")
     q.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes (default: the preset's; tiny 0.75)")
+    q.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="train this many optimizer steps instead of the preset's time budget (unless --max-minutes "
+                        "is given too): the same seed then gives the same run on any machine")
     q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -440,6 +443,10 @@ def _add_baseline(verbs) -> None:
     q.add_argument("--out", type=Path, required=True, help="fine-tuned run folder; predictions inside")
     q.add_argument("--max-minutes", type=float, default=None,
                    help="time budget of the whole command (tokenize, train, predict); default: the run's preset")
+    q.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="optimizer steps per run at most (the fold run; the refit stops at the step it chose), "
+                        "instead of the preset's time budget (unless --max-minutes is given too): the same seed "
+                        "then gives the same predictions on any machine")
     q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding fine-tuning fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

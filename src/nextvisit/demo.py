@@ -35,9 +35,11 @@ class DemoConfig:
     # "Reproducibility"), so the same seed gives the same figures on any machine; 2, the cores the timings above
     # were measured on (the tiny model gains little from more).
     pretrain_threads: int = 2
-    masked_pretrain_minutes: float = 0.75
-    # per task, whole command: fold run + refit when tuning holds too few positive subjects (docs/baselines.md)
-    masked_finetune_minutes: float = 1.0
+    # The masked baseline by steps, not by its preset's time budgets, for the same reason: 300 pretraining steps
+    # (what its 0.75-minute budget gave on 2 quiet cores, about 45 s) and at most 300 steps per fine-tuning run (the
+    # fold run, then the refit stopped at the step it chose: what a 1-minute budget gave, docs/baselines.md).
+    masked_pretrain_steps: int = 300
+    masked_finetune_steps: int = 300
     tasks: tuple[str, ...] = ("dementia", "knee_oa")
     bootstrap: int = 1000
     oracle_samples: int = 64  # Monte Carlo futures per oracle prediction (SE <= 0.0625)
@@ -47,7 +49,7 @@ class DemoConfig:
     def quick(cls, seed: int = 0) -> "DemoConfig":
         """A smoke-test size: minutes become seconds; figures are not meaningful."""
         return cls(subjects=1500, seed=seed, pretrain_steps=40, decay_steps=30,
-                   masked_pretrain_minutes=0.1, masked_finetune_minutes=0.1, bootstrap=200,
+                   masked_pretrain_steps=20, masked_finetune_steps=20, bootstrap=200,
                    oracle_samples=16)
 
 
@@ -113,9 +115,9 @@ def run_demo(out: Path, config: DemoConfig) -> Path:
                ["pretrain", store, "--out", run_plain, "--preset", "tiny", "--config", out / "pretrain_no_repeat_reg.yaml",
                 "--max-minutes", config.pretrain_minutes])
     _warn_if_stopped_early(run_plain, config)
-    stages.run(f"masked-transformer baseline: pretrain ({config.masked_pretrain_minutes} min)",
+    stages.run(f"masked-transformer baseline: pretrain ({config.masked_pretrain_steps} steps)",
                ["baseline", "masked", "pretrain", store, "--out", out / "masked", "--preset", "tiny",
-                "--max-minutes", config.masked_pretrain_minutes])
+                "--max-steps", config.masked_pretrain_steps])
 
     predictions: list[Path] = []
     for task in config.tasks:
@@ -129,7 +131,7 @@ def run_demo(out: Path, config: DemoConfig) -> Path:
                    ["baseline", "counts", meds, labels, "--out", pred / "observable_reference", "--observable"])
         stages.run(f"masked-transformer baseline: fine-tune {task}",
                    ["baseline", "masked", "finetune", out / "masked", meds, labels, "--out", pred / "masked",
-                    "--max-minutes", config.masked_finetune_minutes])
+                    "--max-steps", config.masked_finetune_steps])
         predictions += [pred / "nextvisit", pred / "oracle", pred / "observable_reference", pred / "counts",
                         pred / "masked"]
         for name, model_run in (("nextvisit", run), ("nextvisit_no_repeat_reg", run_plain)):

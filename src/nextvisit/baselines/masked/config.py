@@ -60,6 +60,9 @@ class FinetuneConfig:
     batch_size: int = 32
     max_epochs: int = 20
     max_minutes: float | None = None  # wall-clock budget of the whole command (tokenize, train, predict)
+    # optimizer steps of a run at most (each fold run; the refit runs on the fold run's schedule): with
+    # max_minutes null, a run's length, and so its result, no longer depends on how fast the machine is
+    max_steps: int | None = None
     min_steps: int = 10  # optimizer steps taken even when the budget is spent before training starts
     lr: float = 5e-4
     warmup_steps: int = 20
@@ -86,6 +89,8 @@ class FinetuneConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def validate(self, source: str) -> "FinetuneConfig":
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"{source}: finetune.max_steps must be null or at least 1, got {self.max_steps}")
         if self.cv_folds < 2:
             raise UserError(f"{source}: finetune.cv_folds must be at least 2, got {self.cv_folds}")
         if self.cv_folds_run is not None and not 1 <= self.cv_folds_run <= self.cv_folds:
@@ -141,15 +146,18 @@ def resolve_config(preset: str, config_path: Path | None = None):
 
 
 def finetune_config(run_config: dict, run: Path, config_path: Path | None = None,
-                    max_minutes: float | None = None) -> FinetuneConfig:
+                    max_minutes: float | None = None, max_steps: int | None = None) -> FinetuneConfig:
     """The run's ``finetune`` section, then ``config_path`` (``FinetuneConfig`` fields, flat or under a
-    ``finetune:`` section), then ``max_minutes`` when given."""
+    ``finetune:`` section), then ``max_minutes`` when given; ``max_steps`` when given replaces the time budget
+    (``max_minutes`` then stays as given, None by default: a run of fixed length)."""
     config = merge(FinetuneConfig(), run_config.get("finetune"), f"{run}/config.yaml")
     if config_path is not None:
         from nextvisit.config import read_yaml
 
         extra = read_yaml(config_path)
         config = merge(config, extra.get("finetune", extra), str(config_path))
-    if max_minutes is not None:
+    if max_steps is not None:
+        config.max_steps, config.max_minutes = max_steps, max_minutes
+    elif max_minutes is not None:
         config.max_minutes = max_minutes
     return config.validate(str(config_path or f"{run}/config.yaml"))

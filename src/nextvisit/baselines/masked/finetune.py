@@ -120,7 +120,7 @@ class FineTuning:
         self.log_sampling_odds = log_sampling_odds
         steps_per_epoch = max(1, math.ceil(len(train_ids) / config.batch_size))
         self.eval_every = config.eval_every or steps_per_epoch
-        self.total_steps = total_steps or config.max_epochs * steps_per_epoch
+        self.total_steps = total_steps or min(config.max_epochs * steps_per_epoch, config.max_steps or math.inf)
         self.rows: list[dict] = []
         self.step, self.last_loss, self.stop_reason, self.stale = 0, math.nan, "max_epochs", 0
         self.eval_predict_seconds = 0.0
@@ -189,6 +189,8 @@ class FineTuning:
             elapsed = time.monotonic() - self.train_started
             if self.stop_step is not None and self.step >= self.stop_step:
                 return "chosen_steps"
+            if self.step >= self.total_steps:
+                return "max_steps"
             if (self.train_budget_s is not None and elapsed >= self.train_budget_s
                     and self.step >= min(self.config.min_steps, self.stop_step or self.config.min_steps)):
                 return "max_minutes"
@@ -249,12 +251,12 @@ class MaskedModel(ComparedModel):
     kind = FINE_TUNED
 
     def __init__(self, run: Path, device: str | None = None, config_path: Path | None = None,
-                 max_minutes: float | None = None):
+                 max_minutes: float | None = None, max_steps: int | None = None):
         self.started = time.monotonic()
         self.run = Path(run)
         self.device = resolve_device(None if device is None else str(device))
         self.model, self.run_config = load_run(self.run, self.device)
-        self.config = finetune_config(self.run_config, self.run, config_path, max_minutes)
+        self.config = finetune_config(self.run_config, self.run, config_path, max_minutes, max_steps)
         self.name = f"masked-{self.run_config.get('preset', 'custom')}"
         self.outputs: list[str] = self.run_config.get("outputs") or []
         self.input_counts: dict = {}
@@ -403,10 +405,11 @@ class MaskedModel(ComparedModel):
 
 
 def finetune(run: Path, meds_dir: Path, labels_dir: Path, out: Path, max_minutes: float | None = None,
-             device: str | None = None, config_path: Path | None = None, overwrite: bool = False) -> Path:
+             device: str | None = None, config_path: Path | None = None, overwrite: bool = False,
+             max_steps: int | None = None) -> Path:
     """Fine-tune a pretrained masked run on train-split labels (early stopping on tuning AUROC) and write
     predictions for the tuning and held_out rows into ``out`` (a predictions folder and a run)."""
-    model = MaskedModel(run, device=device, config_path=config_path, max_minutes=max_minutes)
+    model = MaskedModel(run, device=device, config_path=config_path, max_minutes=max_minutes, max_steps=max_steps)
     compare.run(model, meds_dir, labels_dir, out, overwrite)
     return Path(out)
 
@@ -428,5 +431,5 @@ def predict(run: Path, meds_dir: Path, labels_dir: Path, device="cpu") -> pl.Dat
 
 def finetune_cli(args) -> int:
     finetune(args.run, args.meds_dir, args.labels, args.out, max_minutes=args.max_minutes, device=args.device,
-             config_path=args.config, overwrite=args.overwrite)
+             config_path=args.config, overwrite=args.overwrite, max_steps=args.max_steps)
     return 0

@@ -147,12 +147,19 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def pretrain(store_path: Path, out: Path, preset: str = "tiny", config_path: Path | None = None,
-             max_minutes: float | None = None, device: str | None = None, overwrite: bool = False) -> Path:
+             max_minutes: float | None = None, device: str | None = None, overwrite: bool = False,
+             max_steps: int | None = None) -> Path:
     """Masked-token pretraining on the store's train split (validation loss on tuning). Writes ``out/``:
-    ``config.yaml``, ``model.safetensors``, ``metrics.csv``, and the store's tokenizer files."""
+    ``config.yaml``, ``model.safetensors``, ``metrics.csv``, and the store's tokenizer files. ``max_steps`` when
+    given replaces the time budget (``max_minutes`` then stays as given, None by default: a run of fixed length,
+    the same whatever the machine's speed)."""
     store = TokenStore(store_path)
     model_config, train_config, finetune_config = resolve_config(preset, config_path)
-    if max_minutes is not None:
+    if max_steps is not None:
+        if max_steps < 1:
+            raise UserError(f"--max-steps {max_steps}: must be at least 1")
+        train_config.max_steps, train_config.max_minutes = max_steps, max_minutes
+    elif max_minutes is not None:
         train_config.max_minutes = max_minutes
     model_config.vocab_size = len(store.vocab)
     if train_config.threads:
@@ -175,5 +182,5 @@ def pretrain(store_path: Path, out: Path, preset: str = "tiny", config_path: Pat
 
 def pretrain_cli(args) -> int:
     pretrain(args.store, args.out, preset=args.preset, config_path=args.config, max_minutes=args.max_minutes,
-             device=args.device, overwrite=args.overwrite)
+             device=args.device, overwrite=args.overwrite, max_steps=args.max_steps)
     return 0
