@@ -58,15 +58,13 @@ def cut(events: pl.DataFrame, histories: pl.DataFrame, remove_from_inputs=None) 
 def check_histories_in_data(meds_dir: Path, histories: pl.DataFrame) -> None:
     """Fail before any work when ``histories`` (``subject_id, prediction_time``) do not fit the data: a subject
     it does not hold, a prediction time before the subject's birth, or at or after its death (reads three
-    columns of the label subjects' rows)."""
+    columns of the label subjects' rows, one shard at a time: memory bounded by a shard, not the dataset)."""
     ids = histories["subject_id"].unique()
+    # a subject's birth and death are the earliest of its shards' (one shard per subject in MEDS; min is exact
+    # either way)
     life = (
-        pl.scan_parquet(data_files(meds_dir)).select("subject_id", "time", "code")
-        .filter(pl.col("subject_id").is_in(ids.implode()))
-        .group_by("subject_id")
-        .agg(birth=pl.col("time").filter(pl.col("code") == BIRTH_CODE).min().cast(pl.Datetime("us")),
-             death=pl.col("time").filter(pl.col("code") == DEATH_CODE).min().cast(pl.Datetime("us")))
-        .collect()
+        pl.concat([_life_in_shard(path, ids) for path in data_files(meds_dir)])
+        .group_by("subject_id").agg(pl.col("birth").min(), pl.col("death").min())
     )
     missing = set(ids.to_list()) - set(life["subject_id"].to_list())
     if missing:
@@ -81,6 +79,19 @@ def check_histories_in_data(meds_dir: Path, histories: pl.DataFrame) -> None:
             raise UserError(f"{meds_dir}: subject {subject}'s prediction_time {time} is {relation} ({event}) "
                             f"({bad.height} such prediction time(s)); check the labels' prediction_time, or give the "
                             "MEDS dataset the labels were made from")
+
+
+def _life_in_shard(path: Path, ids: pl.Series) -> pl.DataFrame:
+    """``subject_id, birth, death`` (the earliest ``MEDS_BIRTH`` / ``MEDS_DEATH`` time, null when none) of the
+    subjects of ``ids`` that the shard at ``path`` holds, streamed: only these three columns of one shard."""
+    return (
+        pl.scan_parquet(path).select("subject_id", "time", "code")
+        .filter(pl.col("subject_id").is_in(ids.implode()))
+        .group_by("subject_id")
+        .agg(birth=pl.col("time").filter(pl.col("code") == BIRTH_CODE).min().cast(pl.Datetime("us")),
+             death=pl.col("time").filter(pl.col("code") == DEATH_CODE).min().cast(pl.Datetime("us")))
+        .collect(engine="streaming")
+    )
 
 
 @dataclass
