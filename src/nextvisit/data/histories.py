@@ -8,7 +8,8 @@ prediction time reaches any model: the zero-shot forecast, the masked baseline a
 read their inputs through ``read_histories``.
 
 ``read_histories`` streams the MEDS shards once: for each shard, the label subjects' events, cut per
-history, in chunks of at most ``histories_per_chunk`` histories. Histories that do not fit the data are an
+history, in chunks of at most ``histories_per_chunk`` histories (a subject found in two shards is an error:
+MEDS shards hold whole subjects, and each history is cut from one). Histories that do not fit the data are an
 error when it is called, before any work (``check_histories_in_data``): a label subject the data does not
 hold, a prediction time before the subject's ``MEDS_BIRTH``, or at or after its ``MEDS_DEATH`` (``nextvisit
 label`` never makes such a landmark). Every event not passed on is counted (``after_prediction_time``,
@@ -114,6 +115,7 @@ def read_histories(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs=N
 def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
             histories_per_chunk: int | None) -> Iterator[HistoryChunk]:
     ids = histories["subject_id"].unique().sort()
+    seen: set[int] = set()
     for path in data_files(meds_dir):
         events = (
             pl.scan_parquet(path).select(EVENT_COLUMNS).filter(pl.col("subject_id").is_in(ids.implode())).collect()
@@ -121,7 +123,14 @@ def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
         )
         if events.height == 0:
             continue
-        shard = histories.filter(pl.col("subject_id").is_in(events["subject_id"].unique().implode()))
+        here = events["subject_id"].unique()
+        # a history is cut from one shard: a subject split over two would be cut twice, each time in part
+        again = seen.intersection(here.to_list())
+        if again:
+            raise UserError(f"{path}: subject {min(again)} also appears in an earlier shard; MEDS shards must hold "
+                            "whole subjects (each history is cut from one shard)")
+        seen.update(here.to_list())
+        shard = histories.filter(pl.col("subject_id").is_in(here.implode()))
         size = histories_per_chunk or max(shard.height, 1)
         subjects = events["subject_id"]
         for begin in range(0, shard.height, size):
