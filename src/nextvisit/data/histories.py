@@ -7,8 +7,9 @@ same landmark share it. An event is known at the prediction time iff its time is
 prediction time reaches any model: the zero-shot forecast, the masked baseline and the count baseline all
 read their inputs through ``read_histories``.
 
-``read_histories`` streams the MEDS shards once: for each shard, the label subjects' events, cut per
-history, in chunks of at most ``histories_per_chunk`` histories (a subject found in two shards is an error:
+``read_histories`` streams the MEDS shards once: for each shard, in chunks of at most
+``histories_per_chunk`` histories, the chunk's subjects' events (only the row groups holding them, in a shard
+sorted by subject), cut per history (a subject found in two shards is an error:
 MEDS shards hold whole subjects, and each history is cut from one). Histories that do not fit the data are an
 error when it is called, before any work (``check_histories_in_data``): a label subject the data does not
 hold, a prediction time before the subject's ``MEDS_BIRTH``, or at or after its ``MEDS_DEATH`` (``nextvisit
@@ -117,13 +118,12 @@ def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
     ids = histories["subject_id"].unique().sort()
     seen: set[int] = set()
     for path in data_files(meds_dir):
-        events = (
-            pl.scan_parquet(path).select(EVENT_COLUMNS).filter(pl.col("subject_id").is_in(ids.implode())).collect()
-            .sort("subject_id", maintain_order=True)
+        here = (
+            pl.scan_parquet(path).select("subject_id").filter(pl.col("subject_id").is_in(ids.implode())).unique()
+            .collect(engine="streaming")["subject_id"]
         )
-        if events.height == 0:
+        if here.len() == 0:
             continue
-        here = events["subject_id"].unique()
         # a history is cut from one shard: a subject split over two would be cut twice, each time in part
         again = seen.intersection(here.to_list())
         if again:
@@ -132,14 +132,23 @@ def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
         seen.update(here.to_list())
         shard = histories.filter(pl.col("subject_id").is_in(here.implode()))
         size = histories_per_chunk or max(shard.height, 1)
-        subjects = events["subject_id"]
         for begin in range(0, shard.height, size):
             chunk = shard.slice(begin, size)
-            # histories are sorted by subject: the chunk's events are one contiguous slice
-            first = subjects.search_sorted(chunk["subject_id"].min(), "left")
-            last = subjects.search_sorted(chunk["subject_id"].max(), "right")
-            kept, counts = cut(events.slice(first, last - first), chunk, remove_from_inputs)
+            kept, counts = cut(_events_of(path, chunk["subject_id"].unique()), chunk, remove_from_inputs)
             yield HistoryChunk(source=path, histories=chunk, events=kept, counts=counts)
+
+
+def _events_of(path: Path, subjects: pl.Series) -> pl.DataFrame:
+    """The ``EVENT_COLUMNS`` rows of ``subjects`` in the shard at ``path``, by subject, each subject's in file
+    order. The range filter comes first so that the row groups' subject_id statistics skip the rest of a
+    shard sorted by subject: memory follows the chunk, not the shard."""
+    return (
+        pl.scan_parquet(path).select(EVENT_COLUMNS)
+        .filter(pl.col("subject_id").is_between(subjects.min(), subjects.max()))
+        .filter(pl.col("subject_id").is_in(subjects.implode()))
+        .collect()
+        .sort("subject_id", maintain_order=True)
+    )
 
 
 def add_counts(total: dict, part: dict) -> dict:
