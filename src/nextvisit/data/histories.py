@@ -7,7 +7,7 @@ same landmark share it. An event is known at the prediction time iff its time is
 prediction time reaches any model: the zero-shot forecast, the masked baseline and the count baseline all
 read their inputs through ``read_histories``.
 
-``read_histories`` streams the MEDS shards once: for each shard, in chunks of at most
+``read_histories`` reads the MEDS shards one at a time: for each shard, in chunks of at most
 ``histories_per_chunk`` histories, the chunk's subjects' events (only the row groups holding them, in a shard
 sorted by subject), cut per history (a subject found in two shards is an error:
 MEDS shards hold whole subjects, and each history is cut from one). Histories that do not fit the data are an
