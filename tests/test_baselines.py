@@ -272,7 +272,8 @@ def test_chunked_count_predictions_equal_the_whole_frame(tmp_path):
     probabilities = []
     for size in (10**6, 3):
         out = counts.run(meds_dir, labels_dir, tmp_path / f"pred{size}", counts.CountsConfig(histories_per_chunk=size))
-        probabilities.append(pl.read_parquet(out).sort("subject_id", "prediction_time")["predicted_boolean_probability"].to_numpy())
+        predictions = pl.read_parquet(out).sort("subject_id", "prediction_time")
+        probabilities.append(predictions["predicted_boolean_probability"].to_numpy())
     assert np.array_equal(probabilities[0], probabilities[1])
 
 
@@ -292,9 +293,9 @@ def test_histories_of_a_subject_split_over_two_shards_are_refused(tmp_path):
     meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=8)
     shard = meds_dir / "data" / "0.parquet"
     frame = pl.read_parquet(shard)
-    last_of_subject_3 = frame.filter(pl.col("subject_id") == 3).tail(1)
-    frame.filter(pl.col("subject_id") != 3).vstack(frame.filter(pl.col("subject_id") == 3).head(-1)).write_parquet(shard)
-    last_of_subject_3.write_parquet(meds_dir / "data" / "1.parquet")
+    subject_3 = frame.filter(pl.col("subject_id") == 3)
+    frame.filter(pl.col("subject_id") != 3).vstack(subject_3.head(-1)).write_parquet(shard)
+    subject_3.tail(1).write_parquet(meds_dir / "data" / "1.parquet")
     with pytest.raises(UserError, match=r"1\.parquet: subject 3 also appears in an earlier shard; MEDS shards must"):
         counts.build_features(meds_dir, Labels.load(labels_dir), counts.CountsConfig(min_code_count=1))
 
