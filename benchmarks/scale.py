@@ -87,7 +87,8 @@ def commands(size: int, work: Path) -> dict[str, list[str]]:
                           str(w / "forecast"), "--splits", "all", "--device", "cpu", "--overwrite"],
         "counts": nv + ["baseline", "counts", str(w / "meds"), str(w / "labels_scored"), "--out", str(w / "counts"),
                         "--overwrite"],
-        "evaluate": nv + ["evaluate", str(w / "forecast"), "--out", str(w / "report"), "--bootstrap", "1000"],
+        "evaluate": nv + ["evaluate", str(w / "forecast"), "--out", str(w / "report"), "--bootstrap", "1000",
+                          "--overwrite"],
     }
 
 

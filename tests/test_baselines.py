@@ -232,6 +232,74 @@ def test_observable_reference_writes_its_kind_and_learns(tmp_path):
     assert _auroc(pl.read_parquet(out / "predictions.parquet")) > 0.75
 
 
+def _whole_frame_counts(meds_dir: Path, labels: Labels, config) -> pl.DataFrame:
+    """The long tables as computed before chunking: every history's events in one frame, then one
+    ``window_counts`` (the reference the chunked reader must equal)."""
+    from nextvisit.data.histories import read_histories
+
+    events = pl.concat([c.events for c in read_histories(meds_dir, labels.histories, labels.remove_from_inputs)])
+    return counts.window_counts(counts.visit_code_days(events), config.lookback_days)
+
+
+def _as_strings(cells) -> pl.DataFrame:
+    return (cells.counts.join(cells.codes, on="code_id", how="left")
+            .select("history_id", "window", "code", "count").sort("history_id", "window", "code", nulls_last=False))
+
+
+@pytest.mark.parametrize("histories_per_chunk", [1, 7])
+def test_chunked_count_features_equal_the_whole_frame(tmp_path, histories_per_chunk):
+    """Counting a few histories at a time gives the cells, vocabulary, matrices and input counts of counting
+    every history's events in one frame: chunks hold whole histories and every cell is one history's."""
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=60)
+    labels = Labels.load(labels_dir)
+    whole, chunked = (counts.CountsConfig(features="observable", occurrence_times=["first", "last"], min_code_count=2,
+                                          histories_per_chunk=size) for size in (10**6, histories_per_chunk))
+    cells, _ = counts.read_counts(meds_dir, labels, chunked)
+    reference = _whole_frame_counts(meds_dir, labels, whole).sort("history_id", "window", "code", nulls_last=False)
+    assert _as_strings(cells).equals(reference)
+    (_, a, inputs_a), (_, b, inputs_b) = (counts.build_features(meds_dir, labels, c) for c in (whole, chunked))
+    assert inputs_a == inputs_b and inputs_a["feature_codes"] > 0
+    assert a.names == b.names and a.time_names == b.time_names
+    for x, y in ((a.matrix, b.matrix), (a.times, b.times)):
+        assert x.shape == y.shape and x.nnz > 0
+        assert np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
+        assert np.array_equal(x.data, y.data)
+
+
+def test_chunked_count_predictions_equal_the_whole_frame(tmp_path):
+    """The same probabilities, bit for bit, whatever the chunk size."""
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=80)
+    probabilities = []
+    for size in (10**6, 3):
+        out = counts.run(meds_dir, labels_dir, tmp_path / f"pred{size}", counts.CountsConfig(histories_per_chunk=size))
+        predictions = pl.read_parquet(out).sort("subject_id", "prediction_time")
+        probabilities.append(predictions["predicted_boolean_probability"].to_numpy())
+    assert np.array_equal(probabilities[0], probabilities[1])
+
+
+def test_counts_hold_one_chunk_of_events_at_a_time(tmp_path, monkeypatch):
+    """Memory is bounded by the chunk: no step sees the events of more than ``histories_per_chunk``
+    histories."""
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=60)
+    seen = []
+    original = counts.visit_code_days
+    monkeypatch.setattr(counts, "visit_code_days",
+                        lambda events: seen.append(events["history_id"].n_unique()) or original(events))
+    counts.read_counts(meds_dir, Labels.load(labels_dir), counts.CountsConfig(histories_per_chunk=5))
+    assert len(seen) == 12 and max(seen) == 5  # 60 histories: 12 chunks of 5
+
+
+def test_histories_of_a_subject_split_over_two_shards_are_refused(tmp_path):
+    meds_dir, labels_dir = _signal_dataset(tmp_path, n_subjects=8)
+    shard = meds_dir / "data" / "0.parquet"
+    frame = pl.read_parquet(shard)
+    subject_3 = frame.filter(pl.col("subject_id") == 3)
+    frame.filter(pl.col("subject_id") != 3).vstack(subject_3.head(-1)).write_parquet(shard)
+    subject_3.tail(1).write_parquet(meds_dir / "data" / "1.parquet")
+    with pytest.raises(UserError, match=r"1\.parquet: subject 3 also appears in an earlier shard; MEDS shards must"):
+        counts.build_features(meds_dir, Labels.load(labels_dir), counts.CountsConfig(min_code_count=1))
+
+
 # -- hyper-parameter selection ----------------------------------------------------------------------------
 
 def test_selection_counts_positive_subjects_not_rows():

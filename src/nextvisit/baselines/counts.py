@@ -79,6 +79,7 @@ class CountsConfig:
     # folds of the cross-validation within train (used when tuning holds < 30 positive subjects)
     cv_folds: int = 5
     seed: int = 0
+    histories_per_chunk: int = 4096  # histories cut and counted at once (bounds memory, not the results)
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -103,6 +104,8 @@ class CountsConfig:
         edges = self.time_bins_days
         if not edges or any(not isinstance(d, int) or d <= 0 for d in edges) or sorted(set(edges)) != list(edges):
             raise UserError(f"counts config: time_bins_days {edges!r} must be increasing positive whole days")
+        if self.histories_per_chunk < 1:
+            raise UserError(f"counts config: histories_per_chunk must be at least 1, got {self.histories_per_chunk}")
         if self.cv_folds < 2:
             raise UserError(f"counts config: cv_folds must be at least 2, got {self.cv_folds}")
 
@@ -192,11 +195,70 @@ def occurrence_bins(visit_codes: pl.DataFrame, occurrences: list, edges: list) -
     )
 
 
-def fit_vocabulary(counts: pl.DataFrame, train_histories: pl.Series, min_code_count: int) -> list[str]:
+@dataclass
+class HistoryCells:
+    """What the count baseline reads of every history, before a feature vocabulary is chosen: the long tables
+    of ``window_counts`` and (observable reference) ``occurrence_bins``, each code replaced by its index in
+    ``codes`` (``code_id``, null for the visits rows), so a cell costs a few integers, not a string."""
+
+    codes: pl.DataFrame  # code, code_id: every code some history holds (ids in the order first read)
+    counts: pl.DataFrame  # history_id, window, code_id, count
+    times: pl.DataFrame | None  # history_id, occurrence, code_id, bin
+    n_histories: int
+
+
+CODE_IDS = {"code": pl.String, "code_id": pl.Int32}
+
+
+def _with_code_ids(cells: pl.DataFrame, codes: pl.DataFrame) -> pl.DataFrame:
+    """``cells`` with its ``code`` column replaced by ``codes``' ``code_id`` (null stays null: visits)."""
+    columns = [c if c != "code" else "code_id" for c in cells.columns]
+    return cells.join(codes, on="code", how="left").select(columns)
+
+
+def read_counts(meds_dir: Path, labels: Labels, config: CountsConfig) -> tuple[HistoryCells, dict]:
+    """The window counts (``window_counts``) and, for the observable reference, occurrence-time bins
+    (``occurrence_bins``) of the histories cut at their prediction times, computed ``histories_per_chunk``
+    histories at a time (every cell is one history's: chunks never share one), and the counts of events
+    not seen (after the prediction time, removed from the inputs). Memory: the chunk's events and the
+    cells, never every history's events at once."""
+    n_histories = labels.histories.height
+    codes = pl.DataFrame(schema=CODE_IDS)
+    count_parts, time_parts, input_counts = [], [], {}
+    has_events = np.zeros(n_histories, dtype=bool)
+    events_kept = 0
+    for chunk in read_histories(meds_dir, labels.histories, labels.remove_from_inputs, config.histories_per_chunk):
+        add_counts(input_counts, chunk.counts)
+        events_kept += chunk.events.height
+        has_events[chunk.events["history_id"].to_numpy()] = True
+        visit_codes = visit_code_days(chunk.events)
+        new = visit_codes.select(pl.col("code").unique().sort()).join(codes, on="code", how="anti")
+        codes = pl.concat([codes, new.with_columns(
+            (pl.int_range(pl.len()) + codes.height).cast(pl.Int32).alias("code_id"))])
+        count_parts.append(_with_code_ids(window_counts(visit_codes, config.lookback_days), codes))
+        if config.features == "observable":
+            time_parts.append(_with_code_ids(
+                occurrence_bins(visit_codes, config.occurrence_times, config.time_bins_days), codes))
+    counts_schema = {"history_id": pl.Int64, "window": pl.String, "code_id": pl.Int32, "count": pl.Int64}
+    times_schema = {"history_id": pl.Int64, "occurrence": pl.String, "code_id": pl.Int32, "bin": pl.Int64}
+    cells = HistoryCells(
+        codes=codes,
+        counts=pl.concat(count_parts) if count_parts else pl.DataFrame(schema=counts_schema),
+        times=None if config.features != "observable" else (
+            pl.concat(time_parts) if time_parts else pl.DataFrame(schema=times_schema)),
+        n_histories=n_histories)
+    input_counts.update(histories=n_histories, events_kept=events_kept,
+                        histories_without_events=n_histories - int(has_events.sum()))
+    return cells, input_counts
+
+
+def fit_vocabulary(cells: HistoryCells, train_histories: pl.Series, min_code_count: int) -> list[str]:
     """Codes present in at least ``min_code_count`` train histories (the widest window), sorted."""
-    widest = counts.filter(pl.col("code").is_not_null() & pl.col("history_id").is_in(train_histories.implode()))
-    per_code = widest.group_by("code").agg(pl.col("history_id").n_unique().alias("histories"))
-    return sorted(per_code.filter(pl.col("histories") >= min_code_count)["code"].to_list())
+    widest = cells.counts.filter(pl.col("code_id").is_not_null()
+                                 & pl.col("history_id").is_in(train_histories.implode()))
+    per_code = widest.group_by("code_id").agg(pl.col("history_id").n_unique().alias("histories"))
+    chosen = per_code.filter(pl.col("histories") >= min_code_count).join(cells.codes, on="code_id")
+    return sorted(chosen["code"].to_list())
 
 
 @dataclass
@@ -228,60 +290,51 @@ def _cells_matrix(cells: pl.DataFrame, keys: list[tuple], key_names: tuple, sche
     )
 
 
-def count_matrix(counts: pl.DataFrame, n_histories: int, vocabulary: list[str], lookback_days: list) -> CountFeatures:
+def _code_ids(cells: HistoryCells, vocabulary: list[str]) -> list:
+    """The ``code_id`` of each code of ``vocabulary``, in its order."""
+    ids = dict(cells.codes.filter(pl.col("code").is_in(vocabulary)).iter_rows())
+    return [ids[code] for code in vocabulary]
+
+
+def count_matrix(cells: HistoryCells, vocabulary: list[str], lookback_days: list) -> CountFeatures:
     """Raw counts as a CSR matrix; column = (window, code) with the visits count as code ``None``."""
-    keys = [(window_name(days), code) for days in lookback_days for code in [None, *vocabulary]]
-    names = [f"{w}:{'visits' if code is None else code}" for w, code in keys]
-    matrix = _cells_matrix(counts, keys, ("window", "code"), {"window": pl.String, "code": pl.String}, n_histories,
-                           "count")
+    ids = _code_ids(cells, vocabulary)
+    keys = [(window_name(days), code_id) for days in lookback_days for code_id in [None, *ids]]
+    names = [f"{window_name(days)}:{'visits' if code is None else code}" for days in lookback_days
+             for code in [None, *vocabulary]]
+    matrix = _cells_matrix(cells.counts, keys, ("window", "code_id"), {"window": pl.String, "code_id": pl.Int32},
+                           cells.n_histories, "count")
     return CountFeatures(matrix=matrix, names=names)
 
 
-def time_matrix(times: pl.DataFrame, n_histories: int, vocabulary: list[str], config: "CountsConfig"):
+def time_matrix(cells: HistoryCells, vocabulary: list[str], config: "CountsConfig"):
     """One-hot occurrence-time bins (``occurrence_bins``) as a CSR matrix; column = (occurrence, code, bin)."""
-    edges = config.time_bins_days
-    keys = [(o, code, b) for o in config.occurrence_times for code in [None, *vocabulary] for b in range(len(edges) + 1)]
-    names = [f"{o}:{'visits' if code is None else code}:{bin_label(edges, b)}" for o, code, b in keys]
-    matrix = _cells_matrix(times, keys, ("occurrence", "code", "bin"),
-                           {"occurrence": pl.String, "code": pl.String, "bin": pl.Int64}, n_histories, None)
+    edges, ids = config.time_bins_days, _code_ids(cells, vocabulary)
+    bins = range(len(edges) + 1)
+    keys = [(o, code_id, b) for o in config.occurrence_times for code_id in [None, *ids] for b in bins]
+    names = [f"{o}:{'visits' if code is None else code}:{bin_label(edges, b)}" for o in config.occurrence_times
+             for code in [None, *vocabulary] for b in bins]
+    matrix = _cells_matrix(cells.times, keys, ("occurrence", "code_id", "bin"),
+                           {"occurrence": pl.String, "code_id": pl.Int32, "bin": pl.Int64}, cells.n_histories, None)
     return matrix, names
 
 
-def features_of(counts: pl.DataFrame, times: pl.DataFrame | None, n_histories: int, vocabulary: list[str],
-                config: "CountsConfig") -> CountFeatures:
-    """The raw feature matrices of every history over ``vocabulary`` (occurrence times when ``times``)."""
-    features = count_matrix(counts, n_histories, vocabulary, config.lookback_days)
-    if times is not None:
-        features.times, features.time_names = time_matrix(times, n_histories, vocabulary, config)
+def features_of(cells: HistoryCells, vocabulary: list[str], config: "CountsConfig") -> CountFeatures:
+    """The raw feature matrices of every history over ``vocabulary`` (occurrence times for the observable
+    reference)."""
+    features = count_matrix(cells, vocabulary, config.lookback_days)
+    if cells.times is not None:
+        features.times, features.time_names = time_matrix(cells, vocabulary, config)
     return features
-
-
-def read_counts(meds_dir: Path, labels: Labels, config: CountsConfig) -> tuple[pl.DataFrame, pl.DataFrame | None, dict]:
-    """Long tables of per-history window counts (``window_counts``) and, for the observable reference,
-    occurrence-time bins (``occurrence_bins``; else None) of the histories cut at their prediction times, and
-    the counts of events not seen (after the prediction time, removed from the inputs)."""
-    parts, input_counts = [], {}
-    for chunk in read_histories(meds_dir, labels.histories, labels.remove_from_inputs):
-        parts.append(chunk.events)
-        add_counts(input_counts, chunk.counts)
-    events = pl.concat(parts) if parts else pl.DataFrame(schema={"history_id": pl.Int64,
-                                                                 "prediction_time": pl.Datetime("us"),
-                                                                 "time": pl.Datetime("us"), "code": pl.String})
-    input_counts.update(histories=labels.histories.height, events_kept=events.height,
-                        histories_without_events=labels.histories.height - events["history_id"].n_unique())
-    visit_codes = visit_code_days(events)
-    times = (occurrence_bins(visit_codes, config.occurrence_times, config.time_bins_days)
-             if config.features == "observable" else None)
-    return window_counts(visit_codes, config.lookback_days), times, input_counts
 
 
 def build_features(meds_dir: Path, labels: Labels, config: CountsConfig):
     """Per-history raw features over the vocabulary fit on train histories, the label rows (with
     ``history_id``), and the input counts."""
-    counts, times, input_counts = read_counts(meds_dir, labels, config)
+    cells, input_counts = read_counts(meds_dir, labels, config)
     train_histories = labels.split("train")["history_id"].unique()
-    vocabulary = fit_vocabulary(counts, train_histories, config.min_code_count)
-    features = features_of(counts, times, labels.histories.height, vocabulary, config)
+    vocabulary = fit_vocabulary(cells, train_histories, config.min_code_count)
+    features = features_of(cells, vocabulary, config)
     input_counts["feature_codes"] = len(vocabulary)
     return labels.rows, features, input_counts
 
@@ -458,19 +511,19 @@ class CountModel(ComparedModel):
         self.selections: dict[str, dict] = {}
         self.input_counts: dict = {}
 
-    def read(self, meds_dir: Path, labels: Labels):
-        counts, times, self.input_counts = read_counts(meds_dir, labels, self.config)
-        return counts, times, labels.histories.height
+    def read(self, meds_dir: Path, labels: Labels) -> HistoryCells:
+        cells, self.input_counts = read_counts(meds_dir, labels, self.config)
+        return cells
 
-    def fit(self, inputs, train: pl.DataFrame, tuning: pl.DataFrame) -> "CountModel":
-        counts, times, n_histories = inputs
+    def fit(self, cells: HistoryCells, train: pl.DataFrame, tuning: pl.DataFrame) -> "CountModel":
         config = self.config
-        vocabulary = fit_vocabulary(counts, train["history_id"].unique(), config.min_code_count)
-        self.features = features_of(counts, times, n_histories, vocabulary, config)
+        vocabulary = fit_vocabulary(cells, train["history_id"].unique(), config.min_code_count)
+        self.features = features_of(cells, vocabulary, config)
+        n_histories = cells.n_histories
         self.input_counts["feature_codes"] = len(vocabulary)
         sys.stderr.write(
             f"{self.name} features: {n_histories} histories, {len(vocabulary)} codes x {len(config.lookback_days)} "
-            f"windows{f' + {len(self.features.time_names)} occurrence-time bins' if times is not None else ''}; "
+            f"windows{f' + {len(self.features.time_names)} occurrence-time bins' if cells.times is not None else ''}; "
             f"{self.input_counts['after_prediction_time']} events after the prediction time and "
             f"{self.input_counts['removed_from_inputs']} removed-from-inputs events not counted\n")
         for (task, horizon), group in train.group_by("task", "horizon_days", maintain_order=True):

@@ -7,8 +7,10 @@ same landmark share it. An event is known at the prediction time iff its time is
 prediction time reaches any model: the zero-shot forecast, the masked baseline and the count baseline all
 read their inputs through ``read_histories``.
 
-``read_histories`` streams the MEDS shards once: for each shard, the label subjects' events, cut per
-history, in chunks of at most ``histories_per_chunk`` histories. Histories that do not fit the data are an
+``read_histories`` reads the MEDS shards one at a time: for each shard, in chunks of at most
+``histories_per_chunk`` histories, the chunk's subjects' events (only the row groups holding them, in a shard
+sorted by subject), cut per history (a subject found in two shards is an error:
+MEDS shards hold whole subjects, and each history is cut from one). Histories that do not fit the data are an
 error when it is called, before any work (``check_histories_in_data``): a label subject the data does not
 hold, a prediction time before the subject's ``MEDS_BIRTH``, or at or after its ``MEDS_DEATH`` (``nextvisit
 label`` never makes such a landmark). Every event not passed on is counted (``after_prediction_time``,
@@ -58,15 +60,13 @@ def cut(events: pl.DataFrame, histories: pl.DataFrame, remove_from_inputs=None) 
 def check_histories_in_data(meds_dir: Path, histories: pl.DataFrame) -> None:
     """Fail before any work when ``histories`` (``subject_id, prediction_time``) do not fit the data: a subject
     it does not hold, a prediction time before the subject's birth, or at or after its death (reads three
-    columns of the label subjects' rows)."""
+    columns of the label subjects' rows, one shard at a time: memory bounded by a shard, not the dataset)."""
     ids = histories["subject_id"].unique()
+    # a subject's birth and death are the earliest of its shards' (one shard per subject in MEDS; min is exact
+    # either way)
     life = (
-        pl.scan_parquet(data_files(meds_dir)).select("subject_id", "time", "code")
-        .filter(pl.col("subject_id").is_in(ids.implode()))
-        .group_by("subject_id")
-        .agg(birth=pl.col("time").filter(pl.col("code") == BIRTH_CODE).min().cast(pl.Datetime("us")),
-             death=pl.col("time").filter(pl.col("code") == DEATH_CODE).min().cast(pl.Datetime("us")))
-        .collect()
+        pl.concat([_life_in_shard(path, ids) for path in data_files(meds_dir)])
+        .group_by("subject_id").agg(pl.col("birth").min(), pl.col("death").min())
     )
     missing = set(ids.to_list()) - set(life["subject_id"].to_list())
     if missing:
@@ -81,6 +81,19 @@ def check_histories_in_data(meds_dir: Path, histories: pl.DataFrame) -> None:
             raise UserError(f"{meds_dir}: subject {subject}'s prediction_time {time} is {relation} ({event}) "
                             f"({bad.height} such prediction time(s)); check the labels' prediction_time, or give the "
                             "MEDS dataset the labels were made from")
+
+
+def _life_in_shard(path: Path, ids: pl.Series) -> pl.DataFrame:
+    """``subject_id, birth, death`` (the earliest ``MEDS_BIRTH`` / ``MEDS_DEATH`` time, null when none) of the
+    subjects of ``ids`` that the shard at ``path`` holds, streamed: only these three columns of one shard."""
+    return (
+        pl.scan_parquet(path).select("subject_id", "time", "code")
+        .filter(pl.col("subject_id").is_in(ids.implode()))
+        .group_by("subject_id")
+        .agg(birth=pl.col("time").filter(pl.col("code") == BIRTH_CODE).min().cast(pl.Datetime("us")),
+             death=pl.col("time").filter(pl.col("code") == DEATH_CODE).min().cast(pl.Datetime("us")))
+        .collect(engine="streaming")
+    )
 
 
 @dataclass
@@ -103,23 +116,39 @@ def read_histories(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs=N
 def _chunks(meds_dir: Path, histories: pl.DataFrame, remove_from_inputs,
             histories_per_chunk: int | None) -> Iterator[HistoryChunk]:
     ids = histories["subject_id"].unique().sort()
+    seen: set[int] = set()
     for path in data_files(meds_dir):
-        events = (
-            pl.scan_parquet(path).select(EVENT_COLUMNS).filter(pl.col("subject_id").is_in(ids.implode())).collect()
-            .sort("subject_id", maintain_order=True)
+        here = (
+            pl.scan_parquet(path).select("subject_id").filter(pl.col("subject_id").is_in(ids.implode())).unique()
+            .collect(engine="streaming")["subject_id"]
         )
-        if events.height == 0:
+        if here.len() == 0:
             continue
-        shard = histories.filter(pl.col("subject_id").is_in(events["subject_id"].unique().implode()))
+        # a history is cut from one shard: a subject split over two would be cut twice, each time in part
+        again = seen.intersection(here.to_list())
+        if again:
+            raise UserError(f"{path}: subject {min(again)} also appears in an earlier shard; MEDS shards must hold "
+                            "whole subjects (each history is cut from one shard)")
+        seen.update(here.to_list())
+        shard = histories.filter(pl.col("subject_id").is_in(here.implode()))
         size = histories_per_chunk or max(shard.height, 1)
-        subjects = events["subject_id"]
         for begin in range(0, shard.height, size):
             chunk = shard.slice(begin, size)
-            # histories are sorted by subject: the chunk's events are one contiguous slice
-            first = subjects.search_sorted(chunk["subject_id"].min(), "left")
-            last = subjects.search_sorted(chunk["subject_id"].max(), "right")
-            kept, counts = cut(events.slice(first, last - first), chunk, remove_from_inputs)
+            kept, counts = cut(_events_of(path, chunk["subject_id"].unique()), chunk, remove_from_inputs)
             yield HistoryChunk(source=path, histories=chunk, events=kept, counts=counts)
+
+
+def _events_of(path: Path, subjects: pl.Series) -> pl.DataFrame:
+    """The ``EVENT_COLUMNS`` rows of ``subjects`` in the shard at ``path``, by subject, each subject's in file
+    order. The range filter comes first so that the row groups' subject_id statistics skip the rest of a
+    shard sorted by subject: memory follows the chunk, not the shard."""
+    return (
+        pl.scan_parquet(path).select(EVENT_COLUMNS)
+        .filter(pl.col("subject_id").is_between(subjects.min(), subjects.max()))
+        .filter(pl.col("subject_id").is_in(subjects.implode()))
+        .collect()
+        .sort("subject_id", maintain_order=True)
+    )
 
 
 def add_counts(total: dict, part: dict) -> dict:
