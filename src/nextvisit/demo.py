@@ -26,7 +26,7 @@ class DemoConfig:
     subjects: int = 20_000
     seed: int = 0
     # Both next-visit models (with and without repeat regularization) train for the same number of steps,
-    # so the demo's figures do not depend on how busy the machine is; about 90 s each on 2 quiet cores.
+    # so the demo's figures do not depend on how busy the machine is; about 50 s each on 2 quiet cores (48 s measured).
     # The cosine learning-rate decay spans the run (the preset's longer schedule suits longer runs).
     pretrain_steps: int = 600
     decay_steps: int = 550
