@@ -41,7 +41,9 @@ def row_level_width(source: str, task: str, horizon: int, n_resamples: int, seed
     folder = Path(source)
     entry = next(e for e in read_predictions(folder / "predictions.parquet", [])
                  if e.task == task and e.horizon_days == horizon)
-    held = entry.frame.filter((pl.col("split") == "held_out") & pl.col("boolean_value").is_not_null())
+    held = entry.frame.filter((pl.col("split") == "held_out") & pl.col("boolean_value").is_not_null()
+                              & pl.col("predicted_boolean_probability").is_not_null()
+                              & pl.col("predicted_boolean_probability").is_not_nan())
     labels = held["boolean_value"].to_numpy().astype(bool)
     scores = held["predicted_boolean_probability"].to_numpy()
     boot = subject_bootstrap(labels, scores, np.arange(len(labels)), n_resamples, 2_000_000,

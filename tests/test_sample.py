@@ -503,6 +503,34 @@ def test_risks_of_the_first_k_samples_come_from_the_same_run(world, tmp_path):
         SampleConfig(samples=4, sample_counts=(8,)).validate()
 
 
+def test_a_history_without_a_visit_is_counted_and_left_unscored(world, tmp_path):
+    """A label row predicting before the subject's first visit (labels from elsewhere) is not rolled: null risks
+    for both estimators, counted in sampling.json and in each estimator's info.json; the other rows as before."""
+    rows = pl.read_parquet(world["few"] / "labels.parquet")
+    subject = rows.filter(pl.col("split") == "held_out")["subject_id"][0]
+    first = min(r[1] for r in cohort_rows() if r[0] == subject and r[2] == "VISIT//OUTPATIENT")
+    early = rows.filter(pl.col("subject_id") == subject).head(1).with_columns(
+        prediction_time=pl.lit(first - timedelta(days=30), dtype=pl.Datetime("us")))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for path in world["few"].iterdir():
+        (labels / path.name).write_bytes(path.read_bytes())
+    pl.concat([rows, early.select(rows.columns)]).write_parquet(labels / "labels.parquet")
+    config = SampleConfig(samples=2, precision="fp32", splits=("held_out",))
+    summary = sample(world["run"], world["meds"], labels, tmp_path / "with", config, "cpu", progress=False)
+    sample(world["run"], world["meds"], world["few"], tmp_path / "without", config, "cpu", progress=False)
+    assert summary["rows_without_history"]["rows"] == 1 and summary["rows_without_history"]["histories"] == 1
+    for estimator in ("monte_carlo", "rao_blackwell"):
+        got = pl.read_parquet(tmp_path / "with" / estimator / "predictions.parquet")
+        unscored = got.filter(pl.col("predicted_boolean_probability").is_null())
+        assert unscored.select("subject_id", "prediction_time").rows() == early.select(
+            "subject_id", "prediction_time").rows()
+        assert got.drop_nulls("predicted_boolean_probability").equals(
+            pl.read_parquet(tmp_path / "without" / estimator / "predictions.parquet"))
+        info = json.loads((tmp_path / "with" / estimator / "info.json").read_text())
+        assert info["rows_without_history"]["rows"] == 1
+
+
 def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
     base = ["sample", str(world["run"]), str(world["meds"]), str(world["labels"])]
     with pytest.raises(SystemExit):

@@ -431,7 +431,8 @@ def _add_baseline(verbs) -> None:
                    help="stop training after this many minutes (default: the preset's; tiny 0.75)")
     q.add_argument("--max-steps", type=_positive_int, default=None,
                    help="train this many optimizer steps instead of the preset's time budget (unless --max-minutes "
-                        "is given too): the same seed then gives the same run on any machine")
+                        "is given too): the same seed and thread count (the tiny preset pins 1) then give the same "
+                        "run on any machine")
     q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding preset fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -446,7 +447,7 @@ def _add_baseline(verbs) -> None:
     q.add_argument("--max-steps", type=_positive_int, default=None,
                    help="optimizer steps per run at most (the fold run; the refit stops at the step it chose), "
                         "instead of the preset's time budget (unless --max-minutes is given too): the same seed "
-                        "then gives the same predictions on any machine")
+                        "and thread count (the tiny preset pins 1) then give the same predictions on any machine")
     q.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--config", type=Path, default=None, help="YAML overriding fine-tuning fields (docs/baselines.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -257,11 +257,24 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def disk_full(exc: BaseException) -> bool:
-    """An error of a full disk or quota, from the OS or from a library that words it (polars, pyarrow)."""
+# Free space below which a failed write counts as a full disk even when its library words the error otherwise
+# (torch.save reports a short write as "unexpected pos ..."): smaller than any checkpoint or output file.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_full(exc: BaseException, folder: Path | None = None) -> bool:
+    """An error of a full disk or quota, from the OS or from a library that words it (polars, pyarrow); with
+    ``folder``, also any write error while the file system holding it has (almost) no space left."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return True
-    return isinstance(exc, Exception) and any(os.strerror(code) in str(exc) for code in _DISK_FULL)
+    if isinstance(exc, Exception) and any(os.strerror(code) in str(exc) for code in _DISK_FULL):
+        return True
+    if folder is None or not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -92,8 +92,8 @@ class SampleConfig:
     max_visits: int = 500  # generated visits per trajectory; one still short of a horizon then is undecided
     # A slide re-encodes the most recent visits filling this share of the window. 0.5 rather than 0.75: tiny's
     # KV-cached roll ran 6.7x the recompute instead of 3.8x (slides every ~5 visits instead of ~2.6, docs/sampling.md),
-    # and the windows a trajectory reads (64-128 tokens after a slide) stay within what training SEPs see (0 to
-    # the context length).
+    # and the windows a trajectory reads (up to 64 tokens right after a slide, growing to the whole window) stay
+    # within what training SEPs see (0 to the context length).
     keep_fraction: float = 0.5
     max_redraws: int = 64  # redraws of an all-empty code draw; still empty after them: kept empty, counted
     splits: tuple[str, ...] = SCORED_SPLITS
@@ -583,6 +583,9 @@ def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, 
         no_visit: list = []
         for chunk, tokenized in tokenized_histories(chunks, tokenizer, no_visit):
             add_counts(cut_counts, chunk.counts)
+            left_out = chunk.histories.height - len(tokenized)  # histories with no visit: nothing to roll
+            if left_out:
+                bar.update(left_out * config.samples)
             group = [History(subject, subject_id, prediction_time, list(horizons_of[(subject_id, prediction_time)]))
                      for _, subject_id, prediction_time, subject in tokenized]
             for h in group:
@@ -622,7 +625,8 @@ def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, 
             "empty_visits_kept": counts.empty_visits, "visits_truncated_for_the_model": counts.truncated_visits,
             "seconds": round(seconds, 1), "trajectories_per_s": round(counts.trajectories / max(seconds, 1e-9), 2),
             "generated_tokens_per_s": round(counts.generated_tokens / max(seconds, 1e-9), 1),
-            "precision": sampler.precision, "events_not_seen": cut_counts, **no_visit_rows(rows, table, [h for h, _, _ in no_visit]),
+            "precision": sampler.precision, "events_not_seen": cut_counts,
+            **no_visit_rows(rows, table, [h for h, _, _ in no_visit]),
             "config": {"run": str(run), "sample": asdict(config), "window_tokens": sampler.limit,
                        "keep_tokens_on_slide": sampler.keep, "run_config": run_config.to_dict()},
         }
@@ -640,6 +644,8 @@ def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, 
                         **{key: summary[key] for key in ("trajectories", "ended", "undecided_row_trajectories",
                                                          "context_slides", "seconds", "precision")},
                         "samples": n, "config": summary["config"],
+                        **({"rows_without_history": summary["rows_without_history"]}
+                           if "rows_without_history" in summary else {}),
                         **({"visit_time_calibration": calibration} if calibration else {})}
                 write_predictions(staging / (estimator if n == config.samples else f"{estimator}_n{n}"), frame, info)
         # the head's bins count from the last visit, which may lie before the prediction day

@@ -98,8 +98,8 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
         try:
             last = run_steps(trainee, state, limits, validation, metrics, progress)
             return finish(trainee, state, last, validation, metrics)
-        except Exception as exc:  # a checkpoint (safetensors words it in its own error) found the disk full
-            if not disk_full(exc):
+        except Exception as exc:  # a checkpoint found the disk full (safetensors and torch word it their own way)
+            if not disk_full(exc, run_dir):
                 raise
             raise UserError(f"{run_dir}: no space left on the device while writing the run at step {state['step']}; "
                             "free some space there and continue it with --resume (the run keeps its last complete "
