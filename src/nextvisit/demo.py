@@ -26,15 +26,16 @@ class DemoConfig:
     subjects: int = 20_000
     seed: int = 0
     # Both next-visit models (with and without repeat regularization) train for the same number of steps,
-    # so the demo's figures do not depend on how busy the machine is; about 50 s each on 2 quiet cores (48 s measured).
+    # so the demo's figures do not depend on how busy the machine is.
     # The cosine learning-rate decay spans the run (the preset's longer schedule suits longer runs).
     pretrain_steps: int = 600
     decay_steps: int = 550
     pretrain_minutes: float = 3.0  # a safety limit per model on a slow machine, not the planned length
     # A fixed CPU thread count: a CPU run repeats bit for bit only at the same count (docs/scale.md,
-    # "Reproducibility"), so the same seed gives the same figures on any machine; 2, the cores the timings above
-    # were measured on (the tiny model gains little from more).
-    pretrain_threads: int = 2
+    # "Reproducibility"), so the same seed gives the same figures on any machine. One, not 2: on 2 quiet cores
+    # 2 threads were 1.4x faster (60 steps on the demo's store: 7.4 s against 9.3 s, setup included), but while
+    # another job held a core they spun at 3.3 s a step, which would run into the safety limit above.
+    pretrain_threads: int = 1
     # The masked baseline by steps, not by its preset's time budgets, for the same reason: 300 pretraining steps
     # (what its 0.75-minute budget gave on 2 quiet cores, about 45 s) and at most 300 steps per fine-tuning run (the
     # fold run, then the refit stopped at the step it chose: what a 1-minute budget gave, docs/baselines.md).
