@@ -281,18 +281,23 @@ def test_pretrain_killed_while_writing_a_checkpoint_resumes_from_a_complete_one(
 # -- stages that publish a folder ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A simulated MEDS dataset (large enough that tokenizing it takes a fraction of a second), its token store,
-    dementia labels, a briefly trained run and its forecast."""
-    root = tmp_path_factory.mktemp("world")
-    meds = root / "meds"
+def simulated_data(root: Path) -> tuple[Path, Path, Path]:
+    """(MEDS, token store, dementia labels) of 400 simulated subjects under ``root`` (large enough that tokenizing
+    them takes a fraction of a second)."""
+    meds, store, labels = root / "meds", root / "store", root / "labels"
     simulate(400, meds, seed=0, workers=1, progress=False)
-    store = root / "store"
     tokenize_dataset(meds, store, workers=1, progress=False)
     task = load_task("dementia")
-    labels = root / "labels"
     write_labels(labels, make_labels(meds, task), task)
+    return meds, store, labels
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A simulated MEDS dataset, its token store, dementia labels (``simulated_data``), a briefly trained run and
+    its forecast."""
+    root = tmp_path_factory.mktemp("world")
+    meds, store, labels = simulated_data(root)
     run = root / "run"
     train(store, run, tiny_config(max_steps=2, eval_every=1000, eval_contexts=0), progress=False)
     predictions = root / "predictions"

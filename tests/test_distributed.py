@@ -26,10 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from nextvisit.cli import main as cli_main
-from nextvisit.data.simulate.dataset import simulate
-from nextvisit.tasks import load_task, make_labels, write_labels
-from nextvisit.tokenize.dataset import tokenize_dataset
-from test_crashes import curve
+from test_crashes import curve, simulated_data
 from test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,13 +68,7 @@ def on_two_nodes(argv: list, logs: list[Path]) -> list[int]:
 def world(tmp_path_factory):
     """A simulated MEDS dataset, its token store, dementia labels, and one process's pretraining run."""
     root = tmp_path_factory.mktemp("distributed")
-    meds = root / "meds"
-    simulate(400, meds, seed=0, workers=1, progress=False)
-    store = root / "store"
-    tokenize_dataset(meds, store, workers=1, progress=False)
-    task = load_task("dementia")
-    labels = root / "labels"
-    write_labels(labels, make_labels(meds, task), task)
+    meds, store, labels = simulated_data(root)
     config = root / "pretrain.yaml"
     tiny_config(**PRETRAIN).save(config)
     run = root / "run"
