@@ -632,9 +632,11 @@ def sample(run: Path | NextVisitRun, meds_dir: Path, labels_dir: Path | Labels, 
         }
         calibration_file = Path(run) / VISIT_TIME_CALIBRATION
         calibration = json.loads(calibration_file.read_text()) if calibration_file.exists() else None
+        # a row whose history has no visit was not rolled: null risks, 0 undecided (counted as rows_without_history)
+        unrolled = {(subject_id, prediction_time) for _, subject_id, prediction_time in no_visit}
         for n, results in [(config.samples, per_row)] + [(k, per_row_k[k]) for k in subsets]:
-            # a row whose history has no visit was not rolled: null risks, 0 undecided (counted as rows_without_history)
-            values = np.asarray([results.get(key, (np.nan, np.nan, 0)) for key in keys], np.float64).reshape(-1, 3)
+            values = np.asarray([(np.nan, np.nan, 0) if key[:2] in unrolled else results[key] for key in keys],
+                                np.float64).reshape(-1, 3)
             for e, estimator in enumerate(ESTIMATORS):
                 name = f"{summary['model']}[{estimator}x{n}]"
                 frame = prediction_frame(rows.with_columns(pl.Series("undecided", values[:, 2].astype(np.int64)),
