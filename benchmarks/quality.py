@@ -139,6 +139,10 @@ class QualityConfig:
     sample_subjects: int = 2000
     sample_counts: tuple[int, ...] = (1, 4, 16)
     sample_tasks: tuple[str, ...] | None = None  # the tasks of the sampling table (default: all)
+    # case-control rows instead of random subjects: per horizon, this many positive and negative held_out rows
+    # drawn at random within each class (write_case_control_labels); 0 = the random-subjects subset
+    sample_positive_rows: int = 0
+    sample_negative_rows: int = 0
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -233,13 +237,36 @@ class Runner:
 
     def _run(self, stage: Stage, title: str, line: str, call: Callable[[Path], None],
              files: dict[str, str] | None = None) -> Path:
-        number = len(self.timings) + 1
         if stage.complete:
-            recorded = stage.recorded_seconds()
-            print(f"\n== [{number}] {title}: finished before, skipped ({stage.folder.name}"
-                  + (f", took {recorded:.1f} s" if recorded is not None else "") + ")", flush=True)
-            self.timings.append((stage.folder.name, "cached", 0.0, recorded))
-            return stage.out
+            return self._skip(stage, title)
+        # Two runs of the benchmark may share a --work folder (one sampling a task while the other builds the
+        # main table): a stage is run under an exclusive lock on <folder>.lock, and a run that finds the lock
+        # held waits for the other to finish that stage and then uses it.
+        import fcntl
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / f"{stage.folder.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"\n   {title}: another run of the benchmark is running {stage.folder.name}; waiting for it",
+                      flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if stage.complete:
+                return self._skip(stage, title)
+            return self._run_locked(stage, title, line, call, files)
+
+    def _skip(self, stage: Stage, title: str) -> Path:
+        number = len(self.timings) + 1
+        recorded = stage.recorded_seconds()
+        print(f"\n== [{number}] {title}: finished before, skipped ({stage.folder.name}"
+              + (f", took {recorded:.1f} s" if recorded is not None else "") + ")", flush=True)
+        self.timings.append((stage.folder.name, "cached", 0.0, recorded))
+        return stage.out
+
+    def _run_locked(self, stage: Stage, title: str, line: str, call: Callable[[Path], None],
+                    files: dict[str, str] | None) -> Path:
+        number = len(self.timings) + 1
         print(f"\n== [{number}] {title}\n   stage {stage.folder}\n   $ {line}", flush=True)
         if stage.folder.exists():
             print(f"   {stage.folder.name} was left unfinished (no {COMPLETE}): redoing it", flush=True)
@@ -373,13 +400,48 @@ def write_subject_subset_labels(labels_dir: Path, out: Path, subjects: int, seed
     return {"subjects": int(len(chosen)), "of": int(len(ids)), "rows": subset.height}
 
 
+def write_case_control_labels(labels_dir: Path, out: Path, positives: int, negatives: int, seed: int) -> dict:
+    """Per horizon, ``positives`` held_out label rows drawn at random among that horizon's positive rows and
+    ``negatives`` among its negative rows (all of them where there are fewer), with the task.yaml: the rows the
+    sampling table scores. Censored rows are left out (no AUROC reads them). Each class is a uniform sample of
+    its rows, so the AUROC on these rows estimates the AUROC on all held_out rows without bias (it compares
+    positive with negative rows, and sampling within a class does not change its score distribution); the
+    interval is wider, as for any sample. The same (subject, prediction time) drawn for both horizons is one
+    history, rolled once to the longer horizon."""
+    from nextvisit.tasks import read_labels
+
+    frame = read_labels(labels_dir).filter(pl.col("split") == meds.held_out_split)
+    rng = np.random.default_rng(seed)
+    parts, summary = [], {}
+    for horizon in sorted(frame["horizon_days"].unique().to_list()):
+        rows = frame.filter(pl.col("horizon_days") == horizon)
+        cell = {}
+        for name, value, wanted in (("positive", True, positives), ("negative", False, negatives)):
+            pool = rows.filter(pl.col("boolean_value") == value).sort("subject_id", "prediction_time")
+            pick = np.sort(rng.choice(pool.height, size=min(wanted, pool.height), replace=False))
+            chosen = pool[pick.tolist()] if pool.height else pool
+            parts.append(chosen)
+            cell[f"{name}_rows"] = f"{chosen.height:,} of {pool.height:,}"
+            cell[f"{name}_subjects"] = int(chosen["subject_id"].n_unique())
+        cell["censored_rows_left_out"] = int(rows["boolean_value"].is_null().sum())
+        summary[f"{horizon} d"] = cell
+    subset = pl.concat(parts).sort("subject_id", "prediction_time", "horizon_days")
+    out.mkdir(parents=True)
+    subset.write_parquet(out / "labels.parquet")
+    shutil.copy(Path(labels_dir) / "task.yaml", out / "task.yaml")
+    summary["histories"] = int(subset.select("subject_id", "prediction_time").unique().height)
+    return summary
+
+
 def write_prediction_subset(predictions_dir: Path, labels_dir: Path, out: Path) -> int:
-    """A predictions folder restricted to the (subject, prediction time) pairs of a labels folder."""
+    """A predictions folder restricted to the (subject, prediction time, horizon) rows of a labels folder."""
     from nextvisit.artifacts.predictions import INFO_FILE, PREDICTIONS_FILE
     from nextvisit.tasks import read_labels
 
-    keys = read_labels(labels_dir).select("subject_id", "prediction_time").unique()
-    frame = pl.read_parquet(Path(predictions_dir) / PREDICTIONS_FILE).join(keys, on=["subject_id", "prediction_time"])
+    on = ["subject_id", "prediction_time", "horizon_days"]
+    frame = pl.read_parquet(Path(predictions_dir) / PREDICTIONS_FILE)
+    keys = read_labels(labels_dir).select(on).unique().cast({c: frame.schema[c] for c in on})
+    frame = frame.join(keys, on=on)
     out.mkdir(parents=True)
     frame.write_parquet(out / PREDICTIONS_FILE)
     shutil.copy(Path(predictions_dir) / INFO_FILE, out / INFO_FILE)
@@ -884,7 +946,10 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
         pretrain, plan = pretrained[owner]
         forecast = variant["forecast"]
         predictions[name] = {}
-        for task in tasks:
+        # the sampled tasks' forecasts first: a second run of the benchmark that samples one task (on the same
+        # --work) then starts on its forecast while the first run forecasts the other task
+        first = [t for t in (config.sample_tasks or ()) if t in tasks] if config.samples else []
+        for task in [*first, *(t for t in tasks if t not in first)]:
             options = {"aggregator": forecast.get("aggregator", "sum_logits"),
                        "multi_horizon": bool(forecast.get("multi_horizon", False)), "splits": meds.held_out_split,
                        "device": config.device}
@@ -987,7 +1052,8 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
         print(f"warning: {warning}", file=sys.stderr)
     print("\n" + format_table(rows, "; ".join(rules)))
     if config.samples and DEFAULT_VARIANT in pretrained:
-        rows += sampling_table(runner, config, pretrained[DEFAULT_VARIANT][0], data, labels, predictions, table_models)
+        rows += sampling_table(runner, config, pretrained[DEFAULT_VARIANT][0], data, labels, predictions, table_models,
+                               sim_eval)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
         print(f"wrote {len(rows)} rows to {json_path}")
@@ -996,20 +1062,32 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
 
 
 def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data: Stage, labels: dict[str, Stage],
-                   predictions: dict[str, dict[str, Stage]], table_models: list[TableModel]) -> list[dict]:
+                   predictions: dict[str, dict[str, Stage]], table_models: list[TableModel],
+                   sim_eval: Stage | None) -> list[dict]:
     """Monte Carlo risk of the default run by number of samples, both estimators, beside every other model, on
     a random subset of held_out subjects (docs/sampling.md); prints the table, draws the plot, returns the rows
     (``table: sampling``)."""
     counts = sorted({k for k in config.sample_counts if k < config.samples} | {config.samples})
     flat: list[TableModel] = []
     sampled: dict[str, Stage] = {}
+    case_control = bool(config.sample_positive_rows)
     for task in config.sample_tasks or config.tasks:
-        subset = runner.stage(f"sample_labels_{task}", {"subjects": config.sample_subjects, "seed": config.seed},
-                              labels=labels[task])
-        runner.python(subset, f"held_out rows of {config.sample_subjects:,} random held_out subjects ({task})",
-                      lambda out, labels_dir=labels[task].out: print("   " + json.dumps(write_subject_subset_labels(
-                          labels_dir, out, config.sample_subjects, config.seed))),
-                      f"write_subject_subset_labels({labels[task].out})")
+        if case_control:
+            subset = runner.stage(f"sample_case_control_{task}", {"positives": config.sample_positive_rows,
+                                                                  "negatives": config.sample_negative_rows,
+                                                                  "seed": config.seed}, labels=labels[task])
+            runner.python(subset, f"{config.sample_positive_rows:,} positive and {config.sample_negative_rows:,} "
+                                  f"negative held_out rows per horizon, drawn at random within each class ({task})",
+                          lambda out, labels_dir=labels[task].out: print("   " + json.dumps(write_case_control_labels(
+                              labels_dir, out, config.sample_positive_rows, config.sample_negative_rows, config.seed))),
+                          f"write_case_control_labels({labels[task].out})")
+        else:
+            subset = runner.stage(f"sample_labels_{task}", {"subjects": config.sample_subjects, "seed": config.seed},
+                                  labels=labels[task])
+            runner.python(subset, f"held_out rows of {config.sample_subjects:,} random held_out subjects ({task})",
+                          lambda out, labels_dir=labels[task].out: print("   " + json.dumps(write_subject_subset_labels(
+                              labels_dir, out, config.sample_subjects, config.seed))),
+                          f"write_subject_subset_labels({labels[task].out})")
         stage = runner.stage(f"sample_{DEFAULT_VARIANT}_{task}", {"samples": config.samples, "counts": counts,
                                                                   "device": config.device},
                              run=pretrain, meds=data, labels=subset)
@@ -1019,6 +1097,8 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
                     "--device", config.device])
         sampled[task] = stage
         for model in table_models:
+            if model.name == "oracle":
+                continue  # scored on the subset itself, below
             cut = runner.stage(f"subset_{model.name}_{task}", {}, predictions=predictions[model.name][task],
                                labels=subset)
             runner.python(cut, f"{model.name} {task} on the sampled subjects",
@@ -1026,6 +1106,14 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
                               f"   {write_prediction_subset(source, labels_dir, out):,} rows"),
                           f"write_prediction_subset({predictions[model.name][task].out})")
             flat.append(TableModel(model.name, model.kind, cut.out, model.budget))
+        if sim_eval is not None:
+            # the oracle on the sampled rows alone (a few thousand subject-days, where the main table's oracle
+            # scores every held_out row): the same as cutting the main table's, and it does not need that one
+            oracle = runner.stage(f"sample_oracle_{task}", {"samples": config.oracle_samples}, meds=sim_eval,
+                                  labels=subset)
+            runner.cli(oracle, f"oracle risk {task} on the sampled rows ({config.oracle_samples} futures)",
+                       ["oracle", sim_eval.out, subset.out, "--out", oracle.out, "--samples", config.oracle_samples])
+            flat.append(TableModel("oracle", ORACLE, oracle.out, {"samples": config.oracle_samples}))
         for n in counts:
             for estimator in ("monte_carlo", "rao_blackwell"):
                 folder = stage.out / (estimator if n == config.samples else f"{estimator}_n{n}")
@@ -1047,7 +1135,10 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
                   f"quality_rows over {len(flat)} predictions folders")
     result = json.loads((evaluation.out / "table.json").read_text())
     seconds = {task: json.loads((s.out / "sampling.json").read_text()) for task, s in sampled.items()}
-    print(f"\nSampling: {config.samples} trajectories per history of {config.sample_subjects:,} random held_out subjects "
+    where = (f"{config.sample_positive_rows:,} positive and {config.sample_negative_rows:,} negative held_out rows "
+             "per horizon drawn within each class" if case_control
+             else f"{config.sample_subjects:,} random held_out subjects")
+    print(f"\nSampling: {config.samples} trajectories per history of {where} "
           f"(every model scored on the same rows; differences: {DEFAULT_VARIANT} (horizon query) minus the model)")
     for task, info in seconds.items():
         print(f"  {task}: {info['trajectories']:,} trajectories in {info['seconds']:,} s "
@@ -1104,6 +1195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held_out subjects (random) the sampling table scores")
     p.add_argument("--sample-counts", default=",".join(map(str, defaults.sample_counts)),
                    help="also the risks of the first k samples, for each k")
+    p.add_argument("--sample-rows", default=None, metavar="POSITIVES,NEGATIVES",
+                   help="sample case-control rows instead of random subjects: per horizon, this many positive and "
+                        "this many negative held_out rows drawn at random within each class (an unbiased AUROC on "
+                        "rows with many positive subjects, at a cost a 2-core machine can pay)")
     p.add_argument("--sample-tasks", default=None, help="comma-separated tasks of the sampling table (default: all)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the table as a JSON list of rows (model, kind, task, horizon_days, auroc, auroc_low, "
@@ -1127,6 +1222,14 @@ def config_from_args(args) -> QualityConfig:
         raise UserError(f"--sample-counts {args.sample_counts!r}: expected comma-separated whole numbers") from None
     if any(k < 1 for k in counts):
         raise UserError(f"--sample-counts {args.sample_counts!r}: each must be at least 1")
+    positive_rows = negative_rows = 0
+    if args.sample_rows:
+        try:
+            positive_rows, negative_rows = (int(k) for k in str(args.sample_rows).split(","))
+        except ValueError:
+            raise UserError(f"--sample-rows {args.sample_rows!r}: expected two whole numbers, POSITIVES,NEGATIVES") from None
+        if positive_rows < 1 or negative_rows < 1:
+            raise UserError(f"--sample-rows {args.sample_rows!r}: each must be at least 1")
     if args.sample_tasks:
         unknown = [t for t in args.sample_tasks.split(",") if t.strip() and t.strip() not in TASKS[args.dataset]]
         if unknown:
@@ -1140,7 +1243,7 @@ def config_from_args(args) -> QualityConfig:
         preset=args.preset, masked_preset=args.masked_preset, oracle_samples=args.oracle_samples,
         bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only,
         samples=args.samples, sample_subjects=args.sample_subjects,
-        sample_counts=tuple(counts),
+        sample_counts=tuple(counts), sample_positive_rows=positive_rows, sample_negative_rows=negative_rows,
         sample_tasks=tuple(t.strip() for t in args.sample_tasks.split(",") if t.strip()) if args.sample_tasks else None)
 
 

@@ -316,3 +316,123 @@ def test_sampling_subset_keeps_whole_held_out_subjects_and_the_plot_draws(hand_m
         r.update(samples=None, estimator=None)
     table.append({**table[0], "model": "monte_carlo x4", "samples": 4, "estimator": "monte_carlo"})
     assert quality.draw_sampling_plot(table, tmp_path).stat().st_size > 1000
+
+
+def _labels_folder(rows: pl.DataFrame, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rows.with_columns(pl.when(pl.col("boolean_value").is_null()).then(pl.lit("censored_lost_to_followup"))
+                      .when(pl.col("boolean_value")).then(pl.lit("positive")).otherwise(pl.lit("negative"))
+                      .alias("reason")).write_parquet(folder / "labels.parquet")
+    (folder / "task.yaml").write_text("name: dementia\n")
+    return folder
+
+
+def test_case_control_rows_sample_each_class_at_random_per_horizon(tmp_path):
+    """--sample-rows: per horizon, P positive and N negative held_out rows drawn at random within each class
+    (every one where there are fewer), censored and other splits left out; a (subject, time) drawn at both
+    horizons is one history; the cut keeps exactly those (subject, time, horizon) rows of another model."""
+    rng = np.random.default_rng(1)
+    n_subjects, per_subject = 600, 3
+    subject = np.repeat(np.arange(1, n_subjects + 1), per_subject)
+    n = len(subject)
+    base = datetime(2016, 1, 1)
+    times = [base + timedelta(days=300 * (i % per_subject)) for i in range(n)]
+    one = pl.DataFrame({"subject_id": subject, "prediction_time": times, "age_years": 50 + 40 * rng.random(n),
+                        "sex": rng.choice(["F", "M"], n), "task": ["dementia"] * n,
+                        "split": rng.choice(["held_out", "train"], n, p=[0.8, 0.2])})
+    two_years = one.with_columns(pl.Series("boolean_value", rng.random(n) < 0.05).cast(pl.Boolean),
+                                 pl.lit(730).alias("horizon_days"))
+    five_years = one.with_columns(pl.Series("boolean_value", rng.random(n) < 0.1).cast(pl.Boolean),
+                                  pl.lit(1825).alias("horizon_days"))
+    censor = rng.random(n) < 0.1
+    five_years = five_years.with_columns(pl.when(pl.Series(censor)).then(None).otherwise(pl.col("boolean_value"))
+                                         .alias("boolean_value"))
+    rows = pl.concat([two_years, five_years], how="diagonal_relaxed").with_columns(pl.col("horizon_days").cast(pl.Int32))
+    labels = _labels_folder(rows, tmp_path / "labels")
+    summary = quality.write_case_control_labels(labels, tmp_path / "subset", positives=40, negatives=100, seed=0)
+    subset = pl.read_parquet(tmp_path / "subset" / "labels.parquet")
+    assert set(subset["split"]) == {"held_out"} and subset["boolean_value"].null_count() == 0
+    held = rows.filter(pl.col("split") == "held_out")
+    for horizon in (730, 1825):
+        mine = subset.filter(pl.col("horizon_days") == horizon)
+        pool = held.filter(pl.col("horizon_days") == horizon)
+        positives = pool.filter(pl.col("boolean_value")).height
+        assert mine.filter(pl.col("boolean_value")).height == min(40, positives)
+        assert mine.filter(~pl.col("boolean_value")).height == 100
+        cell = summary[f"{horizon} d"]
+        assert cell["positive_rows"] == f"{min(40, positives):,} of {positives:,}"
+        assert cell["censored_rows_left_out"] == pool["boolean_value"].null_count()
+        # the drawn rows are rows of that horizon and class, with their own columns
+        assert mine.join(pool, on=["subject_id", "prediction_time", "boolean_value", "age_years"]).height == mine.height
+    assert summary["histories"] == subset.select("subject_id", "prediction_time").unique().height < subset.height
+    # seeded, and not simply the first rows of the file (the draw is spread over the subjects)
+    again = quality.write_case_control_labels(labels, tmp_path / "again", positives=40, negatives=100, seed=0)
+    assert again == summary and pl.read_parquet(tmp_path / "again" / "labels.parquet").equals(subset)
+    negatives = subset.filter(~pl.col("boolean_value"))["subject_id"]
+    assert negatives.max() > 0.8 * n_subjects and negatives.min() < 0.2 * n_subjects
+
+    # a model scored on every row, cut to the drawn rows: one row per drawn (subject, time, horizon)
+    scored = held.filter(pl.col("boolean_value").is_not_null())
+    out = tmp_path / "model"
+    write_predictions(out, prediction_frame(scored, rng.random(scored.height), "counts"),
+                      {"model": "counts", "kind": COUNT_FEATURES})
+    assert quality.write_prediction_subset(out, tmp_path / "subset", tmp_path / "cut") == subset.height
+
+
+def test_case_control_auroc_is_unbiased_for_the_auroc_on_all_rows(tmp_path):
+    """Drawing within each class leaves each class's score distribution as it is: over many draws the AUROC
+    on the drawn rows averages to the AUROC on all rows, although the file is sorted by score."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    score = np.sort(rng.standard_normal(n))
+    label = rng.random(n) < 1 / (1 + np.exp(-(score * 1.5 - 3)))
+    base = datetime(2016, 1, 1)
+    rows = pl.DataFrame({"subject_id": np.arange(1, n + 1), "prediction_time": [base] * n,
+                         "boolean_value": label, "task": ["dementia"] * n, "horizon_days": [730] * n,
+                         "split": ["held_out"] * n, "age_years": [60.0] * n, "sex": ["F"] * n}).with_columns(
+        pl.col("horizon_days").cast(pl.Int32))
+    labels = _labels_folder(rows, tmp_path / "labels")
+    full = roc_auc_score(label, score)
+    by_id = dict(zip(range(1, n + 1), score))
+    draws = []
+    for seed in range(40):
+        quality.write_case_control_labels(labels, tmp_path / f"s{seed}", positives=60, negatives=60, seed=seed)
+        subset = pl.read_parquet(tmp_path / f"s{seed}" / "labels.parquet")
+        draws.append(roc_auc_score(subset["boolean_value"].to_numpy(), [by_id[s] for s in subset["subject_id"]]))
+    assert abs(np.mean(draws) - full) < 0.015, (np.mean(draws), full)
+    assert np.std(draws) > 0.005  # they are draws, not the same rows every time
+
+
+def test_two_runs_on_one_work_folder_run_a_stage_once(tmp_path):
+    """A stage another run of the benchmark is running is waited for, then used: its action runs once."""
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(out):
+        calls.append("first")
+        started.set()
+        assert release.wait(10)
+        out.mkdir()
+        (out / "result.txt").write_text("first")
+
+    def second_action(out):
+        calls.append("second")
+        out.mkdir()
+
+    first_runner, second_runner = quality.Runner(tmp_path, rerun="x"), quality.Runner(tmp_path, rerun="x")
+    stage = first_runner.stage("counts_dementia", {"config": "defaults"})
+    worker = threading.Thread(target=first_runner.python, args=(stage, "counts", slow, "counts"))
+    worker.start()
+    assert started.wait(10)
+    waiter = threading.Thread(target=second_runner.python, args=(second_runner.stage("counts_dementia",
+                                                                                     {"config": "defaults"}),
+                                                                 "counts", second_action, "counts"))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # waiting on the lock, not running the stage again
+    release.set()
+    worker.join(10)
+    waiter.join(10)
+    assert calls == ["first"] and (stage.out / "result.txt").read_text() == "first"
+    assert second_runner.timings[-1][1] == "cached"
