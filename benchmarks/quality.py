@@ -55,6 +55,17 @@ head) for the held_out rows of ``--sample-subjects`` random held_out subjects (s
 hours on 2 cores), N trajectories per history and the risks of the first k samples for each of
 ``--sample-counts``; a second table puts both estimators at each k beside every other model, all restricted to
 the same subjects (paired as above), and ``sampling_auroc.png`` plots AUROC against k (docs/sampling.md).
+``--sample-rows P,N`` samples case-control rows instead: per horizon, P positive and N negative held_out rows
+drawn at random within each class (``write_case_control_labels``), which keeps the AUROC unbiased and puts
+hundreds of positive subjects in each cell at a cost of a few thousand histories per task. The oracle of that
+table is scored on the sampled rows themselves (``sample_oracle_<task>``), so it does not need the main
+table's.
+
+**Two runs on one ``--work``.** Each stage runs under an exclusive lock (``<stage folder>.lock``); a run that
+reaches a stage another run is running waits for it and then uses it. So one run can build the main table and
+sample the first task while a second (``--only nextvisit --sample-tasks knee_oa``, the same budget options)
+samples the other task on the second core: the second run forecasts its sampled tasks first, then waits for
+the shared stages rather than repeating them.
 """
 
 from __future__ import annotations
