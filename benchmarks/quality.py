@@ -65,7 +65,8 @@ table's.
 reaches a stage another run is running waits for it and then uses it. So one run can build the main table and
 sample the first task while a second (``--only nextvisit --sample-tasks knee_oa``, the same budget options)
 samples the other task on the second core: the second run forecasts its sampled tasks first, then waits for
-the shared stages rather than repeating them.
+the shared stages rather than repeating them. Start both with ``OMP_NUM_THREADS=1``: two processes of torch's
+default two threads on 2 cores rolled about 5x slower than one thread each.
 """
 
 from __future__ import annotations
@@ -1076,8 +1077,8 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
                    predictions: dict[str, dict[str, Stage]], table_models: list[TableModel],
                    sim_eval: Stage | None) -> list[dict]:
     """Monte Carlo risk of the default run by number of samples, both estimators, beside every other model, on
-    a random subset of held_out subjects (docs/sampling.md); prints the table, draws the plot, returns the rows
-    (``table: sampling``)."""
+    a random subset of held_out subjects or on case-control rows (``--sample-rows``; docs/sampling.md); prints
+    the table, draws the plot, returns the rows (``table: sampling``)."""
     counts = sorted({k for k in config.sample_counts if k < config.samples} | {config.samples})
     flat: list[TableModel] = []
     sampled: dict[str, Stage] = {}
@@ -1118,8 +1119,8 @@ def sampling_table(runner: Runner, config: QualityConfig, pretrain: Stage, data:
                           f"write_prediction_subset({predictions[model.name][task].out})")
             flat.append(TableModel(model.name, model.kind, cut.out, model.budget))
         if sim_eval is not None:
-            # the oracle on the sampled rows alone (a few thousand subject-days, where the main table's oracle
-            # scores every held_out row): the same as cutting the main table's, and it does not need that one
+            # the oracle scored on the sampled rows alone (a few thousand subject-days, where the main table's
+            # oracle scores every held_out row), so the sampling table does not need the main table's oracle
             oracle = runner.stage(f"sample_oracle_{task}", {"samples": config.oracle_samples}, meds=sim_eval,
                                   labels=subset)
             runner.cli(oracle, f"oracle risk {task} on the sampled rows ({config.oracle_samples} futures)",
