@@ -1247,6 +1247,11 @@ def config_from_args(args) -> QualityConfig:
         if unknown:
             raise UserError(f"--sample-tasks {','.join(unknown)}: not a task of --dataset {args.dataset} "
                             f"({', '.join(TASKS[args.dataset])})")
+    if not args.samples:
+        given = [flag for flag, value in (("--sample-rows", args.sample_rows), ("--sample-tasks", args.sample_tasks))
+                 if value]
+        if given:
+            raise UserError(f"{' and '.join(given)} only apply to the sampling table: add --samples N (N >= 1)")
     only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else None
     return QualityConfig(
         dataset=args.dataset, train_subjects=args.train_subjects, eval_subjects=args.eval_subjects,

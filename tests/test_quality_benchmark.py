@@ -291,6 +291,15 @@ def test_variants_file_and_only(tmp_path):
         quality.run_benchmark(missing, rerun="unused")
 
 
+def test_sampling_options_without_samples_are_refused():
+    parser = quality.build_parser()
+    for flags in (["--sample-rows", "300,300"], ["--sample-tasks", "knee_oa"]):
+        with pytest.raises(UserError, match=f"{flags[0]} only apply to the sampling table: add --samples"):
+            quality.config_from_args(parser.parse_args(flags))
+        config = quality.config_from_args(parser.parse_args([*flags, "--samples", "4"]))
+        assert config.samples == 4 and (config.sample_positive_rows == 300 or config.sample_tasks == ("knee_oa",))
+
+
 def test_sampling_subset_keeps_whole_held_out_subjects_and_the_plot_draws(hand_made, tmp_path):
     """The sampling table's subset: every row of the chosen held_out subjects and nothing else, the same for
     every model (so quality_rows can pair them), and the AUROC-by-samples plot is written."""
