@@ -36,6 +36,11 @@ class DemoConfig:
     # 2 threads were 1.4x faster (60 steps on the demo's store: 7.4 s against 9.3 s, setup included), but while
     # another job held a core they spun at 3.3 s a step, which would run into the safety limit above.
     pretrain_threads: int = 1
+    # Horizon queries (on in the presets) pay off with more training: +0.05 to +0.15 AUROC at 2,200 steps on the
+    # quality benchmark, but no measurable change at 600 (docs/model.md, "Zero-shot levers: measured"), while they
+    # doubled each 600-step pretraining here (128 s against 59 s on one thread) and took the demo past its
+    # 10-minute budget (614 s). So the demo trains without them; `nextvisit pretrain --preset tiny` has them.
+    horizon_queries: bool = False
     # The masked baseline by steps, not by its preset's time budgets, for the same reason: 300 pretraining steps
     # (what its 0.75-minute budget gave on 2 quiet cores, about 45 s) and at most 300 steps per fine-tuning run (the
     # fold run, then the refit stopped at the step it chose: what a 1-minute budget gave, docs/baselines.md).
@@ -105,7 +110,8 @@ def run_demo(out: Path, config: DemoConfig) -> Path:
     stages.run(f"simulate {config.subjects:,} subjects", ["simulate", "--subjects", config.subjects, "--seed", config.seed, "--out", meds])
     stages.run("tokenize (vocabulary and lab statistics from train only)", ["tokenize", meds, "--out", store])
     schedule = (f"train:\n  max_steps: {config.pretrain_steps}\n  decay_steps: {config.decay_steps}\n"
-                f"  threads: {config.pretrain_threads}\n")
+                f"  threads: {config.pretrain_threads}\n"
+                f"model:\n  horizon_queries: {str(config.horizon_queries).lower()}\n")
     (out / "pretrain.yaml").write_text(schedule)
     stages.run(f"pretrain next-visit model, preset tiny ({config.pretrain_steps} steps)",
                ["pretrain", store, "--out", run, "--preset", "tiny", "--config", out / "pretrain.yaml",
