@@ -37,9 +37,8 @@ class DemoConfig:
     # another job held a core they spun at 3.3 s a step, which would run into the safety limit above.
     pretrain_threads: int = 1
     # Horizon queries (on in the presets) pay off with more training: +0.05 to +0.15 AUROC at 2,200 steps on the
-    # quality benchmark, but no measurable change at 600 (docs/model.md, "Zero-shot levers: measured"), while they
-    # doubled each 600-step pretraining here (128 s against 59 s on one thread) and took the demo past its
-    # 10-minute budget (614 s). So the demo trains without them; `nextvisit pretrain --preset tiny` has them.
+    # quality benchmark, but no measurable change at 600 (docs/model.md, "Zero-shot levers: measured"). So the demo
+    # trains without them and its figures stay those of the README; `nextvisit pretrain --preset tiny` has them.
     horizon_queries: bool = False
     # The masked baseline by steps, not by its preset's time budgets, for the same reason: 300 pretraining steps
     # (what its 0.75-minute budget gave on 2 quiet cores, about 45 s) and at most 300 steps per fine-tuning run (the
