@@ -36,15 +36,15 @@ class DemoConfig:
     # 2 threads were 1.4x faster (60 steps on the demo's store: 7.4 s against 9.3 s, setup included), but while
     # another job held a core they spun at 3.3 s a step, which would run into the safety limit above.
     pretrain_threads: int = 1
-    # Horizon queries (on in the presets) pay off with more training: +0.05 to +0.15 AUROC at 2,200 steps on the
-    # quality benchmark, but no measurable change at 600 (docs/model.md, "Zero-shot levers: measured"). So the demo
-    # trains without them and its figures stay those of the README; `nextvisit pretrain --preset tiny` has them.
-    horizon_queries: bool = False
     # The masked baseline by steps, not by its preset's time budgets, for the same reason: 300 pretraining steps
     # (what its 0.75-minute budget gave on 2 quiet cores, about 45 s) and at most 300 steps per fine-tuning run (the
     # fold run, then the refit stopped at the step it chose: what a 1-minute budget gave, docs/baselines.md).
     masked_pretrain_steps: int = 300
     masked_finetune_steps: int = 300
+    # Horizon queries (on in the presets) pay off with more training: +0.05 to +0.15 AUROC at 2,200 steps on the
+    # quality benchmark, but no measurable change at 600 (docs/model.md, "Zero-shot levers: measured"). So the demo
+    # trains without them and its figures stay those of the README; `nextvisit pretrain --preset tiny` has them.
+    horizon_queries: bool = False
     tasks: tuple[str, ...] = ("dementia", "knee_oa")
     bootstrap: int = 1000
     oracle_samples: int = 64  # Monte Carlo futures per oracle prediction (SE <= 0.0625)
