@@ -39,7 +39,8 @@ the seconds per step (the steps after the 10th, a validation included) and the s
 steps = (budget - setup) / seconds per step; the cosine decay ends at the last step. ``--pretrain-steps N``
 fixes the steps instead. A safety limit of 1.5 x the budget stops a run on a machine slower than at
 calibration. The masked pretraining gets the same budget as wall time (its loop stops on time), and each
-masked fine-tuning ``--finetune-minutes``. Each row's ``budget`` records what the model actually got.
+masked fine-tuning ``--finetune-minutes`` (the whole command), or ``--finetune-steps N`` (at most N steps, early
+stopping on tuning, whatever the machine's load). Each row's ``budget`` records what the model actually got.
 
 **The table**, per model and task-horizon, on the held_out rows: AUROC with a 95% subject-level bootstrap
 interval, the age-sex-stratified AUROC, the share of the oracle's margin over chance
@@ -135,6 +136,9 @@ class QualityConfig:
     budget_minutes: float = 8.0
     pretrain_steps: int | None = None  # fixed steps instead of the calibrated budget
     finetune_minutes: float = 2.0  # per task, the whole fine-tuning command
+    # optimizer steps per fine-tuning run at most instead of the time budget (early stopping still ends it): on a
+    # busy machine two minutes of wall time can leave the fine-tuning a few dozen steps
+    finetune_steps: int | None = None
     preset: str = "tiny"
     masked_preset: str = "tiny"
     oracle_samples: int = 128
@@ -813,14 +817,35 @@ def nextvisit_budget(run: Path, plan: dict, device: str) -> dict:
     return {k: v for k, v in budget.items() if v is not None}
 
 
-def masked_budget(pretrain_run: Path, finetunes: dict[str, Stage], minutes: float, finetune_minutes: float,
+def masked_budget(pretrain_run: Path, finetunes: dict[str, Stage], minutes: float, finetune_rule: str,
                   device: str) -> dict:
+    """The masked model's budget record: its pretraining, and per task the fine-tuning's minutes, the steps of each
+    taken, why they stopped and the step kept."""
     config = yaml.safe_load((pretrain_run / "config.yaml").read_text())
     return {"rule": "wall time", "planned_minutes": minutes, "minutes": config["seconds"] / 60,
             "steps": int(config["steps"]), "threads": config["pretrain"].get("threads") or "default",
-            "finetune_minutes_per_task": finetune_minutes,
+            "finetune_rule": finetune_rule,
             "finetune_minutes_used": {task: round((s.recorded_seconds() or 0) / 60, 2) for task, s in finetunes.items()},
+            "finetune_fit": {task: finetune_fit(s.out) for task, s in finetunes.items()},
             "device": device}
+
+
+def finetune_budget(config: QualityConfig) -> tuple[dict, list, str]:
+    """The masked fine-tuning's limit: (stage arguments, command-line flags, the rule in words)."""
+    if config.finetune_steps is None:
+        return ({"minutes": config.finetune_minutes}, ["--max-minutes", f"{config.finetune_minutes:g}"],
+                f"{config.finetune_minutes:g} min per task")
+    return ({"steps": config.finetune_steps}, ["--max-steps", config.finetune_steps],
+            f"at most {config.finetune_steps:,} steps per run (--finetune-steps)")
+
+
+def finetune_fit(run: Path) -> dict:
+    """A masked fine-tuning's fit (its info.json): steps, why they stopped, the step kept, seconds per phase."""
+    path = run / "info.json"
+    if not path.is_file():
+        return {}
+    fit = json.loads(path.read_text()).get("fit") or {}
+    return {k: fit[k] for k in ("steps", "stop_reason", "best_step", "best_tuning_auroc", "seconds") if k in fit}
 
 
 def pretraining_key(variant: dict, preset_name: str) -> str:
@@ -993,17 +1018,18 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
                    # time is the rule: no step limit before the budget ends
                    files={"masked.yaml": yaml.safe_dump({"pretrain": {"max_steps": MASKED_MAX_STEPS}})})
         predictions["masked"] = {}
+        finetune_args, finetune_limit, finetune_rule = finetune_budget(config)
         for task in tasks:
-            stage = runner.stage(f"masked_finetune_{task}", {"minutes": config.finetune_minutes, "device": config.device},
+            stage = runner.stage(f"masked_finetune_{task}", {**finetune_args, "device": config.device},
                                  run=masked, meds=data, labels=labels[task])
-            runner.cli(stage, f"masked transformer: fine-tune {task} ({config.finetune_minutes:g} min)",
+            runner.cli(stage, f"masked transformer: fine-tune {task} ({finetune_rule})",
                        ["baseline", "masked", "finetune", masked.out, data.out, labels[task].out, "--out", stage.out,
-                        "--max-minutes", f"{config.finetune_minutes:g}", "--device", config.device])
+                        *finetune_limit, "--device", config.device])
             predictions["masked"][task] = stage
         table_models.append(TableModel("masked", FINE_TUNED, Path(), masked_budget(
-            masked.out, predictions["masked"], config.budget_minutes, config.finetune_minutes, config.device)))
+            masked.out, predictions["masked"], config.budget_minutes, finetune_rule, config.device)))
         rules.append(f"masked pretraining: {config.budget_minutes:g} min of wall time (the same budget); fine-tuning "
-                     f"{config.finetune_minutes:g} min per task, early stopping on tuning")
+                     f"{finetune_rule}, early stopping on tuning")
 
     if "counts" in models:
         predictions["counts"] = {}
@@ -1185,7 +1211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="fixed next-visit pretraining steps instead of calibrating them to --budget-minutes")
     p.add_argument("--finetune-minutes", type=float, default=defaults.finetune_minutes,
-                   help="time budget of each masked fine-tuning command (per task)")
+                   help="time budget of each masked fine-tuning command (per task; tokenizing and predicting "
+                        "included)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="masked fine-tuning: at most this many optimizer steps per run, early stopping on tuning, "
+                        "instead of --finetune-minutes (the result then does not depend on how busy the machine is)")
     p.add_argument("--preset", default=defaults.preset, help="next-visit preset (a variant may name its own)")
     p.add_argument("--masked-preset", default=defaults.masked_preset, help="masked-transformer preset")
     p.add_argument("--oracle-samples", type=int, default=defaults.oracle_samples,
@@ -1226,6 +1256,8 @@ def config_from_args(args) -> QualityConfig:
         raise UserError("--budget-minutes and --finetune-minutes must be positive")
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
         raise UserError(f"--pretrain-steps {args.pretrain_steps}: must be at least 1")
+    if args.finetune_steps is not None and args.finetune_steps < 1:
+        raise UserError(f"--finetune-steps {args.finetune_steps}: must be at least 1")
     if args.samples < 0 or args.sample_subjects < 1:
         raise UserError("--samples must be at least 0 and --sample-subjects at least 1")
     try:
@@ -1257,6 +1289,7 @@ def config_from_args(args) -> QualityConfig:
         dataset=args.dataset, train_subjects=args.train_subjects, eval_subjects=args.eval_subjects,
         train_seed=args.train_seed, eval_seed=args.eval_seed, synthea_dir=args.synthea_dir, work=args.work,
         budget_minutes=args.budget_minutes, pretrain_steps=args.pretrain_steps, finetune_minutes=args.finetune_minutes,
+        finetune_steps=args.finetune_steps,
         preset=args.preset, masked_preset=args.masked_preset, oracle_samples=args.oracle_samples,
         bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only,
         samples=args.samples, sample_subjects=args.sample_subjects,

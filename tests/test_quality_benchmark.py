@@ -412,6 +412,24 @@ def test_case_control_auroc_is_unbiased_for_the_auroc_on_all_rows(tmp_path):
     assert np.std(draws) > 0.005  # they are draws, not the same rows every time
 
 
+def test_finetune_steps_replace_the_time_budget_and_are_recorded(tmp_path):
+    parser = quality.build_parser()
+    with pytest.raises(UserError, match="--finetune-steps 0: must be at least 1"):
+        quality.config_from_args(parser.parse_args(["--finetune-steps", "0"]))
+    timed = quality.config_from_args(parser.parse_args([]))
+    assert quality.finetune_budget(timed) == ({"minutes": 2.0}, ["--max-minutes", "2"], "2 min per task")
+    stepped = quality.config_from_args(parser.parse_args(["--finetune-steps", "1500"]))
+    args, flags, rule = quality.finetune_budget(stepped)
+    assert args == {"steps": 1500} and flags == ["--max-steps", 1500] and "1,500 steps" in rule
+    runner = quality.Runner(tmp_path, rerun="x")  # the limit is part of the stage's hash
+    assert (runner.stage("masked_finetune_dementia", {**args, "device": "cpu"}).hash
+            != runner.stage("masked_finetune_dementia", {"minutes": 2.0, "device": "cpu"}).hash)
+    (tmp_path / "info.json").write_text(json.dumps({"fit": {"steps": 700, "stop_reason": "early_stopping",
+                                                            "best_step": 550, "run": "all"}}))
+    assert quality.finetune_fit(tmp_path) == {"steps": 700, "stop_reason": "early_stopping", "best_step": 550}
+    assert quality.finetune_fit(tmp_path / "absent") == {}
+
+
 def test_two_runs_on_one_work_folder_run_a_stage_once(tmp_path):
     """A stage another run of the benchmark is running is waited for, then used: its action runs once."""
     import threading
