@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nextvisit.config import ModelConfig
+from nextvisit.errors import UserError
 from nextvisit.model.sequence import HorizonQuerySampling, TrainingPlan, Window, query_batch, windows_batch
 from nextvisit.model.transformer import NextVisitModel, attention_allowed
 from nextvisit.tokenize.store import SEP
@@ -177,6 +178,49 @@ def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run(
     batch = plan.batch(0, range(plan.n_contexts(0)))
     assert int(batch.is_query.sum()) == asked
     assert int(batch.doc_ids.gt(0).sum(1).max()) <= 64
+
+
+def test_several_queries_per_visit_add_draws_to_those_of_one():
+    rng = np.random.default_rng(1)
+    subjects = []
+    for k in range(60):
+        n = int(rng.integers(2, 9))
+        days = np.cumsum(rng.integers(1, 400, size=n)) + 1000
+        subjects.append(subject([[10 + int(rng.integers(0, 20))] for _ in range(n)], days, subject_id=k))
+    split = FakeSplit(subjects)
+
+    def plan(per_visit, context=256):
+        sampling = HorizonQuerySampling(rate=1.0, max_days=2000, death_token=DEATH, per_visit=per_visit)
+        return TrainingPlan(split, SUPERVISED, context=context, pack=True, max_window_fraction=0.25, seed=5,
+                            horizon_queries=sampling)
+
+    def asked(p):
+        out = {}
+        for w in p.epoch(0).windows():
+            if w.queries is not None:
+                for j, gap in zip(*w.queries):
+                    out.setdefault((w.subject, w.start + int(j)), []).append(int(gap))
+        return out
+
+    one, three = asked(plan(1)), asked(plan(3))
+    assert sum(map(len, three.values())) > 2 * sum(map(len, one.values())) > 100
+    several = [gaps for gaps in three.values() if len(gaps) > 1]
+    assert sum(len(set(gaps)) == len(gaps) for gaps in several) > 0.95 * len(several)  # each draw its own gap
+    for visit, gaps in three.items():
+        s = subjects[visit[0]]
+        assert len(gaps) <= 3
+        assert all(s.visit_days[visit[1]] + g <= s.visit_days[-1] for g in gaps)  # observed intervals only
+        if visit in one:
+            assert set(one[visit]) <= set(gaps)  # the first draw is the one of a run with one query per visit
+    p = plan(3)
+    batch = p.batch(0, range(p.n_contexts(0)))
+    assert int(batch.is_query.sum()) == p.queries_by_epoch[0] == sum(map(len, three.values()))
+    from nextvisit.config import resolve
+    with pytest.raises(UserError, match="horizon_queries_per_visit is 0"):
+        resolve("tiny", {"data": {"horizon_queries_per_visit": 0}})
+    cramped = plan(8, context=40)  # queries that would overflow a context are left out, never the context broken
+    batch = cramped.batch(0, range(cramped.n_contexts(0)))
+    assert int(batch.doc_ids.gt(0).sum(1).max()) <= 40
 
 
 def test_training_with_horizon_queries_and_forecasting_with_them(tmp_path):

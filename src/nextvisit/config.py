@@ -83,6 +83,9 @@ class DataConfig:
     # with model.horizon_queries: the share of training visits that ask a horizon query, and the longest gap (days)
     horizon_query_rate: float = 1.0
     horizon_query_max_days: int = 2190
+    # draws per visit, each asked with horizon_query_rate at its own gap: more incidence questions per step for the
+    # price of one token and one head row each
+    horizon_queries_per_visit: int = 1
     # a window (or forecast) that starts after the first visit is preceded by the first occurrence of each code and
     # demographic token before it, at most this many tokens (0 = off; docs/model.md "History summary")
     history_summary_tokens: int = 0
@@ -160,6 +163,8 @@ class RunConfig:
                             f"[0, data.context / 2)")
         if not 0 < self.data.horizon_query_rate <= 1 or self.data.horizon_query_max_days < 1:
             raise UserError("data.horizon_query_rate must be in (0, 1] and data.horizon_query_max_days at least 1")
+        if not 1 <= self.data.horizon_queries_per_visit <= 16:
+            raise UserError(f"data.horizon_queries_per_visit is {self.data.horizon_queries_per_visit}; expected 1 to 16")
         return self
 
     def to_dict(self) -> dict:

@@ -532,7 +532,8 @@ _DRAW_CHUNK = 1 << 16
 class HorizonQuerySampling:
     """Where training places horizon queries (module docstring; docs/model.md "Horizon queries").
 
-    Each visit gets a query with probability ``rate``, at a gap drawn uniformly from 1..``max_days`` days. A
+    Each visit gets a query with probability ``rate``, at a gap drawn uniformly from 1..``max_days`` days; with
+    ``per_visit`` k > 1, k such draws, each with its own gap (the first is the draw of a run with k = 1). A
     query is kept only when its whole interval is observed: it ends at or before the subject's last visit, or the
     subject's record holds ``death_token`` (death ends follow-up, so a later interval is complete: what happened
     before death is all there is, as the task labels count it). Intervals that run past a record that simply
@@ -542,6 +543,7 @@ class HorizonQuerySampling:
     rate: float
     max_days: int
     death_token: int | None = None
+    per_visit: int = 1  # draws per visit, each kept with probability ``rate`` (its own gap)
 
 
 @dataclass
@@ -661,13 +663,14 @@ class TrainingPlan:
                     if self.summary is not None and start > 0:
                         cost += self.summary.max_tokens  # at most; the packing stays within the context
                     if has_query is not None:
-                        js = np.flatnonzero(has_query[v0 + start : v0 + stop])
-                        if start > 0:  # a visit shared with the previous window asks its query there
-                            js = js[js > 0]
-                        js = js[max(0, len(js) - (self.context - cost)):]  # the window still fits a context
+                        draw, js = np.nonzero(has_query[:, v0 + start : v0 + stop])  # by draw, then visit
+                        if start > 0:  # a visit shared with the previous window asks its queries there
+                            draw, js = draw[js > 0], js[js > 0]
+                        keep = slice(max(0, len(js) - (self.context - cost)), None)  # the window still fits
+                        draw, js = draw[keep], js[keep]
                         query_counts.append(len(js))
                         query_visits.extend(js.tolist())
-                        query_gaps.extend(gaps[v0 + start + js].tolist())
+                        query_gaps.extend(gaps[draw, v0 + start + js].tolist())
                         cost += len(js)
                         n_queries += len(js)
                     subjects.append(i)
@@ -697,19 +700,24 @@ class TrainingPlan:
         return plan
 
     def _query_draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per visit of the split: whether it asks a horizon query in ``epoch`` (bool) and at what gap (int32).
-        Their own stream, so the windows of a run without queries are unchanged: ``random(n)`` for the asking,
-        then ``random(n)`` for the gaps, drawn in chunks (the second stream advanced past the first ``n``), which
-        gives the same numbers as two whole draws in 1 + 4 bytes per visit."""
+        """Per draw and visit of the split ([per_visit, n]): whether it asks a horizon query in ``epoch`` (bool)
+        and at what gap (int32). Their own stream, so the windows of a run without queries are unchanged: for
+        draw k, ``random(n)`` for the asking, then ``random(n)`` for the gaps, drawn in chunks (the second
+        stream advanced past the first ``n``), which gives the same numbers as two whole draws in 1 + 4 bytes
+        per visit and draw. Draw 0 is seeded as the only draw of a run with one query per visit."""
         hq, n_visits = self.horizon_queries, len(self._observed_days)
-        asking, gapping = (np.random.default_rng([self.seed, epoch, 1]) for _ in range(2))
-        gapping.bit_generator.advance(n_visits)  # one 64-bit step per double
-        has_query, gaps = np.empty(n_visits, bool), np.empty(n_visits, np.int32)
-        for begin in range(0, n_visits, _DRAW_CHUNK):
-            n = min(_DRAW_CHUNK, n_visits - begin)
-            gap = 1 + np.floor(gapping.random(n) * hq.max_days).astype(np.int64)
-            has_query[begin : begin + n] = (asking.random(n) < hq.rate) & (gap <= self._observed_days[begin : begin + n])
-            gaps[begin : begin + n] = gap
+        has_query = np.empty((hq.per_visit, n_visits), bool)
+        gaps = np.empty((hq.per_visit, n_visits), np.int32)
+        for k in range(hq.per_visit):
+            key = [self.seed, epoch, 1] if k == 0 else [self.seed, epoch, 1, k]
+            asking, gapping = (np.random.default_rng(key) for _ in range(2))
+            gapping.bit_generator.advance(n_visits)  # one 64-bit step per double
+            for begin in range(0, n_visits, _DRAW_CHUNK):
+                n = min(_DRAW_CHUNK, n_visits - begin)
+                gap = 1 + np.floor(gapping.random(n) * hq.max_days).astype(np.int64)
+                has_query[k, begin : begin + n] = ((asking.random(n) < hq.rate)
+                                                   & (gap <= self._observed_days[begin : begin + n]))
+                gaps[k, begin : begin + n] = gap
         return has_query, gaps
 
     def n_contexts(self, epoch: int = 0) -> int:

@@ -22,7 +22,8 @@ def horizon_query_sampling(store: TokenStore, config: RunConfig) -> HorizonQuery
     if not config.model.horizon_queries:
         return None
     death = store.vocab.index.get(DEATH_CODE)
-    return HorizonQuerySampling(config.data.horizon_query_rate, config.data.horizon_query_max_days, death)
+    return HorizonQuerySampling(config.data.horizon_query_rate, config.data.horizon_query_max_days, death,
+                                config.data.horizon_queries_per_visit)
 
 
 def training_plan(store: TokenStore, config: RunConfig, supervised_np):
