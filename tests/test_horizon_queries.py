@@ -221,6 +221,11 @@ def test_several_queries_per_visit_add_draws_to_those_of_one():
     cramped = plan(8, context=40)  # queries that would overflow a context are left out, never the context broken
     batch = cramped.batch(0, range(cramped.n_contexts(0)))
     assert int(batch.doc_ids.gt(0).sum(1).max()) <= 40
+    kept = asked(cramped)  # the later draws are left out first: where room allows, the first draw stays
+    first = asked(TrainingPlan(split, SUPERVISED, context=40, pack=True, max_window_fraction=0.25, seed=5,
+                               horizon_queries=HorizonQuerySampling(rate=1.0, max_days=2000, death_token=DEATH)))
+    assert sum(len(kept.get(v, [])) > len(g) for v, g in first.items()) > 0.5 * len(first)
+    assert sum(not set(g) <= set(kept.get(v, [])) for v, g in first.items()) <= 0.1 * len(first)
 
 
 def test_training_with_horizon_queries_and_forecasting_with_them(tmp_path):

@@ -663,7 +663,10 @@ class TrainingPlan:
                     if self.summary is not None and start > 0:
                         cost += self.summary.max_tokens  # at most; the packing stays within the context
                     if has_query is not None:
-                        draw, js = np.nonzero(has_query[:, v0 + start : v0 + stop])  # by draw, then visit
+                        # the last draw first, each by visit: a window short of room keeps the queries at the end,
+                        # the first draw's (that of a run with one query per visit) and the latest visits'
+                        last_first, js = np.nonzero(has_query[::-1, v0 + start : v0 + stop])
+                        draw = len(has_query) - 1 - last_first
                         if start > 0:  # a visit shared with the previous window asks its queries there
                             draw, js = draw[js > 0], js[js > 0]
                         keep = slice(max(0, len(js) - (self.context - cost)), None)  # the window still fits
