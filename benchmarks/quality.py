@@ -113,7 +113,7 @@ DATA_ONLY = "data"  # --only: the data stages without any model
 # Kinds in the table (the predictions folders use nextvisit.artifacts.predictions.KINDS).
 ZERO_SHOT, FINE_TUNED, COUNT, ORACLE, REFERENCE = "zero-shot", "fine-tuned", "count", "oracle", "reference"
 VARIANT_KEYS = ("preset", "pretrain", "forecast")
-FORECAST_KEYS = ("aggregator", "multi_horizon")
+FORECAST_KEYS = ("aggregator", "multi_horizon", "history_tokens")
 CALIBRATION_STEPS = 60  # tiny preset: one validation (eval_every 50) inside the measured steps
 CALIBRATION_SKIP = 10  # the first logged steps carry start-up costs (allocator, first batches)
 SAFETY_FACTOR = 1.5  # --max-minutes of a next-visit pretraining, relative to its budget
@@ -738,7 +738,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def read_variants(path: Path | None) -> dict:
     """``nextvisit`` (the project defaults) plus the file's variants: name -> {preset, pretrain, forecast}.
     ``pretrain`` holds RunConfig YAML overrides (train.max_steps and train.decay_steps are the budget's);
-    ``forecast`` holds ``aggregator`` and ``multi_horizon``."""
+    ``forecast`` holds ``aggregator``, ``multi_horizon`` and ``history_tokens``."""
     variants = {DEFAULT_VARIANT: {"preset": None, "pretrain": {}, "forecast": {}}}
     if path is None:
         return variants
@@ -990,11 +990,14 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
             options = {"aggregator": forecast.get("aggregator", "sum_logits"),
                        "multi_horizon": bool(forecast.get("multi_horizon", False)), "splits": meds.held_out_split,
                        "device": config.device}
+            history = ["--history-tokens", forecast["history_tokens"]] if forecast.get("history_tokens") else []
+            if history:  # only then in the hash, so the forecasts of every earlier run stay cached
+                options["history_tokens"] = int(forecast["history_tokens"])
             stage = runner.stage(f"forecast_{name}_{task}", options, run=pretrain, meds=data, labels=labels[task])
             runner.cli(stage, f"zero-shot forecast {task} ({name})",
                        ["forecast", pretrain.out, data.out, labels[task].out, "--out", stage.out,
                         "--aggregator", options["aggregator"], *(["--multi-horizon"] if options["multi_horizon"] else []),
-                        "--splits", options["splits"], "--device", config.device])
+                        *history, "--splits", options["splits"], "--device", config.device])
             predictions[name][task] = stage
         budget = nextvisit_budget(pretrain.out, plan, config.device)
         if owner != name:
@@ -1226,7 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device of every stage that trains or scores a model (auto: cuda when available)")
     p.add_argument("--variants", type=Path, default=None,
                    help="YAML of next-visit variants: name -> {pretrain: {RunConfig overrides}, forecast: {aggregator, "
-                        "multi_horizon}, preset: optional} (e.g. benchmarks/quality_variants.yaml)")
+                        "multi_horizon, history_tokens}, preset: optional} (e.g. benchmarks/quality_variants.yaml)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated models to run: {DEFAULT_VARIANT}, the variants' names, "
                         f"{', '.join(BASELINES)}; '{DATA_ONLY}' runs the data stages (simulate, combine, tokenize, labels)")

@@ -457,3 +457,20 @@ def test_precision_auto_runs_bf16_where_supported_and_stays_near_float32(world):
     assert ranks > 0.99
     with pytest.raises(UserError, match="precision 'half' is unknown"):
         run_forecast(world, precision="half")
+
+
+def test_history_tokens_override_the_runs_history_length(world):
+    from nextvisit.predict.horizon import HorizonQueryModel
+
+    labels = read_labels(world["labels"])
+    default = HorizonQueryModel(world["run"], ForecastConfig(), "cpu", progress=False)
+    short = HorizonQueryModel(world["run"], ForecastConfig(history_tokens=4), "cpu", progress=False)
+    assert short.name == default.name + "[history 4]"
+    full = default.score(world["meds"], labels, TASK, ("held_out",)).predictions
+    cut = short.score(world["meds"], labels, TASK, ("held_out",)).predictions
+    assert cut.height == full.height > 0
+    same = run_forecast(world, labels=labels, splits=("held_out",))  # the run's own query_max_tokens
+    assert full[PROBABILITY].to_list() == same[PROBABILITY].to_list()
+    assert not np.allclose(cut[PROBABILITY].to_numpy(), full[PROBABILITY].to_numpy())  # 4 tokens: the last visit
+    with pytest.raises(UserError, match="history tokens 1: must be at least 2"):
+        ForecastConfig(history_tokens=1).validate()

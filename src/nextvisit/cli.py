@@ -314,6 +314,9 @@ def _add_forecast(verbs) -> None:
     p.add_argument("--multi-horizon", action="store_true",
                    help="average the query over yearly intermediate horizons up to the horizon")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="subjects per forward pass (default 64)")
+    p.add_argument("--history-tokens", type=_positive_int, default=None,
+                   help="most recent history tokens before the query (default: the run's data.query_max_tokens; "
+                        "longer than its training windows asks the model to read more than it was trained on)")
     p.add_argument("--splits", default="tuning,held_out",
                    help="comma-separated label splits to score (default tuning,held_out), or 'all' "
                         "(e.g. for an external cohort)")

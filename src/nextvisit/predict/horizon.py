@@ -54,6 +54,9 @@ class ForecastConfig:
     # "auto": bfloat16 autocast where the device supports it, as in training (1.4-1.8x the float32 queries/s on
     # this CPU, docs/tasks.md); "fp32"; "bf16". The risks are aggregated in float32 either way.
     precision: str = "auto"
+    # the most recent history tokens before the query (None: the run's data.query_max_tokens, as long as its
+    # longest training window in the tiny preset)
+    history_tokens: int | None = None
 
     def validate(self) -> "ForecastConfig":
         if self.aggregator not in AGGREGATORS:
@@ -61,6 +64,8 @@ class ForecastConfig:
         check_precision(self.precision)
         if self.multi_horizon_step_days < 1 or self.batch_size < 1 or self.histories_per_chunk < 1:
             raise UserError("multi_horizon_step_days, batch_size and histories_per_chunk must be at least 1")
+        if self.history_tokens is not None and self.history_tokens < 2:
+            raise UserError(f"history tokens {self.history_tokens}: must be at least 2")
         return self
 
 
@@ -299,6 +304,8 @@ def model_name(run: Path, config: ForecastConfig) -> str:
     name = Path(run).resolve().name
     if config.aggregator != "sum_logits" or config.multi_horizon:
         name += f"[{config.aggregator}{'+multi_horizon' if config.multi_horizon else ''}]"
+    if config.history_tokens is not None:
+        name += f"[history {config.history_tokens}]"
     return name
 
 
@@ -325,7 +332,8 @@ class HorizonQueryModel(ComparedModel):
     def score(self, meds_dir: Path, labels: pl.DataFrame, task: Task, splits: Sequence[str]) -> Forecast:
         """``forecast`` with this run: the labelled rows of ``splits`` of ``labels`` (label columns,
         docs/interfaces.md §5; ``age_years`` and ``sex`` may be null)."""
-        return forecast(self.model, self.vocab, self.tokenizer, self.run_config.data.query_max_tokens, meds_dir,
+        max_tokens = self.config.history_tokens or self.run_config.data.query_max_tokens
+        return forecast(self.model, self.vocab, self.tokenizer, max_tokens, meds_dir,
                         labels, task, replace(self.config, splits=tuple(splits)), self.name, progress=self.progress,
                         summary_tokens=self.run_config.data.history_summary_tokens, dist=self.dist)
 
@@ -349,7 +357,7 @@ def run_cli(args) -> int:
     writes ``--out`` (it holds the folder's lock from the check before any work to the publish)."""
     config = ForecastConfig(
         aggregator=args.aggregator, multi_horizon=args.multi_horizon, batch_size=args.batch_size,
-        splits=parse_splits(args.splits), precision=args.precision,
+        splits=parse_splits(args.splits), precision=args.precision, history_tokens=args.history_tokens,
     ).validate()
     dist, device = init_distributed(args.device)
     with dist.together():  # a refused --out stops every process
