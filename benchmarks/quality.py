@@ -39,8 +39,8 @@ the seconds per step (the steps after the 10th, a validation included) and the s
 steps = (budget - setup) / seconds per step; the cosine decay ends at the last step. ``--pretrain-steps N``
 fixes the steps instead. A safety limit of 1.5 x the budget stops a run on a machine slower than at
 calibration. The masked pretraining gets the same budget as wall time (its loop stops on time), and each
-masked fine-tuning ``--finetune-minutes`` (the whole command), or ``--finetune-steps N`` (at most N steps, early
-stopping on tuning, whatever the machine's load). Each row's ``budget`` records what the model actually got.
+masked fine-tuning ``--finetune-steps N`` (at most N steps, default 3,000, early stopping on tuning, whatever the
+machine's load) or ``--finetune-minutes M`` (the whole command). Each row's ``budget`` records what the model actually got.
 
 **The table**, per model and task-horizon, on the held_out rows: AUROC with a 95% subject-level bootstrap
 interval, the age-sex-stratified AUROC, the share of the oracle's margin over chance
@@ -135,10 +135,11 @@ class QualityConfig:
     # budgets of 8 minutes keep the whole benchmark under 60 minutes with some room for a busy machine.
     budget_minutes: float = 8.0
     pretrain_steps: int | None = None  # fixed steps instead of the calibrated budget
-    finetune_minutes: float = 2.0  # per task, the whole fine-tuning command
-    # optimizer steps per fine-tuning run at most instead of the time budget (early stopping still ends it): on a
-    # busy machine two minutes of wall time can leave the fine-tuning a few dozen steps
-    finetune_steps: int | None = None
+    finetune_minutes: float = 2.0  # per task, the whole fine-tuning command, when finetune_steps is None
+    # optimizer steps per fine-tuning run at most (early stopping on tuning ends it sooner: 350-600 steps on the
+    # default populations): a two-minute wall-time budget, tokenizing and predicting included, left the fine-tuning
+    # 44 steps and an untuned model on a busy machine
+    finetune_steps: int | None = 3000
     preset: str = "tiny"
     masked_preset: str = "tiny"
     oracle_samples: int = 128
@@ -1213,12 +1214,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall time of each next-visit pretraining (as calibrated steps) and of the masked pretraining")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="fixed next-visit pretraining steps instead of calibrating them to --budget-minutes")
-    p.add_argument("--finetune-minutes", type=float, default=defaults.finetune_minutes,
+    p.add_argument("--finetune-minutes", type=float, default=None,
                    help="time budget of each masked fine-tuning command (per task; tokenizing and predicting "
                         "included)")
     p.add_argument("--finetune-steps", type=int, default=None,
-                   help="masked fine-tuning: at most this many optimizer steps per run, early stopping on tuning, "
-                        "instead of --finetune-minutes (the result then does not depend on how busy the machine is)")
+                   help=f"masked fine-tuning: at most this many optimizer steps per run, early stopping on tuning "
+                        f"(default {defaults.finetune_steps:,}; the result does not depend on how busy the machine is); "
+                        f"--finetune-minutes M gives a wall-time budget instead")
     p.add_argument("--preset", default=defaults.preset, help="next-visit preset (a variant may name its own)")
     p.add_argument("--masked-preset", default=defaults.masked_preset, help="masked-transformer preset")
     p.add_argument("--oracle-samples", type=int, default=defaults.oracle_samples,
@@ -1255,8 +1257,10 @@ def config_from_args(args) -> QualityConfig:
     for name in ("train_subjects", "eval_subjects", "bootstrap", "oracle_samples"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.budget_minutes <= 0 or args.finetune_minutes <= 0:
+    if args.budget_minutes <= 0 or (args.finetune_minutes is not None and args.finetune_minutes <= 0):
         raise UserError("--budget-minutes and --finetune-minutes must be positive")
+    if args.finetune_minutes is not None and args.finetune_steps is not None:
+        raise UserError("--finetune-minutes and --finetune-steps: give one (a wall-time or a step budget)")
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
         raise UserError(f"--pretrain-steps {args.pretrain_steps}: must be at least 1")
     if args.finetune_steps is not None and args.finetune_steps < 1:
@@ -1291,8 +1295,10 @@ def config_from_args(args) -> QualityConfig:
     return QualityConfig(
         dataset=args.dataset, train_subjects=args.train_subjects, eval_subjects=args.eval_subjects,
         train_seed=args.train_seed, eval_seed=args.eval_seed, synthea_dir=args.synthea_dir, work=args.work,
-        budget_minutes=args.budget_minutes, pretrain_steps=args.pretrain_steps, finetune_minutes=args.finetune_minutes,
-        finetune_steps=args.finetune_steps,
+        budget_minutes=args.budget_minutes, pretrain_steps=args.pretrain_steps,
+        finetune_minutes=QualityConfig.finetune_minutes if args.finetune_minutes is None else args.finetune_minutes,
+        finetune_steps=(None if args.finetune_minutes is not None
+                        else QualityConfig.finetune_steps if args.finetune_steps is None else args.finetune_steps),
         preset=args.preset, masked_preset=args.masked_preset, oracle_samples=args.oracle_samples,
         bootstrap=args.bootstrap, seed=args.seed, device=args.device, variants=read_variants(args.variants), only=only,
         samples=args.samples, sample_subjects=args.sample_subjects,

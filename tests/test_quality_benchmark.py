@@ -416,7 +416,11 @@ def test_finetune_steps_replace_the_time_budget_and_are_recorded(tmp_path):
     parser = quality.build_parser()
     with pytest.raises(UserError, match="--finetune-steps 0: must be at least 1"):
         quality.config_from_args(parser.parse_args(["--finetune-steps", "0"]))
-    timed = quality.config_from_args(parser.parse_args([]))
+    with pytest.raises(UserError, match="give one"):
+        quality.config_from_args(parser.parse_args(["--finetune-steps", "10", "--finetune-minutes", "2"]))
+    default = quality.config_from_args(parser.parse_args([]))
+    assert quality.finetune_budget(default)[:2] == ({"steps": 3000}, ["--max-steps", 3000])
+    timed = quality.config_from_args(parser.parse_args(["--finetune-minutes", "2"]))
     assert quality.finetune_budget(timed) == ({"minutes": 2.0}, ["--max-minutes", "2"], "2 min per task")
     stepped = quality.config_from_args(parser.parse_args(["--finetune-steps", "1500"]))
     args, flags, rule = quality.finetune_budget(stepped)
