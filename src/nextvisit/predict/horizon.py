@@ -54,8 +54,7 @@ class ForecastConfig:
     # "auto": bfloat16 autocast where the device supports it, as in training (1.4-1.8x the float32 queries/s on
     # this CPU, docs/tasks.md); "fp32"; "bf16". The risks are aggregated in float32 either way.
     precision: str = "auto"
-    # the most recent history tokens before the query (None: the run's data.query_max_tokens, as long as its
-    # longest training window in the tiny preset)
+    # the most recent history tokens before the query (None: the run's data.query_max_tokens)
     history_tokens: int | None = None
 
     def validate(self) -> "ForecastConfig":
