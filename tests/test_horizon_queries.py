@@ -141,16 +141,22 @@ class FakeSplit:
 DEATH = 9
 
 
-def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run():
-    rng = np.random.default_rng(0)
+def random_subjects(seed: int, deaths: bool) -> list:
+    """60 subjects of 2-8 one-code visits 1-399 days apart; with ``deaths`` every third dies at its last visit."""
+    rng = np.random.default_rng(seed)
     subjects = []
     for k in range(60):
         n = int(rng.integers(2, 9))
         days = np.cumsum(rng.integers(1, 400, size=n)) + 1000
         visits = [[10 + int(rng.integers(0, 20))] for _ in range(n)]
-        if k % 3 == 0:
+        if deaths and k % 3 == 0:
             visits[-1] = visits[-1] + [DEATH]
         subjects.append(subject(visits, days, subject_id=k))
+    return subjects
+
+
+def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run():
+    subjects = random_subjects(0, deaths=True)
     split = FakeSplit(subjects)
     sampling = HorizonQuerySampling(rate=1.0, max_days=2000, death_token=DEATH)
     plan = TrainingPlan(split, SUPERVISED, context=64, pack=True, max_window_fraction=0.5, seed=3,
@@ -181,17 +187,12 @@ def test_plan_asks_only_observed_intervals_and_keeps_the_windows_of_a_plain_run(
 
 
 def test_several_queries_per_visit_add_draws_to_those_of_one():
-    rng = np.random.default_rng(1)
-    subjects = []
-    for k in range(60):
-        n = int(rng.integers(2, 9))
-        days = np.cumsum(rng.integers(1, 400, size=n)) + 1000
-        subjects.append(subject([[10 + int(rng.integers(0, 20))] for _ in range(n)], days, subject_id=k))
+    subjects = random_subjects(1, deaths=False)
     split = FakeSplit(subjects)
 
-    def plan(per_visit, context=256):
+    def plan(per_visit, context=256, fraction=0.25):
         sampling = HorizonQuerySampling(rate=1.0, max_days=2000, death_token=DEATH, per_visit=per_visit)
-        return TrainingPlan(split, SUPERVISED, context=context, pack=True, max_window_fraction=0.25, seed=5,
+        return TrainingPlan(split, SUPERVISED, context=context, pack=True, max_window_fraction=fraction, seed=5,
                             horizon_queries=sampling)
 
     def asked(p):
@@ -218,14 +219,14 @@ def test_several_queries_per_visit_add_draws_to_those_of_one():
     from nextvisit.config import resolve
     with pytest.raises(UserError, match="horizon_queries_per_visit is 0"):
         resolve("tiny", {"data": {"horizon_queries_per_visit": 0}})
-    cramped = plan(8, context=40)  # queries that would overflow a context are left out, never the context broken
+    # windows of up to 12 tokens in contexts of 24: room for about one query per visit, not eight
+    cramped, first = plan(8, context=24, fraction=0.5), plan(1, context=24, fraction=0.5)
     batch = cramped.batch(0, range(cramped.n_contexts(0)))
-    assert int(batch.doc_ids.gt(0).sum(1).max()) <= 40
-    kept = asked(cramped)  # the later draws are left out first: where room allows, the first draw stays
-    first = asked(TrainingPlan(split, SUPERVISED, context=40, pack=True, max_window_fraction=0.25, seed=5,
-                               horizon_queries=HorizonQuerySampling(rate=1.0, max_days=2000, death_token=DEATH)))
-    assert sum(len(kept.get(v, [])) > len(g) for v, g in first.items()) > 0.5 * len(first)
-    assert sum(not set(g) <= set(kept.get(v, [])) for v, g in first.items()) <= 0.1 * len(first)
+    assert int(batch.doc_ids.gt(0).sum(1).max()) <= 24  # queries that do not fit are left out, never the context broken
+    kept, firsts = asked(cramped), asked(first)
+    assert sum(map(len, kept.values())) < 8 * sum(map(len, firsts.values()))  # it was short of room
+    # the later draws are left out first: the first draw's queries stay wherever one query per visit fits
+    assert all(set(g) <= set(kept.get(v, [])) for v, g in firsts.items())
 
 
 def test_training_with_horizon_queries_and_forecasting_with_them(tmp_path):
