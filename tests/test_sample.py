@@ -208,7 +208,8 @@ def world(tmp_path_factory):
             "run": rolling_run(root / "run", tokenizer)}
 
 
-def rolling_run(folder: Path, tokenizer: Tokenizer, head: bool = True, query_max_tokens: int = 31) -> Path:
+def rolling_run(folder: Path, tokenizer: Tokenizer, head: bool = True, query_max_tokens: int = 31,
+                recurrence: bool = False) -> Path:
     """A random-init run that rolls realistic-length trajectories: death made rare (a random head gives every
     token probability ~0.5), the condition's codes uncommon (about 2% per visit), and the next visit 61-90 days
     on (all hazard on that bin), so 5 years take about two dozen visits and the 32-token window slides."""
@@ -217,6 +218,7 @@ def rolling_run(folder: Path, tokenizer: Tokenizer, head: bool = True, query_max
     config.model.d_model, config.model.n_layers, config.model.n_heads = 32, 2, 2
     config.model.vocab_size = len(tokenizer.vocab)
     config.model.visit_time_head = head
+    config.model.recurrence_embedding = recurrence
     config.data.query_max_tokens = query_max_tokens
     config.loss.kind = "bce"  # its logits are then the log-odds the sampler draws with (losses.implied_probability)
     torch.manual_seed(0)
@@ -477,6 +479,13 @@ def test_a_run_without_the_visit_time_head_is_refused(world, tmp_path, capsys):
     run = rolling_run(tmp_path / "old", world["tokenizer"], head=False)
     assert main(["sample", str(run), str(world["meds"]), str(world["labels"]), "--out", str(tmp_path / "o")]) == 2
     assert "visit-time head" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_with_the_recurrence_embedding_is_refused(world, tmp_path, capsys):
+    run = rolling_run(tmp_path / "recurrence", world["tokenizer"], recurrence=True)
+    assert main(["sample", str(run), str(world["meds"]), str(world["labels"]), "--out", str(tmp_path / "o")]) == 2
+    assert "recurrence" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -57,6 +57,11 @@ def store(tmp_path_factory):
     return TokenStore(write_store(tmp_path_factory.mktemp("plan") / "store"))
 
 
+# Batch fields added after the digests were pinned (tests/test_recurrence.py checks them): left out, so the pins keep
+# saying that every earlier field is what it was.
+FIELDS_AFTER_THE_PINS = {"recurrence"}
+
+
 def batch_digest(plan: TrainingPlan, epochs=(0, 1)) -> str:
     """sha256 over every tensor of every batch of the given epochs (4 contexts a batch)."""
     digest = hashlib.sha256()
@@ -66,6 +71,8 @@ def batch_digest(plan: TrainingPlan, epochs=(0, 1)) -> str:
         for first in range(0, n, 4):
             batch = plan.batch(epoch, range(first, min(first + 4, n)))
             for field in fields(batch):
+                if field.name in FIELDS_AFTER_THE_PINS:
+                    continue
                 tensor = getattr(batch, field.name)
                 digest.update(f"{field.name}{tensor.dtype}{tuple(tensor.shape)}".encode())
                 digest.update(tensor.numpy().tobytes())

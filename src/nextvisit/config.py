@@ -59,6 +59,11 @@ class ModelConfig:
     # benchmark neither differed from a run without the head beyond pretraining's seed-to-seed variation
     # (docs/model.md "Visit-time head").
     visit_time_detach: bool = True
+    # An input embedding of how often each token's code occurred before: the number of the subject's earlier visits
+    # (whole record, also before the window) that hold it, in log2 buckets (model.sequence.RECURRENCE_BUCKETS), added
+    # to the token's embedding, so a window of recent visits knows a code's 12th occurrence from its first
+    # (docs/model.md "Recurrence embedding"). Off by default.
+    recurrence_embedding: bool = False
 
     def validate(self):
         if self.n_layers < 1:

@@ -76,6 +76,9 @@ class Batch:
     # in its window, and the gap in days from that visit to the next
     time_positions: torch.Tensor  # int64 [M]
     time_gaps: torch.Tensor  # int64 [M]
+    # recurrence bucket of each token (``recurrence_buckets``): 0 for SEPs, queries, EOW, padding and history-summary
+    # tokens; else 1 + the bit length of the number of the subject's earlier visits (whole record) holding the token
+    recurrence: torch.Tensor  # int64 [B, T]
 
     @property
     def n_tokens(self) -> int:
@@ -84,6 +87,39 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+# Recurrence buckets (``model.recurrence_embedding``): 0 = no count (specials, summary tokens); a visit token whose
+# code was held by c earlier visits of the subject gets 1 + bit_length(c) (c = 0, 1, 2-3, 4-7, ...), capped.
+RECURRENCE_BUCKETS = 11
+
+
+def prior_visit_counts(subject: Subject, end_visit: int | None = None) -> np.ndarray:
+    """For each token of visits ``0..end_visit-1`` (default all), how many earlier visits of the subject hold the
+    same token (a token repeated inside one visit counts that visit once)."""
+    offsets = subject.visit_offsets
+    n_visits = subject.n_visits if end_visit is None else end_visit
+    end = int(offsets[n_visits])
+    tokens = subject.tokens[:end].astype(np.int64)
+    if end == 0:
+        return np.zeros(0, np.int64)
+    visit = np.repeat(np.arange(n_visits), np.diff(offsets[: n_visits + 1]))
+    order = np.lexsort((visit, tokens))
+    t, v = tokens[order], visit[order]
+    new_token = np.concatenate([[True], t[1:] != t[:-1]])
+    new_pair = new_token | np.concatenate([[True], v[1:] != v[:-1]])
+    pair_index = np.cumsum(new_pair) - 1  # distinct (token, visit) pairs in sorted order
+    token_start = np.flatnonzero(new_token)
+    first_pair = np.repeat(pair_index[token_start], np.diff(np.concatenate([token_start, [end]])))
+    out = np.empty(end, np.int64)
+    out[order] = pair_index - first_pair
+    return out
+
+
+def recurrence_buckets(counts: np.ndarray) -> np.ndarray:
+    """Bucket ids (``RECURRENCE_BUCKETS``) of earlier-visit counts."""
+    exponent = np.frexp(np.asarray(counts, np.float64))[1]  # bit length for non-negative integers
+    return 1 + np.minimum(exponent, RECURRENCE_BUCKETS - 2).astype(np.int64)
 
 
 @dataclass
@@ -196,6 +232,7 @@ def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, sup
     out["days"] = np.concatenate([days, out["days"]])
     out["att_days"] = np.concatenate([days, out["att_days"]])
     out["is_query"] = np.concatenate([np.zeros(k, bool), out["is_query"]])
+    out["recurrence"] = np.concatenate([np.zeros(k, np.int64), out["recurrence"]])
     for key in ("sep_pos", "hq_pos", "query_pos", "time_pos"):
         if key in out:
             out[key] = out[key] + k
@@ -237,8 +274,10 @@ def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supe
     days = np.empty(length, np.int64)
     att_days = np.empty(length, np.int64)
     is_query = np.zeros(length, bool)
+    recurrence = np.zeros(length, np.int64)
     token_pos = slot_start[visit_of_token] + (np.arange(len(visit_tokens)) - first_of_visit[visit_of_token])
     tokens[token_pos] = visit_tokens
+    recurrence[token_pos] = recurrence_buckets(prior_visit_counts(subject, stop)[source])
     days[token_pos] = rel_days[visit_of_token]
     att_days[token_pos] = rel_days[visit_of_token]
     sep_pos = slot_start[:-1] + lengths[:-1]
@@ -250,7 +289,8 @@ def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supe
     days[hq_pos] = rel_days[q_visit] + q_gap
     att_days[hq_pos] = rel_days[q_visit]
     is_query[hq_pos] = True
-    out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "sep_pos": sep_pos,
+    out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "recurrence": recurrence,
+           "sep_pos": sep_pos,
            "sep_visit": np.arange(start + 1, stop, dtype=np.int64), "hq_pos": hq_pos,
            "hq_visit": start + q_visit, "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths)),
            # the visit-time head reads the last token of each visit that has a SEP after it (it sees that visit
@@ -339,6 +379,7 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
     att_days = np.zeros((B, width), np.int64)
     doc_ids = np.zeros((B, width), np.int64)
     is_query = np.zeros((B, width), bool)
+    recurrence = np.zeros((B, width), np.int64)
     positions, sep_window, sep_visit = [], [], []
     t_rows, t_tokens, t_repeats, t_seen = [], [], [], []
     time_positions, time_gaps = [], []
@@ -353,6 +394,7 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
             att_days[b, cursor : cursor + k] = w["att_days"]
             doc_ids[b, cursor : cursor + k] = doc
             is_query[b, cursor : cursor + k] = w["is_query"]
+            recurrence[b, cursor : cursor + k] = w["recurrence"]
             flat = b * width + cursor
             if "query_pos" in w:
                 sep = np.array([w["query_pos"]])
@@ -393,6 +435,7 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
         is_query=torch.from_numpy(is_query),
         time_positions=cat(time_positions, np.int64),
         time_gaps=cat(time_gaps, np.int64),
+        recurrence=torch.from_numpy(recurrence),
     )
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from nextvisit.config import ModelConfig
 from nextvisit.model import kernels
-from nextvisit.model.sequence import Batch
+from nextvisit.model.sequence import RECURRENCE_BUCKETS, Batch
 
 
 def attention_allowed(att_days: torch.Tensor, doc_ids: torch.Tensor, days: torch.Tensor,
@@ -238,6 +238,9 @@ class NextVisitModel(nn.Module):
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
         # added to the input of horizon-query tokens (the SEP token at a later day asking about an interval)
         self.query_embed = nn.Parameter(torch.zeros(config.d_model)) if config.horizon_queries else None
+        # added to every token: how many earlier visits held its code (Batch.recurrence; bucket 0 = none, left zero)
+        self.recurrence_embed = nn.Embedding(RECURRENCE_BUCKETS, config.d_model, padding_idx=0) \
+            if config.recurrence_embedding else None
         # the gap to the next visit, one hazard per day bin, at the last token of a visit (nextvisit.model.visit_time)
         self.visit_time = nn.Linear(config.d_model, len(config.visit_time_edges)) if config.visit_time_head else None
         self.apply(self._init_weights)
@@ -245,6 +248,8 @@ class NextVisitModel(nn.Module):
             nn.init.zeros_(self.visit_time.bias)
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed, 0.0, config.init_std)
+        if self.recurrence_embed is not None:
+            nn.init.zeros_(self.recurrence_embed.weight)  # starts as the model without it
         # residual projections scaled down with depth (GPT-2)
         for name, parameter in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("fc_out.weight"):
@@ -285,31 +290,42 @@ class NextVisitModel(nn.Module):
         uses_ranges = kernels.attention_kernel(self.config.attention, allowed.device) == "matmul"
         return LayerMask(additive, kernels.key_ranges(allowed) if uses_ranges else [])
 
-    def _layer_inputs(self, tokens, days, att_days, doc_ids, is_query=None):
-        """Embeddings [B, T, D] (plus the query embedding at horizon queries), rotary tables and the attention
-        mask, shared by every layer."""
+    def _layer_inputs(self, tokens, days, att_days, doc_ids, is_query=None, recurrence=None):
+        """Embeddings [B, T, D] (plus the query embedding at horizon queries and the recurrence embedding), rotary
+        tables and the attention mask, shared by every layer."""
         config = self.config
         mask = self.attention_mask(att_days, doc_ids, days, is_query)
         cos, sin = rotary_tables(days, config.d_model // config.n_heads, config.rope_base)
-        x = self.embed(tokens)
+        x = self._embed(tokens, recurrence)
         if is_query is not None and self.query_embed is not None:
             x = x + is_query[..., None].to(x.dtype) * self.query_embed
         return x, cos, sin, mask
 
-    def hidden_states(self, tokens, days, att_days, doc_ids, is_query=None) -> torch.Tensor:
+    def _embed(self, tokens, recurrence=None):
+        x = self.embed(tokens)
+        if self.recurrence_embed is not None:
+            if recurrence is None:
+                raise ValueError("a model with the recurrence embedding needs the tokens' recurrence buckets")
+            x = x + self.recurrence_embed(recurrence)
+        return x
+
+    def hidden_states(self, tokens, days, att_days, doc_ids, is_query=None, recurrence=None) -> torch.Tensor:
         """Final-LayerNorm hidden states [B, T, D]."""
-        x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
+        x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query, recurrence)
         flex = self.config.attention == "flex"
         for block in self.blocks:
             x = block(x, cos, sin, mask, flex)
         return self.ln_final(x)
 
     def forward(self, tokens, days, att_days, doc_ids, positions, head: bool = True,
-                is_query: torch.Tensor | None = None, time_positions: torch.Tensor | None = None):
+                is_query: torch.Tensor | None = None, time_positions: torch.Tensor | None = None,
+                recurrence: torch.Tensor | None = None):
         """Logits [N, V] at the flat ``positions``; with ``head=False`` the hidden states [N, D] there, for
         the trainer, which applies the tied head inside the loss (``fused_head.next_visit_loss_from_hidden``).
         ``is_query`` [B, T] flags horizon-query tokens (``attention_allowed``). With ``time_positions`` [M] (the
-        last tokens of visits; a model with the visit-time head), returns ``(that, visit-time logits [M, K])``."""
+        last tokens of visits; a model with the visit-time head), returns ``(that, visit-time logits [M, K])``.
+        ``recurrence`` [B, T]: the tokens' recurrence buckets (``Batch.recurrence``), read by a model with
+        ``recurrence_embedding``."""
         if time_positions is not None:
             if self.visit_time is None:
                 raise ValueError("time_positions given to a model without the visit-time head")
@@ -318,7 +334,7 @@ class NextVisitModel(nn.Module):
                 # joint run below cost the demo's pretraining about 1.5x per step)
                 where = QueryLayout(positions, *tokens.shape)
                 where_time = QueryLayout(time_positions, *tokens.shape)
-                x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
+                x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query, recurrence)
                 for block in self.blocks[:-1]:
                     x = block(x, cos, sin, mask, False)
                 at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))
@@ -327,19 +343,19 @@ class NextVisitModel(nn.Module):
                 return (self._head(at_seps) if head else at_seps), self.visit_time(at_visits)
             n = len(positions)
             both = self(tokens, days, att_days, doc_ids, torch.cat([positions, time_positions]), head=False,
-                        is_query=is_query)
+                        is_query=is_query, recurrence=recurrence)
             out = both[:n] if not head else self._head(both[:n])
             at_visits = both[n:].detach() if self.config.visit_time_detach else both[n:]
             return out, self.visit_time(at_visits)
         if self.config.attention == "flex":
-            hidden = self.hidden_states(tokens, days, att_days, doc_ids, is_query)
+            hidden = self.hidden_states(tokens, days, att_days, doc_ids, is_query, recurrence)
             at_seps = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         else:
             # only the N positions' outputs of the last layer are read, so it runs there alone: the same values
             # up to float rounding (docs/model.md, "Model"). The layout first: on a GPU its one sync then
             # waits for the inputs only, not for the queued layers.
             where = QueryLayout(positions, *tokens.shape)
-            x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query)
+            x, cos, sin, mask = self._layer_inputs(tokens, days, att_days, doc_ids, is_query, recurrence)
             for block in self.blocks[:-1]:
                 x = block(x, cos, sin, mask, False)
             at_seps = self.ln_final(self.blocks[-1].at_positions(x, cos, sin, mask, where))  # [N, D]
@@ -358,14 +374,15 @@ class NextVisitModel(nn.Module):
         return KVCache.empty(self.config, rows, capacity, device, dtype or self.embed.weight.dtype)
 
     def extend(self, cache: "KVCache", tokens: torch.Tensor, days: torch.Tensor, att_days: torch.Tensor,
-               counts: torch.Tensor) -> torch.Tensor:
+               counts: torch.Tensor, recurrence: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``counts[r]`` new tokens to each row of ``cache`` (``tokens``, rotary ``days`` and ``att_days``
         [R, k], padded past each row's count) and return their final hidden states [R, k, D] (zeros past each
         row's count). Each new token attends the cached tokens and the new ones by ``attention_allowed`` (one
         document, no horizon queries), so appending a visit, then its SEP, ... gives the hidden states a full
         forward over the whole sequence gives: earlier tokens never attend later ones under that rule when
         attention days do not decrease, which a rolled-forward trajectory guarantees. ``cache`` holds every
-        layer's keys and values after the call. The layers run on the new tokens only (no padding); attention
+        layer's keys and values after the call. ``recurrence`` [R, k]: the new tokens' recurrence buckets (a model
+        with ``recurrence_embedding``). The layers run on the new tokens only (no padding); attention
         reads the cache up to the longest row."""
         config = self.config
         R, k = tokens.shape
@@ -392,7 +409,7 @@ class NextVisitModel(nn.Module):
         allowed |= columns[None, None, :] == torch.where(valid, own, torch.zeros_like(own))[:, :, None]  # itself
         additive = torch.zeros(allowed.shape, dtype=cache.dtype, device=device).masked_fill_(~allowed, float("-inf"))
         cos, sin = rotary_tables(days[rows, cols].to(torch.float32)[None], d, config.rope_base)  # [1, 1, M, d]
-        x = self.embed(tokens[rows, cols])  # [M, D]
+        x = self._embed(tokens[rows, cols], None if recurrence is None else recurrence[rows, cols])  # [M, D]
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
             attn = block.attn
             qkv = attn.qkv(block.ln_attn(x)).view(-1, 3, H, d).permute(1, 2, 0, 3)[:, None]  # [3, 1, H, M, d]
@@ -419,4 +436,5 @@ class NextVisitModel(nn.Module):
         """Logits [N, V] at flat ``positions`` (default ``batch.positions``). The batch must be on the
         model's device; call under ``torch.no_grad()`` for inference."""
         positions = batch.positions if positions is None else positions
-        return self(batch.tokens, batch.days, batch.att_days, batch.doc_ids, positions, is_query=batch.is_query)
+        return self(batch.tokens, batch.days, batch.att_days, batch.doc_ids, positions, is_query=batch.is_query,
+                    recurrence=batch.recurrence)

@@ -220,6 +220,10 @@ class Sampler:
             raise UserError("the run has no visit-time head (model.visit_time_head: false; runs pretrained before it "
                             "existed), so it cannot say when the next visit happens; pretrain again (the presets "
                             "have the head) or score the labels with `nextvisit forecast` instead")
+        if model.config.recurrence_embedding:
+            raise UserError("the run reads recurrence buckets (model.recurrence_embedding: true), which the sampler "
+                            "does not yet compute for the visits it generates; score the labels with "
+                            "`nextvisit forecast` instead")
         self.model, self.vocab, self.tokenizer, self.config = model, vocab, tokenizer, config.validate()
         self.loss = run_config.loss
         self.device = next(model.parameters()).device

@@ -98,7 +98,7 @@ def _accumulate_gradients(trainee: Trainee, micro: list, normalizer: float, step
             with context:
                 with trainee.autocast():
                     hidden = trainee.ddp_model(batch.tokens, batch.days, batch.att_days, batch.doc_ids,
-                                               batch.positions, head=False, is_query=batch.is_query,
+                                               batch.positions, head=False, is_query=batch.is_query, recurrence=batch.recurrence,
                                                time_positions=batch.time_positions if timed else None)
                     if timed:
                         hidden, time_logits = hidden

@@ -238,7 +238,8 @@ class Validation:
                 if not timed:
                     return model.query_logits(batch).float()
                 logits, at_visits = model(batch.tokens, batch.days, batch.att_days, batch.doc_ids, batch.positions,
-                                          is_query=batch.is_query, time_positions=batch.time_positions)
+                                          is_query=batch.is_query, time_positions=batch.time_positions,
+                                          recurrence=batch.recurrence)
             gaps.append(batch.time_gaps)
             time_logits.append(at_visits.float())
             return logits.float()
