@@ -77,8 +77,9 @@ class Batch:
     time_positions: torch.Tensor  # int64 [M]
     time_gaps: torch.Tensor  # int64 [M]
     # recurrence bucket of each token (``recurrence_buckets``): 0 for SEPs, queries, EOW, padding and history-summary
-    # tokens; else 1 + the bit length of the number of the subject's earlier visits (whole record) holding the token
-    recurrence: torch.Tensor  # int64 [B, T]
+    # tokens; else 1 + the bit length of the number of the subject's earlier visits (whole record) holding the token.
+    # Built only on request (``recurrence=True``, a model with ``recurrence_embedding``); otherwise [B, 0]
+    recurrence: torch.Tensor  # int64 [B, T] or [B, 0]
 
     @property
     def n_tokens(self) -> int:
@@ -218,9 +219,14 @@ def visit_cap(max_tokens: int) -> int:
 def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supervised: np.ndarray | None,
                    query_day: int | None = None, close_with_eow: bool = False, horizon_query: bool = False,
                    queries: tuple[np.ndarray, np.ndarray] | None = None,
-                   summary: HistorySummary | None = None) -> dict:
-    """The window's arrays (``_visit_arrays``), preceded by the history summary of the visits before ``start``."""
+                   summary: HistorySummary | None = None, recurrence: bool = False) -> dict:
+    """The window's arrays (``_visit_arrays``), preceded by the history summary of the visits before ``start``;
+    with ``recurrence`` also the tokens' recurrence buckets (``Batch.recurrence``)."""
     out = _visit_arrays(subject, start, stop, max_tokens, supervised, query_day, close_with_eow, horizon_query, queries)
+    if recurrence:
+        buckets = np.zeros(len(out["tokens"]), np.int64)
+        buckets[out["token_pos"]] = recurrence_buckets(prior_visit_counts(subject, stop)[out["token_source"]])
+        out["recurrence"] = buckets
     if summary is None or start == 0:
         return out
     tokens, days = summary.tokens_before(subject, start)
@@ -232,7 +238,8 @@ def _window_arrays(subject: Subject, start: int, stop: int, max_tokens: int, sup
     out["days"] = np.concatenate([days, out["days"]])
     out["att_days"] = np.concatenate([days, out["att_days"]])
     out["is_query"] = np.concatenate([np.zeros(k, bool), out["is_query"]])
-    out["recurrence"] = np.concatenate([np.zeros(k, np.int64), out["recurrence"]])
+    if recurrence:
+        out["recurrence"] = np.concatenate([np.zeros(k, np.int64), out["recurrence"]])
     for key in ("sep_pos", "hq_pos", "query_pos", "time_pos"):
         if key in out:
             out[key] = out[key] + k
@@ -274,10 +281,8 @@ def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supe
     days = np.empty(length, np.int64)
     att_days = np.empty(length, np.int64)
     is_query = np.zeros(length, bool)
-    recurrence = np.zeros(length, np.int64)
     token_pos = slot_start[visit_of_token] + (np.arange(len(visit_tokens)) - first_of_visit[visit_of_token])
     tokens[token_pos] = visit_tokens
-    recurrence[token_pos] = recurrence_buckets(prior_visit_counts(subject, stop)[source])
     days[token_pos] = rel_days[visit_of_token]
     att_days[token_pos] = rel_days[visit_of_token]
     sep_pos = slot_start[:-1] + lengths[:-1]
@@ -289,8 +294,8 @@ def _visit_arrays(subject: Subject, start: int, stop: int, max_tokens: int, supe
     days[hq_pos] = rel_days[q_visit] + q_gap
     att_days[hq_pos] = rel_days[q_visit]
     is_query[hq_pos] = True
-    out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "recurrence": recurrence,
-           "sep_pos": sep_pos,
+    out = {"tokens": tokens, "days": days, "att_days": att_days, "is_query": is_query, "sep_pos": sep_pos,
+           "token_pos": token_pos, "token_source": source,
            "sep_visit": np.arange(start + 1, stop, dtype=np.int64), "hq_pos": hq_pos,
            "hq_visit": start + q_visit, "truncated": int(np.sum(np.diff(offsets[start:stop + 1]) > lengths)),
            # the visit-time head reads the last token of each visit that has a SEP after it (it sees that visit
@@ -379,7 +384,8 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
     att_days = np.zeros((B, width), np.int64)
     doc_ids = np.zeros((B, width), np.int64)
     is_query = np.zeros((B, width), bool)
-    recurrence = np.zeros((B, width), np.int64)
+    with_recurrence = all("recurrence" in w for row in rows for w in row)
+    recurrence = np.zeros((B, width if with_recurrence else 0), np.int64)
     positions, sep_window, sep_visit = [], [], []
     t_rows, t_tokens, t_repeats, t_seen = [], [], [], []
     time_positions, time_gaps = [], []
@@ -394,7 +400,8 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
             att_days[b, cursor : cursor + k] = w["att_days"]
             doc_ids[b, cursor : cursor + k] = doc
             is_query[b, cursor : cursor + k] = w["is_query"]
-            recurrence[b, cursor : cursor + k] = w["recurrence"]
+            if with_recurrence:
+                recurrence[b, cursor : cursor + k] = w["recurrence"]
             flat = b * width + cursor
             if "query_pos" in w:
                 sep = np.array([w["query_pos"]])
@@ -442,14 +449,15 @@ def collate(rows: list[list[dict]], with_targets: bool, pad_multiple: int = PAD_
 # -- forecasting ----------------------------------------------------------------------------------------------
 
 def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511, horizon_query: bool = False,
-                summary: HistorySummary | None = None) -> Batch:
+                summary: HistorySummary | None = None, recurrence: bool = False) -> Batch:
     """One row per subject: its most recent visits (at most ``max_tokens`` tokens with the SEPs between
     them, starting at a visit boundary), then one query SEP at (last visit day + H) with attention day
     (last visit day + H - 1), so the query sees the whole history and nothing after it. With
     ``horizon_query`` (a run trained with horizon queries) the query is a horizon query: the same token and
     rotary day, flagged in ``is_query``, attention day the last visit's (the same history in view). With
     ``summary``, the history summary of the visits before the recent ones comes first (not counted in
-    ``max_tokens``, as in training windows).
+    ``max_tokens``, as in training windows). ``recurrence``: build the tokens' recurrence buckets (a model with
+    ``recurrence_embedding``).
 
     ``horizon_days``: one int for all subjects or one per subject. Logits:
     ``model.query_logits(batch, batch.positions) -> [len(subjects), V]`` (row i = subject i).
@@ -465,7 +473,7 @@ def query_batch(subjects: Sequence[Subject], horizon_days, max_tokens: int = 511
         start = _recent_start(np.diff(subject.visit_offsets), max_tokens + 1)
         arrays = _window_arrays(subject, start, subject.n_visits, max_tokens + 1, supervised=None,
                                 query_day=int(subject.visit_days[-1] - subject.visit_days[start]) + int(horizon),
-                                horizon_query=horizon_query, summary=summary)
+                                horizon_query=horizon_query, summary=summary, recurrence=recurrence)
         arrays["n_visits"] = subject.n_visits
         rows.append([arrays])
     return collate(rows, with_targets=False)
@@ -511,9 +519,11 @@ def subject_windows(subjects: Sequence[Subject], max_tokens: int) -> list[Window
 
 def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], supervised: np.ndarray,
                   max_tokens: int, packed_rows: Sequence[Sequence[int]] | None = None,
-                  pad_multiple: int = PAD_MULTIPLE, summary: HistorySummary | None = None) -> Batch:
+                  pad_multiple: int = PAD_MULTIPLE, summary: HistorySummary | None = None,
+                  recurrence: bool = False) -> Batch:
     """Batch of training-style windows with targets at every SEP. ``packed_rows`` groups window indices
-    into rows (packing, EOW after each window); by default one window per row, no EOW.
+    into rows (packing, EOW after each window); by default one window per row, no EOW. ``recurrence``: build the
+    tokens' recurrence buckets.
     ``batch.sep_window`` indexes ``windows``; ``batch.sep_visit`` is the predicted visit's index in its subject.
     """
     packed = packed_rows is not None
@@ -524,7 +534,8 @@ def windows_batch(subjects: Sequence[Subject], windows: Sequence[Window], superv
         for i in group:
             w = windows[i]
             row.append(_window_arrays(subjects[w.subject], w.start, w.stop, max_tokens, supervised,
-                                      close_with_eow=packed, queries=w.queries, summary=summary))
+                                      close_with_eow=packed, queries=w.queries, summary=summary,
+                                      recurrence=recurrence))
         rows.append(row)
     batch = collate(rows, with_targets=True, pad_multiple=pad_multiple)
     if packed:
@@ -648,8 +659,9 @@ class TrainingPlan:
 
     def __init__(self, split, supervised: np.ndarray, context: int, pack: bool, max_window_fraction: float,
                  seed: int, pad_multiple: int = PAD_MULTIPLE, horizon_queries: HorizonQuerySampling | None = None,
-                 summary: HistorySummary | None = None):
+                 summary: HistorySummary | None = None, recurrence: bool = False):
         self.split = split
+        self.recurrence = recurrence  # build Batch.recurrence (model.recurrence_embedding)
         self.pad_multiple = pad_multiple  # the context itself for FlexAttention, which compiles per shape
         self.supervised = supervised
         self.context = context
@@ -789,7 +801,7 @@ class TrainingPlan:
             k += len(group)
         return windows_batch([subjects[s] for s in subject_list], local, self.supervised, self.max_window,
                              packed_rows=rows if self.pack else None, pad_multiple=self.pad_multiple,
-                             summary=self.summary)
+                             summary=self.summary, recurrence=self.recurrence)
 
 
 def _int_array(values: array, dtype) -> np.ndarray:

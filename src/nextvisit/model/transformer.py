@@ -304,8 +304,9 @@ class NextVisitModel(nn.Module):
     def _embed(self, tokens, recurrence=None):
         x = self.embed(tokens)
         if self.recurrence_embed is not None:
-            if recurrence is None:
-                raise ValueError("a model with the recurrence embedding needs the tokens' recurrence buckets")
+            if recurrence is None or recurrence.shape != tokens.shape:
+                raise ValueError("a model with the recurrence embedding needs the tokens' recurrence buckets (build "
+                                 "the batch with recurrence=True)")
             x = x + self.recurrence_embed(recurrence)
         return x
 

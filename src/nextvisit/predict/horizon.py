@@ -98,7 +98,7 @@ def score_queries(model, subjects: Sequence[Subject], horizons: Sequence[int], t
         end = min(begin + batch_size, len(subjects))
         batch = query_batch(subjects[begin:end], np.asarray(horizons[begin:end], np.int64), max_tokens=max_tokens,
                             horizon_query=model.config.horizon_queries,  # a run trained with them asks them
-                            summary=summary)
+                            summary=summary, recurrence=model.config.recurrence_embedding)
         with autocast():
             logits = model.query_logits(batch.to(device)).float()  # [n, V]
         risks[begin:end] = aggregate(logits, token_ids, aggregator).cpu().numpy()

@@ -308,7 +308,8 @@ def occurrence(model, vocab: Vocabulary, store: TokenStore, task: Task, config: 
             windows = [w for w in windows if (reasons[w.subject][w.start : w.stop - 1] == CHOSEN).any()]
             for w0 in range(0, len(windows), config.batch_size):
                 chunk = windows[w0 : w0 + config.batch_size]
-                batch = windows_batch(subjects, chunk, supervised, max_window, summary=summary)
+                batch = windows_batch(subjects, chunk, supervised, max_window, summary=summary,
+                                      recurrence=model.config.recurrence_embedding)
                 with autocast():
                     logits = model.query_logits(batch.to(device)).float()
                 risk = aggregate(logits, inputs.token_ids, config.aggregator).cpu().numpy()

@@ -36,7 +36,8 @@ def training_plan(store: TokenStore, config: RunConfig, supervised_np):
     plan = TrainingPlan(train_split, supervised_np, config.data.context, config.data.pack,
                         config.data.max_window_fraction, config.train.seed, pad_multiple=pad_multiple(config),
                         horizon_queries=horizon_query_sampling(store, config),
-                        summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens))
+                        summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens),
+                        recurrence=config.model.recurrence_embedding)
     if plan.n_contexts(0) == 0:
         raise UserError(f"{store.path}: no train subject has two visits; nothing to learn from")
     return train_split, plan

@@ -204,7 +204,8 @@ class Validation:
         plan = TrainingPlan(split, supervised_np, config.data.context, config.data.pack,
                             config.data.max_window_fraction, seed=config.train.seed + 1,
                             pad_multiple=pad_multiple(config),
-                            summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens))
+                            summary=HistorySummary.of(store.vocab, config.data.history_summary_tokens),
+                            recurrence=config.model.recurrence_embedding)
         n = plan.n_contexts(0)
         n = n if config.train.eval_contexts == 0 else min(n, config.train.eval_contexts)
         mb = config.train.micro_batch
