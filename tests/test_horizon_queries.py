@@ -230,16 +230,10 @@ def test_several_queries_per_visit_add_draws_to_those_of_one():
 
 
 def test_training_with_horizon_queries_and_forecasting_with_them(tmp_path):
-    from tests.test_train import make_store, tiny_config
-    from nextvisit.model.run import load_next_visit_run
-    from nextvisit.train.trainer import train
+    from tests.test_train import trained_model
 
-    store = make_store(tmp_path / "store")
-    config = tiny_config(max_steps=30, eval_every=30, checkpoint_every=30)
-    config.model.horizon_queries = True
-    last = train(store, tmp_path / "run", config, progress=False)
+    last, m, loaded = trained_model(tmp_path, horizon_queries=True)
     assert np.isfinite(float(last["loss"]))
-    m, _, loaded = load_next_visit_run(tmp_path / "run", "cpu")
     assert loaded.model.horizon_queries and m.query_embed is not None
     history = subject([[10, 11], [12, 13, 14]], [100, 105])
     q = query_batch([history], 365, horizon_query=True)

@@ -84,16 +84,10 @@ def test_model_with_the_embedding_needs_the_buckets():
 
 
 def test_training_and_forecasting_with_the_recurrence_embedding(tmp_path):
-    from tests.test_train import make_store, tiny_config
-    from nextvisit.model.run import load_next_visit_run
-    from nextvisit.train.trainer import train
+    from tests.test_train import trained_model
 
-    store = make_store(tmp_path / "store")
-    config = tiny_config(max_steps=30, eval_every=30, checkpoint_every=30)
-    config.model.recurrence_embedding = True
-    last = train(store, tmp_path / "run", config, progress=False)
+    last, m, loaded = trained_model(tmp_path, recurrence_embedding=True)
     assert np.isfinite(float(last["loss"]))
-    m, _, loaded = load_next_visit_run(tmp_path / "run", "cpu")
     assert loaded.model.recurrence_embedding
     weight = m.recurrence_embed.weight.detach()
     assert torch.count_nonzero(weight[0]) == 0 and torch.count_nonzero(weight[1:]) > 0  # trained; bucket 0 stays 0

@@ -76,6 +76,21 @@ def tiny_config(**train) -> RunConfig:
     return config
 
 
+def trained_model(tmp_path: Path, steps: int = 30, **model_options):
+    """A ``tiny_config`` run of ``steps`` steps on ``make_store`` with ``model.<option>`` overrides, trained and
+    loaded back: (its final metrics row, the model, its config)."""
+    from nextvisit.model.run import load_next_visit_run
+    from nextvisit.train.trainer import train
+
+    store = make_store(tmp_path / "store")
+    config = tiny_config(max_steps=steps, eval_every=steps, checkpoint_every=steps)
+    for key, value in model_options.items():
+        setattr(config.model, key, value)
+    last = train(store, tmp_path / "run", config, progress=False)
+    model, _, loaded = load_next_visit_run(tmp_path / "run", "cpu")
+    return last, model, loaded
+
+
 def read_metrics(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as handle:
         return list(csv.DictReader(handle))
