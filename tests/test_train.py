@@ -335,3 +335,52 @@ def test_large_training_buffers_stay_in_the_heap():
     assert kept >= 20_000_000
     applied, mapped, kept = probe("off")  # glibc's default: a fresh mapping, unmapped again when freed
     assert not applied and mapped >= 24_000_000 and kept < 20_000_000
+
+
+def test_weight_averaging_publishes_and_validates_the_moving_average_and_resumes_exactly(store, tmp_path):
+    """``train.ema_decay``: the optimizer steps the trained weights exactly as without it (the checkpoint's weights
+    equal a plain run's), while model.safetensors and every validation are the moving average, which --resume
+    continues exactly."""
+    from safetensors.torch import load_file
+
+    from nextvisit.model.run import autocast_for
+    from nextvisit.tokenize.store import TokenStore
+    from nextvisit.train.validation import Validation
+
+    def weights(path):
+        return load_file(str(path))
+
+    def config(steps, **train_options):
+        return tiny_config(max_steps=steps, eval_every=1000, checkpoint_every=1, **train_options)
+
+    plain, averaged, parts = tmp_path / "plain", tmp_path / "averaged", tmp_path / "parts"
+    plain_last = train(store, plain, config(3), progress=False)
+    averaged_last = train(store, averaged, config(3, ema_decay=0.5), progress=False)
+    trained = weights(averaged / "checkpoint" / "model.safetensors")
+    for name, tensor in weights(plain / "model.safetensors").items():
+        assert torch.equal(trained[name], tensor), name
+
+    # step by step (a resume after each): the average after step 1 is that step's weights, then halves the way
+    train(store, parts, config(1, ema_decay=0.5), progress=False)
+    w1 = weights(parts / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(weights(parts / "model.safetensors")[k], v) for k, v in w1.items())
+    train(store, parts, RunConfig(), resume=True, max_steps=2, progress=False)
+    w2 = weights(parts / "checkpoint" / "model.safetensors")
+    expected = {k: 0.5 * w1[k] + 0.5 * w2[k] for k in w1}
+    published = weights(parts / "model.safetensors")
+    moved = [k for k in expected if not torch.equal(w1[k], w2[k])]
+    assert moved, "the second step changed no weight"
+    for name in expected:
+        torch.testing.assert_close(published[name], expected[name], rtol=1e-6, atol=1e-7)
+    train(store, parts, RunConfig(), resume=True, max_steps=3, progress=False)
+    for name, tensor in weights(averaged / "model.safetensors").items():
+        torch.testing.assert_close(weights(parts / "model.safetensors")[name], tensor, rtol=1e-6, atol=1e-7)
+    assert json.loads((parts / "checkpoint" / "state.json").read_text())["step"] == 3
+
+    # the validation row is the published (averaged) model's, not the trained weights'
+    model, _, loaded = load_run(averaged, "cpu")
+    token_store = TokenStore(store)
+    autocast, _ = autocast_for("fp32", torch.device("cpu"))
+    rescored = Validation(token_store, loaded, token_store.vocab.supervised_mask(), torch.device("cpu"), autocast).run(model)
+    assert rescored["val_loss"] == averaged_last["val_loss"]
+    assert averaged_last["val_loss"] != plain_last["val_loss"]

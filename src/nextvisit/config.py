@@ -142,10 +142,15 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0: torch's default, which a new run writes to its config.yaml
+    # 0: off. Otherwise the run's weights (model.safetensors, and every validation) are an exponential moving average
+    # of the trained weights, updated after every optimizer step with this decay (docs/model.md, "Weight averaging")
+    ema_decay: float = 0.0
 
     def validate(self):
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"train.precision is {self.precision!r}; expected auto, bf16 or fp32")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay is {self.ema_decay}; expected 0 (off) or a decay in (0, 1)")
         if self.micro_batch <= 0 or self.batch_contexts <= 0:
             raise UserError("train.micro_batch and train.batch_contexts must be positive")
 

@@ -4,7 +4,11 @@
 A process killed at any moment of ``save_checkpoint`` leaves one complete checkpoint that ``load_checkpoint``
 finds: ``checkpoint/`` (the old or the new one), or, killed between its two renames, ``checkpoint.old/`` (the old
 one). The half-written ``checkpoint.tmp/`` is never read, and the next save replaces it. The files are flushed to
-disk (``fsync``) before the renames, so a power cut cannot leave a renamed folder of empty files either."""
+disk (``fsync``) before the renames, so a power cut cannot leave a renamed folder of empty files either.
+
+A run with ``train.ema_decay`` keeps two sets of weights: the trained ones (``checkpoint/model.safetensors``, which
+the optimizer steps) and their moving average (``checkpoint/ema.safetensors``, its update count in ``state.json``),
+and the run's own ``model.safetensors`` is the average."""
 
 from __future__ import annotations
 
@@ -20,8 +24,12 @@ from nextvisit.errors import UserError
 from nextvisit.model.run import CHECKPOINT, WEIGHTS_FILE, load_weights, save_weights
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
-    """Write checkpoint/ atomically (a complete folder replaces the old one) and model.safetensors."""
+EMA_FILE = "ema.safetensors"
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, ema=None) -> None:
+    """Write checkpoint/ atomically (a complete folder replaces the old one) and model.safetensors: the weights of
+    ``model``, or of ``ema`` (a ``torch.optim.swa_utils.AveragedModel`` of it) when given."""
     tmp = run_dir / (CHECKPOINT + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -32,8 +40,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "optimizer.pt")
+        files = [tmp / WEIGHTS_FILE, tmp / "optimizer.pt", tmp / "state.json", tmp]
+        if ema is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()},
+                      str(tmp / EMA_FILE))
+            state = {**state, "ema_updates": int(ema.n_averaged)}
+            files.insert(0, tmp / EMA_FILE)
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        for path in (tmp / WEIGHTS_FILE, tmp / "optimizer.pt", tmp / "state.json", tmp):
+        for path in files:
             _fsync(path)
     except Exception:  # e.g. a full disk: the half-written folder goes, so it holds no space; the old one stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -47,7 +61,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
     _fsync(run_dir)
     if old.exists():
         shutil.rmtree(old)
-    save_weights(model, run_dir / WEIGHTS_FILE)
+    save_weights(model if ema is None else ema.module, run_dir / WEIGHTS_FILE)
 
 
 def _fsync(path: Path) -> None:
@@ -72,9 +86,9 @@ def has_checkpoint(run_dir: Path) -> bool:
     return _checkpoint_folder(Path(run_dir)) is not None
 
 
-def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG from the checkpoint; returns its state (step, epoch, index, tokens,
-    elapsed_s)."""
+def load_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
+    """Restore weights, optimizer and RNG from the checkpoint (and the moving average into ``ema``, for a run with
+    ``train.ema_decay``); returns its state (step, epoch, index, tokens, elapsed_s)."""
     folder = _checkpoint_folder(run_dir)
     if folder is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from; start a new run in another folder")
@@ -85,6 +99,14 @@ def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
         state = json.loads((folder / "state.json").read_text())
     except Exception as exc:  # any unreadable part means the checkpoint cannot be trusted
         raise UserError(f"{folder}: corrupt checkpoint ({type(exc).__name__}: {exc}); start a new run") from None
+    ema_updates = state.pop("ema_updates", None)
+    if ema is not None:
+        if not (folder / EMA_FILE).exists() or ema_updates is None:
+            raise UserError(f"{folder}: the run's config.yaml sets train.ema_decay but its checkpoint holds no "
+                            f"moving average ({EMA_FILE}); resume it with the config.yaml it was trained with, "
+                            f"or start a new run")
+        load_weights(ema.module, folder / EMA_FILE)
+        ema.n_averaged.fill_(ema_updates)
     torch.set_rng_state(extra["torch_rng"])
     if extra["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])

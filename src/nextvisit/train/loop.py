@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from nextvisit.config import RunConfig
@@ -61,6 +62,21 @@ class Trainee:
     dist: Distributed
     device: torch.device
     run_dir: Path
+    ema: AveragedModel | None = None  # the moving average of ``model`` (train.ema_decay), updated after every step
+
+    @property
+    def published(self) -> torch.nn.Module:
+        """The weights the run validates and writes to model.safetensors: the moving average, else the model."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def moving_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights for ``train.ema_decay`` (None when it is 0): after
+    each step, average = decay * average + (1 - decay) * weights; the first update copies the weights. Buffers
+    are not averaged (the model's are constants)."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 @dataclass
@@ -150,6 +166,8 @@ def optimizer_step(trainee: Trainee, state: dict) -> tuple[float, float, float, 
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), tc.grad_clip))
     trainee.optimizer.step()
     trainee.optimizer.zero_grad(set_to_none=True)
+    if trainee.ema is not None:
+        trainee.ema.update_parameters(trainee.model)
     tokens = int(dist.all_sum(float(tokens)))
     state["step"] = step + 1
     state["tokens"] += tokens
@@ -205,13 +223,13 @@ def run_steps(trainee: Trainee, state: dict, limits: Limits, validation: Validat
                 bar.set_postfix_str(f"loss {step_loss:.4f} {rate:,.0f} tok/s eta {eta_text} min")
             if state["step"] % tc.eval_every == 0 and dist.main:
                 row = row or _step_row(state, lr, step_loss, grad_norm)
-                row.update(validation.run(trainee.model))
+                row.update(validation.run(trainee.published))
             if row is not None and dist.main:
                 metrics.write(row)
                 last = row
             if state["step"] % tc.checkpoint_every == 0:
                 if dist.main:
-                    save_checkpoint(trainee.run_dir, trainee.model, trainee.optimizer, state)
+                    save_checkpoint(trainee.run_dir, trainee.model, trainee.optimizer, state, trainee.ema)
                 dist.barrier()
     finally:
         bar.close()
@@ -241,10 +259,10 @@ def finish(trainee: Trainee, state: dict, last: dict, validation: Validation | N
         if not last or last.get("step") != state["step"] or "val_loss" not in last:
             row = {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"],
                    "elapsed_s": f"{state['elapsed_s']:.1f}"}
-            row.update(validation.run(trainee.model))
+            row.update(validation.run(trainee.published))
             metrics.write(row)
             last = row
-        save_checkpoint(trainee.run_dir, trainee.model, trainee.optimizer, state)
+        save_checkpoint(trainee.run_dir, trainee.model, trainee.optimizer, state, trainee.ema)
         if validation.calibration is not None:
             write_calibration(trainee.run_dir, validation.calibration, last)
         print(f"nextvisit pretrain: step {state['step']}, {state['tokens']:,} tokens in "

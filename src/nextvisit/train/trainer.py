@@ -32,7 +32,7 @@ from nextvisit.tokenize.store import TokenStore, split_blocks
 from nextvisit.train.checkpoint import has_checkpoint, load_checkpoint
 from nextvisit.train.data import training_plan
 from nextvisit.model.distributed import init_distributed, shutdown
-from nextvisit.train.loop import Limits, Trainee, finish, run_steps
+from nextvisit.train.loop import Limits, Trainee, finish, moving_average, run_steps
 from nextvisit.train.memory import keep_large_buffers_in_the_heap
 from nextvisit.train.metrics import METRIC_FIELDS, MetricsWriter, truncate_metrics
 from nextvisit.train.run_folder import shared_run_config
@@ -78,12 +78,13 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
-        model, optimizer, state = _model_optimizer_state(config, train_split, len(store.vocab), run_dir, resume, device)
+        model, optimizer, ema, state = _model_optimizer_state(config, train_split, len(store.vocab), run_dir, resume,
+                                                              device)
         ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
         supervised = torch.from_numpy(supervised_np).to(device)
         autocast, precision = autocast_for(tc.precision, device)
         trainee = Trainee(model, ddp_model, optimizer, plan, config, supervised, int(supervised_np.sum()), autocast,
-                          dist, device, run_dir)
+                          dist, device, run_dir, ema)
 
         validation = Validation(store, config, supervised_np, device, autocast) if dist.main else None
         timed = config.model.visit_time_head
@@ -108,8 +109,9 @@ def train(store_path: Path, run_dir: Path, config: RunConfig, resume: bool = Fal
 
 def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_dir: Path, resume: bool,
                            device: torch.device):
-    """(model on ``device``, optimizer, state): a new model with its output bias at the code-frequency baseline,
-    or, with ``resume``, everything from the checkpoint (metrics rows after it are dropped). A run stopped before
+    """(model on ``device``, optimizer, moving average of the weights (None without ``train.ema_decay``), state): a
+    new model with its output bias at the code-frequency baseline, or, with ``resume``, everything from the
+    checkpoint (metrics rows after it are dropped). A run stopped before
     its first checkpoint resumes as a new model with the run's config: from step 0, as it started."""
     tc = config.train
     restore = resume and has_checkpoint(run_dir)
@@ -128,11 +130,12 @@ def _model_optimizer_state(config: RunConfig, train_split, vocab_size: int, run_
             model.visit_time.bias.copy_(torch.from_numpy(
                 constant_hazard_logits(train_gap_counts(train_split, config.model.visit_time_edges))).float())
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    ema = moving_average(model, tc.ema_decay)
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "elapsed_s": 0.0}
     if restore:
-        state = load_checkpoint(run_dir, model, optimizer)
+        state = load_checkpoint(run_dir, model, optimizer, ema)
         truncate_metrics(run_dir / METRICS_FILE, state["step"])
-    return model, optimizer, state
+    return model, optimizer, ema, state
 
 
 def train_gap_counts(split, edges) -> np.ndarray:
