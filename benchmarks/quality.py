@@ -1024,7 +1024,10 @@ def run_benchmark(config: QualityConfig, rerun: str, json_path: Path | None = No
         predictions["masked"] = {}
         finetune_args, finetune_limit, finetune_rule = finetune_budget(config)
         for task in tasks:
-            stage = runner.stage(f"masked_finetune_{task}", {**finetune_args, "device": config.device},
+            # "tuning_subset": the stopping rule's tuning histories are drawn within each class (a change of the
+            # fine-tuning code that moves results, so runs from before it are not reused)
+            stage = runner.stage(f"masked_finetune_{task}", {**finetune_args, "device": config.device,
+                                                             "tuning_subset": "within_class"},
                                  run=masked, meds=data, labels=labels[task])
             runner.cli(stage, f"masked transformer: fine-tune {task} ({finetune_rule})",
                        ["baseline", "masked", "finetune", masked.out, data.out, labels[task].out, "--out", stage.out,

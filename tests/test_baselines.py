@@ -485,6 +485,36 @@ def test_masked_window_layout():
     assert tokens.tolist() == [CLS, 12, 13, 14, SEP, 15, SEP] and days.tolist() == [100, 0, 0, 0, 0, 70, 70]
 
 
+def test_evaluation_subset_keeps_the_rare_positives():
+    """The stopping rule's evaluation histories: every positive history (of any output) while they fit in half the
+    budget, the rest at random from the others; censored cells count as neither; a uniform draw of 500 of 8,000
+    histories at 2.5% prevalence would keep about 12 positives, this keeps all 200."""
+    from nextvisit.baselines.masked.finetune import evaluation_subset
+
+    n = 8000
+    targets = np.zeros((n, 2), np.float32)
+    labelled = np.ones((n, 2), bool)
+    targets[:150, 0] = 1
+    targets[100:200, 1] = 1
+    targets[200:260, 0], labelled[200:260, 0] = 1, False  # censored cells are not positives
+    ids = np.arange(n)[::-1].copy()
+    chosen = evaluation_subset(ids, targets, labelled, 500, np.random.default_rng(0))
+    assert len(chosen) == 500 and len(np.unique(chosen)) == 500 and np.all(np.diff(chosen) > 0)
+    assert set(range(200)) <= set(chosen.tolist())
+    assert set(chosen.tolist()) <= set(ids.tolist())
+    # more positives than half the budget: half the budget of them, drawn at random, the other half negatives
+    chosen = evaluation_subset(ids, targets, labelled, 100, np.random.default_rng(1))
+    positive = (targets[chosen] * labelled[chosen]).any(axis=1)
+    assert len(chosen) == 100 and positive.sum() == 50
+    # too few negatives to fill half the budget: positives fill the rest, the budget is still met
+    chosen = evaluation_subset(ids[-240:], targets, labelled, 200, np.random.default_rng(1))
+    positive = (targets[chosen] * labelled[chosen]).any(axis=1)
+    assert len(chosen) == 200 and (~positive).sum() == 40 and positive.sum() == 160
+    # budget 0 or at least every history: all of them, unchanged
+    assert np.array_equal(evaluation_subset(ids, targets, labelled, 0, np.random.default_rng(0)), ids)
+    assert np.array_equal(evaluation_subset(ids[:10], targets, labelled, 10, np.random.default_rng(0)), ids[:10])
+
+
 TINY_MASKED = {
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 64, "dropout": 0.0},
     "pretrain": {"batch_size": 16, "max_steps": 15, "eval_every": 5, "eval_batches": 1, "warmup_steps": 5,

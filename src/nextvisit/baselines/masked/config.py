@@ -69,7 +69,9 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_every: int = 0  # steps between tuning evaluations; 0 = once per epoch
-    eval_histories: int = 2000  # tuning histories (a fixed random subset) scored at each evaluation; 0 = all
+    # tuning histories scored at each evaluation, a fixed subset drawn within each class (every history with a
+    # positive label, up to half of it; the rest at random; finetune.evaluation_subset); 0 = all
+    eval_histories: int = 2000
     patience: int = 3  # evaluations without a better tuning AUROC before stopping
     # Share of training draws given to rows with a positive label (None = sample rows uniformly). Rare
     # outcomes then reach the encoder more often; the head's bias is shifted back afterwards by each
