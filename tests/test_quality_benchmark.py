@@ -467,3 +467,42 @@ def test_two_runs_on_one_work_folder_run_a_stage_once(tmp_path):
     waiter.join(10)
     assert calls == ["first"] and (stage.out / "result.txt").read_text() == "first"
     assert second_runner.timings[-1][1] == "cached"
+
+
+def test_seed_mean_averages_logits_and_refuses_other_rows(hand_made, tmp_path, capsys):
+    """benchmarks/seed_mean.py: the mean over runs is the sigmoid of the mean logit, row by row, whatever order the
+    folders' rows are in; runs of other rows are refused by name; the table puts the mean first."""
+    from benchmarks import seed_mean
+
+    models, rows, scores = hand_made
+    rng = np.random.default_rng(3)
+    second = 1 / (1 + np.exp(-rng.standard_normal(rows.height)))
+    shuffled = rows.with_columns(pl.Series("p", second)).sample(fraction=1.0, shuffle=True, seed=1)
+    other = tmp_path / "second"
+    write_predictions(other, prediction_frame(shuffled, "p", "second"), {"model": "second", "kind": ZERO_SHOT})
+    first = pl.read_parquet(models[0].predictions / "predictions.parquet")
+    path = seed_mean.mean_logit_predictions([models[0].predictions, other], tmp_path / "mean")
+    mean = pl.read_parquet(path)
+    p1 = np.clip(first["predicted_boolean_probability"].to_numpy(), 1e-7, 1 - 1e-7)
+    joined = first.select("subject_id", "prediction_time").join(
+        pl.read_parquet(other / "predictions.parquet").select("subject_id", "prediction_time", "predicted_boolean_probability"),
+        on=["subject_id", "prediction_time"], how="left", maintain_order="left")
+    p2 = joined["predicted_boolean_probability"].to_numpy()
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    expected = 1 / (1 + np.exp(-(logit(p1) + logit(p2)) / 2))
+    got = mean.join(first.select("subject_id", "prediction_time"), on=["subject_id", "prediction_time"],
+                    how="right", maintain_order="right")["predicted_boolean_probability"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert set(mean["model"]) == {"seed_mean"} and mean["boolean_value"].equals(first["boolean_value"])
+    # a run of fewer rows is refused, naming its folder
+    short = tmp_path / "short"
+    write_predictions(short, prediction_frame(rows.head(100), rng.random(100), "short"), {"model": "short", "kind": ZERO_SHOT})
+    with pytest.raises(UserError, match="short.*differ"):
+        seed_mean.mean_logit_predictions([models[0].predictions, short], tmp_path / "mean2")
+    # the command: the mean, each run, the other models, one table
+    assert seed_mean.main(["--out", str(tmp_path / "cli"), "--mean", str(models[0].predictions), str(other),
+                           "--names", "a,b", "--model", f"oracle:oracle={models[3].predictions}",
+                           "--bootstrap", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "seed_mean minus the model" in text and "\n  a " in text and "\n  oracle " in text
+    assert seed_mean.main(["--out", str(tmp_path / "cli2"), "--mean", str(models[0].predictions)]) == 2
