@@ -55,10 +55,12 @@ def mean_logit_predictions(folders: list[Path], out: Path, name: str = "seed_mea
                             f"{base.height:,} rows, or other subjects and times); average forecasts of the same labels")
         if not frame["boolean_value"].equals(base["boolean_value"]):
             raise UserError(f"{folder}: its labels differ from {folders[0]}'s on the same rows")
-        p = np.clip(frame[PROBABILITY].to_numpy().astype(np.float64), EPS, 1 - EPS)
+        p = np.clip(frame[PROBABILITY].cast(pl.Float64).fill_null(np.nan).to_numpy(), EPS, 1 - EPS)
         logits.append(np.log(p) - np.log1p(-p))
     mean = np.mean(logits, axis=0)
-    result = base.with_columns(pl.Series(PROBABILITY, 1.0 / (1.0 + np.exp(-mean))), pl.lit(name).alias("model"))
+    # a row any run could not score (null) stays unscored (null), as the schema writes it
+    result = base.with_columns(pl.Series(PROBABILITY, 1.0 / (1.0 + np.exp(-mean))).fill_nan(None),
+                               pl.lit(name).alias("model"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "predictions.parquet"
     result.write_parquet(path)
