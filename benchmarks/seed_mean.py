@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from benchmarks.quality import COUNT, FINE_TUNED, ORACLE, REFERENCE, ZERO_SHOT, TableModel, format_table, quality_rows
-from nextvisit.artifacts.predictions import find_prediction_files
+from nextvisit.artifacts.predictions import find_prediction_files, write_predictions
 from nextvisit.errors import UserError
 
 KEY = ("subject_id", "prediction_time", "task", "horizon_days")
@@ -61,12 +61,8 @@ def mean_logit_predictions(folders: list[Path], out: Path, name: str = "seed_mea
     # a row any run could not score (null) stays unscored (null), as the schema writes it
     result = base.with_columns(pl.Series(PROBABILITY, 1.0 / (1.0 + np.exp(-mean))).fill_nan(None),
                                pl.lit(name).alias("model"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "predictions.parquet"
-    result.write_parquet(path)
-    (out / "info.json").write_text(json.dumps({"model": name, "kind": ZERO_SHOT, "mean_of_logits": [str(f) for f in folders]},
-                                              indent=2) + "\n")
-    return path
+    return write_predictions(out, result, {"model": name, "kind": ZERO_SHOT,
+                                           "mean_of_logits": [str(f) for f in folders]}, overwrite=True)
 
 
 def parse_model(text: str) -> TableModel:
